@@ -1,0 +1,87 @@
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import yaml
+
+from yolo_compress.config import DataConfig, Params, StudentConfig, TrainConfig, load_params
+from yolo_compress.errors import ParamsError
+
+from .conftest import REPO
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_repo_params_load_with_documented_types() -> None:
+    params = load_params(REPO / "params.yaml")
+    assert isinstance(params.student, StudentConfig)
+    assert params.data.source == "synthetic"
+    assert params.teacher.model.endswith((".yaml", ".pt"))
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("teacher:\n  model: yolo11s.yaml\n  epoch: 3\n", "unknown key 'teacher.epoch'; valid keys in teacher: model, epochs"),
+        ("sed: 1\n", "unknown key 'sed'; valid keys in top level: data, teacher, student, seed"),
+        ("teacher:\n  model: yolo11s.yaml\n  epochs: 0\n", "teacher.epochs: expected an int >= 1, got 0"),
+        ("student:\n  model: yolo11n.yaml\n  lr0: fast\n", "student.lr0: expected float, got 'fast'"),
+        ("student:\n  model: yolo11n.yaml\n  epochs: 2.5\n", "student.epochs: expected int, got 2.5"),
+        ("data:\n  task: segment\n", "data.task: expected one of detect, pose, got 'segment'"),
+        ("data:\n  val_images: 0\n", "data.val_images: expected an int >= 1"),
+        ("student:\n  model: yolo11n.yaml\n  imgsz: 100\n", "student.imgsz: expected a multiple of 32"),
+        ("student:\n  model: resnet.onnx\n", "student.model: expected a model .yaml or a local .pt path"),
+        ("student:\n  epochs: 3\n", "missing key 'student.model'"),
+        ("teacher: [1, 2]\n", "teacher: expected a mapping"),
+        ("teacher:\n  model: [x\n", "params.yaml:3: not valid YAML"),
+    ],
+)
+def test_bad_params_give_one_line_error_naming_the_key(tmp_path: Path, text: str, needle: str) -> None:
+    with pytest.raises(ParamsError) as err:
+        load_params(write(tmp_path, text))
+    message = str(err.value)
+    assert needle in message
+    assert "\n" not in message
+    assert message.startswith(str(tmp_path / "params.yaml"))
+
+
+def test_missing_params_file_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ParamsError, match="nope.yaml: file not found"):
+        load_params(tmp_path / "nope.yaml")
+
+
+def test_ints_are_accepted_for_floats(tmp_path: Path) -> None:
+    params = load_params(write(tmp_path, "student:\n  model: yolo11n.yaml\n  lr0: 1e-3\n"))
+    assert params.student.lr0 == pytest.approx(1e-3)
+    params = load_params(write(tmp_path, "teacher:\n  model: yolo11s.yaml\n  warmup_epochs: 2\n"))
+    assert isinstance(params.teacher.warmup_epochs, float)
+
+
+@pytest.mark.parametrize(("stage", "section", "cls"), [
+    ("prepare", "data", DataConfig),
+    ("train_teacher", "teacher", TrainConfig),
+    ("train_student", "student", StudentConfig),
+])
+def test_dvc_yaml_tracks_every_key_of_the_stage_section(stage: str, section: str, cls: type) -> None:
+    """A key missing from dvc.yaml would change results without rerunning the stage."""
+    dvc = yaml.safe_load((REPO / "dvc.yaml").read_text())
+    listed = set(dvc["stages"][stage]["params"])
+    expected = {f"{section}.{f.name}" for f in dataclasses.fields(cls)} | {"seed"}
+    assert listed == expected
+
+
+def test_params_yaml_sets_every_key_explicitly() -> None:
+    """Defaults live in config.py, but the reviewed values live in params.yaml (and `dvc exp run -S` needs them)."""
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    for field in dataclasses.fields(Params):
+        if dataclasses.is_dataclass(field.type) or field.name in ("data", "teacher", "student"):
+            cls = {"data": DataConfig, "teacher": TrainConfig, "student": StudentConfig}[field.name]
+            assert set(raw[field.name]) == {f.name for f in dataclasses.fields(cls)}, field.name
+        else:
+            assert field.name in raw

@@ -1,0 +1,61 @@
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+from mlflow.tracking import MlflowClient
+
+from yolo_compress import tracking
+from yolo_compress.errors import UserError
+
+
+def test_default_store_is_sqlite_at_dvc_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path / "repo"))
+    assert tracking.tracking_uri() == f"sqlite:///{(tmp_path / 'repo').resolve() / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert tracking.tracking_uri() == "http://127.0.0.1:5000"
+
+
+def test_stage_run_logs_params_and_tags(monkeypatch: pytest.MonkeyPatch, isolated_mlflow: str) -> None:
+    monkeypatch.setenv("DVC_EXP_NAME", "exp-abc")
+    with tracking.stage_run("train_student", {"epochs": 3, "model": "yolo11n.yaml"}) as run:
+        mlflow.log_metric("map50_95", 0.5)
+    got = MlflowClient(isolated_mlflow).get_run(run.info.run_id)
+    assert got.data.params == {"epochs": "3", "model": "yolo11n.yaml"}
+    assert got.data.tags["dvc.stage"] == "train_student"
+    assert got.data.tags["dvc.exp_name"] == "exp-abc"
+    assert len(got.data.tags["params.hash"]) == 12
+    assert got.data.tags["git.commit"]
+    assert got.info.status == "FINISHED"
+    assert Path(got.info.artifact_uri.removeprefix("file://")).parent.parent.name == "mlartifacts"
+
+
+def test_stage_runs_of_one_dvc_invocation_share_a_parent(monkeypatch: pytest.MonkeyPatch, isolated_mlflow: str) -> None:
+    monkeypatch.setattr(tracking, "pipeline_id", lambda: "pipe123")
+    with tracking.stage_run("prepare", {"a": 1}) as first:
+        pass
+    with tracking.stage_run("train_teacher", {"b": 2}) as second:
+        pass
+    client = MlflowClient(isolated_mlflow)
+    parents = {client.get_run(r.info.run_id).data.tags["mlflow.parentRunId"] for r in (first, second)}
+    assert len(parents) == 1
+    parent = client.get_run(parents.pop())
+    assert parent.data.tags[tracking.PIPELINE_TAG] == "pipe123"
+    assert parent.info.status == "FINISHED"
+
+
+def test_unreachable_server_fails_fast_with_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
+    start = time.monotonic()
+    with pytest.raises(UserError, match=r"MLflow server http://127.0.0.1:9 is unreachable") as err:
+        with tracking.stage_run("prepare", {}):
+            pytest.fail("the stage body must not run")
+    assert "\n" not in str(err.value)
+    assert time.monotonic() - start < 10
+
+
+def test_pipeline_id_is_none_outside_dvc() -> None:
+    assert tracking.pipeline_id() is None

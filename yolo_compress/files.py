@@ -1,0 +1,50 @@
+"""Atomic file writes: a reader (or a killed stage) never sees a half-written output."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from yolo_compress.errors import UserError
+
+
+def _replace_from_temp(dst: Path, write: Any) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, dst)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    """Write JSON atomically (temp file in the same folder, then rename)."""
+    _replace_from_temp(Path(path), lambda tmp: tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n"))
+
+
+def write_text(path: str | Path, text: str) -> None:
+    """Write text atomically."""
+    _replace_from_temp(Path(path), lambda tmp: tmp.write_text(text))
+
+
+def copy_file(src: str | Path, dst: str | Path) -> None:
+    """Copy a file atomically."""
+    _replace_from_temp(Path(dst), lambda tmp: shutil.copyfile(src, tmp))
+
+
+def read_json(path: str | Path) -> Any:
+    """Read a JSON file; a missing or broken file is a UserError naming it."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path}: not found; run the stage that writes it first (dvc repro)") from None
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path}:{err.lineno}: not valid JSON ({err.msg}); delete it and rerun its stage") from None

@@ -1,0 +1,86 @@
+"""Loading YOLO models offline, describing them, and checking that two models fit together.
+
+Import YOLO from here, not from ultralytics: this module isolates Ultralytics' per-user settings and switches its
+integrations off before Ultralytics first reads them.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+# Ultralytics reads these at import time: keep its settings file out of the user's home, never go online.
+os.environ.setdefault("YOLO_CONFIG_DIR", str(Path.cwd() / ".ultralytics"))
+os.environ.setdefault("YOLO_OFFLINE", "1")
+
+from ultralytics import YOLO  # noqa: E402
+from ultralytics.utils import SETTINGS  # noqa: E402
+from ultralytics.utils.torch_utils import get_flops  # noqa: E402
+
+from yolo_compress.errors import ModelError  # noqa: E402
+
+# Stages log to MLflow themselves (one run per stage, no weight uploads); Ultralytics' own mlflow and dvc (dvclive)
+# callbacks would open stray experiments and duplicate uploads, and `sync` phones home.
+_OFF = ("sync", "clearml", "comet", "dvc", "mlflow", "raytune", "tensorboard", "wandb")
+if any(SETTINGS.get(k) for k in _OFF):
+    SETTINGS.update({k: False for k in _OFF})
+
+__all__ = ["YOLO", "ModelInfo", "load_model", "model_info", "check_same_head", "model_size"]
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What must match between a teacher and a student, plus size."""
+
+    task: str  # (str) detect | pose | ...
+    nc: int  # (int) number of classes
+    kpt_shape: tuple[int, int] | None  # (tuple) keypoints per object and values per keypoint, pose only
+    params: int  # (int) parameter count
+
+
+def load_model(spec: str | Path, key: str) -> YOLO:
+    """Build from a model yaml or load a local .pt; `key` names the params key in errors."""
+    spec = str(spec)
+    if spec.endswith(".pt"):
+        if not Path(spec).is_file():
+            raise ModelError(f"{key}: model file {spec} not found; train it first or fix the path")
+        try:
+            return YOLO(spec)
+        except Exception as err:  # noqa: BLE001 - Ultralytics raises many types for a bad file
+            raise ModelError(f"{key}: {spec} is not an Ultralytics YOLO checkpoint ({type(err).__name__})") from None
+    try:
+        return YOLO(spec)
+    except FileNotFoundError:
+        raise ModelError(f"{key}: model yaml {spec} not found; use e.g. yolo11n.yaml or a local .yaml/.pt") from None
+
+
+def model_info(model: YOLO) -> ModelInfo:
+    """Task, classes, keypoint shape and parameter count of a loaded model."""
+    inner = model.model
+    kpt = getattr(inner, "kpt_shape", None) or getattr(inner.model[-1], "kpt_shape", None)
+    return ModelInfo(
+        task=model.task,
+        nc=len(inner.names),
+        kpt_shape=tuple(kpt) if kpt else None,
+        params=sum(p.numel() for p in inner.parameters()),
+    )
+
+
+def check_same_head(a: ModelInfo, b: ModelInfo, a_name: str, b_name: str) -> None:
+    """Raise ModelError when two models differ in task, class count or keypoint shape."""
+    for field in ("task", "nc", "kpt_shape"):
+        va, vb = getattr(a, field), getattr(b, field)
+        if va != vb:
+            raise ModelError(f"{a_name} has {field} {va} but {b_name} has {field} {vb}; both must be trained on the "
+                             "same dataset (same task, classes and keypoints)")
+
+
+def model_size(path: str | Path, imgsz: int) -> dict[str, float]:
+    """Parameters (millions), GFLOPs at `imgsz` (Ultralytics/thop count) and file size of a checkpoint."""
+    model = YOLO(str(path)).model
+    return {
+        "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
+        "gflops": float(get_flops(model, imgsz)),
+        "size_mb": Path(path).stat().st_size / 1e6,
+    }

@@ -56,7 +56,8 @@ class _CurveRecorder:
             return
         self.in_epoch = False
         row: dict[str, float] = {"epoch": trainer.epoch + 1}
-        row.update({metric_key(k): float(v) for k, v in trainer.label_loss_items(trainer.tloss, prefix="train").items()})
+        losses = trainer.label_loss_items(trainer.tloss, prefix="train")
+        row.update({metric_key(k): float(v) for k, v in losses.items()})
         row.update({metric_key(k): float(v) for k, v in trainer.metrics.items() if k != "fitness"})
         row["lr"] = float(trainer.lr.get("lr/pg0", 0.0))
         row["seconds"] = float(trainer.epoch_time or 0.0)

@@ -1,0 +1,150 @@
+"""Size, FLOPs, ONNX export and latency measurement on a randomly initialised yolo11n at a tiny image size."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from yolo_compress.benchmark import (
+    OnnxExportError,
+    _inference_copy,
+    benchmark_model,
+    export_onnx,
+    file_size_mb,
+    gflops_fvcore,
+    gflops_ultralytics,
+    latency_onnx,
+    latency_torch,
+    machine_info,
+    matmul_peak_gflops,
+    param_count,
+    speedups,
+)
+from yolo_compress.errors import ModelError, UserError
+from yolo_compress.models import YOLO
+
+IMGSZ = 64
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    """One torch thread: on 2 cores shared with other jobs, 2 OpenMP threads run ~10× slower, not 2× faster."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def model_pt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("bench") / "n.pt"
+    YOLO("yolo11n.yaml").save(path)  # random init, 80 classes, no download
+    return path
+
+
+def test_counts_agree_between_fvcore_and_ultralytics(model_pt: Path) -> None:
+    model = YOLO(str(model_pt))
+    assert param_count(model_pt) == param_count(model) == sum(p.numel() for p in model.model.parameters())
+    fv, ul = gflops_fvcore(model, IMGSZ), gflops_ultralytics(model, IMGSZ)
+    assert fv > 0 and ul > 0
+    assert abs(fv - ul) / ul < 0.3  # both count one MAC as 2 flops; measured here within 0.1%
+    # FLOPs of a conv net grow with the pixel count
+    assert gflops_fvcore(model, 2 * IMGSZ) == pytest.approx(4 * fv, rel=0.05)
+    assert file_size_mb(model_pt) == pytest.approx(model_pt.stat().st_size / 1e6)
+
+
+def test_onnx_matches_pytorch_and_runs(model_pt: Path, tmp_path: Path) -> None:
+    import onnxruntime as ort
+
+    out = export_onnx(model_pt, IMGSZ, tmp_path / "sub" / "n.onnx")
+    assert out == tmp_path / "sub" / "n.onnx" and out.is_file()
+    assert sorted(p.name for p in out.parent.iterdir()) == ["n.onnx"]  # no temp folder or .pt copy left behind
+    assert not model_pt.with_suffix(".onnx").exists()  # the exporter's default place, beside the .pt
+    x = torch.rand(1, 3, IMGSZ, IMGSZ)
+    with torch.inference_mode():
+        ref = _inference_copy(model_pt)(x)
+    ref = (ref[0] if isinstance(ref, (tuple, list)) else ref).numpy()
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    assert got.shape == ref.shape
+    np.testing.assert_allclose(got, ref, atol=1e-3, rtol=1e-3)  # boxes in pixels, scores in [0, 1]
+
+
+def test_export_failure_is_one_line_and_named(tmp_path: Path) -> None:
+    bad = tmp_path / "broken.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(OnnxExportError, match=r"broken\.pt: ONNX export failed: ") as info:
+        export_onnx(bad, IMGSZ, tmp_path / "broken.onnx")
+    assert "\n" not in str(info.value)
+    assert list(tmp_path.iterdir()) == [bad]  # nothing half-written
+    with pytest.raises(ModelError, match="not found"):
+        export_onnx(tmp_path / "missing.pt", IMGSZ, tmp_path / "m.onnx")
+
+
+def test_latencies_are_sane(model_pt: Path, tmp_path: Path) -> None:
+    threads = torch.get_num_threads()
+    lat = latency_torch(model_pt, IMGSZ, batch=2, warmup=1, repeats=5, threads=1)
+    assert lat["threads"] == 1 and lat["batch"] == 2
+    assert 0 < lat["latency_ms_p50"] <= lat["latency_ms_p90"]
+    assert lat["throughput_img_per_s"] == pytest.approx(2e3 / lat["latency_ms_p50"])
+    assert torch.get_num_threads() == threads  # restored
+    onnx_file = export_onnx(model_pt, IMGSZ, tmp_path / "n.onnx", batch=2)
+    assert torch.get_num_threads() == threads  # Ultralytics' exporter would reset it
+    lo = latency_onnx(onnx_file, batch=2, warmup=1, repeats=5, threads=1)
+    assert lo["threads"] == 1 and 0 < lo["latency_ms_p50"] <= lo["latency_ms_p90"]
+    with pytest.raises(ValueError, match="batch 2"):
+        latency_onnx(onnx_file, batch=1)
+
+
+def test_benchmark_has_every_key_with_sane_values(model_pt: Path, tmp_path: Path) -> None:
+    peak = matmul_peak_gflops(seconds=0.2, n=256, threads=1)
+    assert peak > 0
+    res = benchmark_model(model_pt, IMGSZ, onnx_path=tmp_path / "n.onnx", warmup=1, repeats=5, threads=1,
+                          peak_gflops=peak)
+    m = res.metrics
+    assert res.problems == []
+    expected = {"params_m", "gflops", "gflops_fvcore", "size_mb", "imgsz", "onnx_size_mb"} | {
+        f"{rt}_{k}" for rt in ("torch", "onnx") for k in (
+            "latency_ms_p50", "latency_ms_p90", "latency_ms_mean", "throughput_img_per_s", "batch", "threads",
+            "gflops_per_s", "peak_fraction")
+    }
+    assert set(m) == expected
+    assert all(isinstance(v, (int, float)) and np.isfinite(v) and v > 0 for v in m.values())  # DVC: numbers only
+    assert m["params_m"] == pytest.approx(param_count(model_pt) / 1e6)
+    assert abs(m["gflops_fvcore"] - m["gflops"]) / m["gflops"] < 0.3
+    for rt in ("torch", "onnx"):
+        assert m[f"{rt}_latency_ms_p90"] >= m[f"{rt}_latency_ms_p50"]
+        assert m[f"{rt}_gflops_per_s"] == pytest.approx(m["gflops"] / (m[f"{rt}_latency_ms_p50"] / 1e3))
+    info = machine_info()
+    assert info["cpu_model"] and int(info["cpu_count"]) >= 1
+
+
+def test_benchmark_records_an_onnx_failure_and_keeps_the_torch_numbers(model_pt: Path, tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    import yolo_compress.benchmark as bm
+
+    def fail(*args: object, **kwargs: object) -> Path:
+        raise OnnxExportError("n.pt: ONNX export failed: unsupported op")
+
+    monkeypatch.setattr(bm, "export_onnx", fail)
+    res = benchmark_model(model_pt, IMGSZ, onnx_path=tmp_path / "n.onnx", warmup=0, repeats=2, threads=1)
+    assert res.problems == ["n.pt: ONNX export failed: unsupported op"]
+    assert "torch_latency_ms_p50" in res.metrics and not any(k.startswith("onnx_") for k in res.metrics)
+
+
+def test_speedups_are_baseline_over_model_latency() -> None:
+    rows = {
+        "student": {"torch_latency_ms_p50": 40.0, "onnx_latency_ms_p50": 20.0, "gflops": 1.0},
+        "pruned": {"torch_latency_ms_p50": 20.0, "onnx_latency_ms_p50": 16.0},
+        "no_onnx": {"torch_latency_ms_p50": 80.0},
+    }
+    out = speedups(rows, baseline="student")
+    assert out["student"] == {"torch_speedup": 1.0, "onnx_speedup": 1.0}
+    assert out["pruned"] == {"torch_speedup": 2.0, "onnx_speedup": 1.25}
+    assert out["no_onnx"] == {"torch_speedup": 0.5}
+    with pytest.raises(UserError, match="baseline 'teacher' is not among the benchmarked models"):
+        speedups(rows, baseline="teacher")

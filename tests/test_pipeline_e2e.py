@@ -1,0 +1,154 @@
+"""The real `dvc repro` on a temporary copy of the repo with tiny params (about a minute on 2 cores)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from .conftest import REPO
+
+pytestmark = pytest.mark.e2e
+
+TINY = {
+    "data": {"image_size": 96, "train_images": 12, "val_images": 6, "test_images": 4, "test_shift_images": 4},
+    "teacher": {"model": "yolo11n.yaml", "epochs": 2, "imgsz": 96, "batch": 4, "close_mosaic": 1},
+    "student": {"model": "yolo11n.yaml", "epochs": 1, "imgsz": 96, "batch": 4, "close_mosaic": 0},
+}
+
+
+def run(cmd: list[str], cwd: Path, env: dict[str, str], check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        pytest.fail(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
+    """A git + DVC copy of the working tree with tiny params, after one `dvc repro`."""
+    dst = tmp_path_factory.mktemp("e2e") / "repo"
+    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
+                            text=True, check=True).stdout.split()
+    for rel in listed:
+        if (REPO / rel).is_file():
+            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / rel, dst / rel)
+    params = yaml.safe_load((dst / "params.yaml").read_text())
+    for section, values in TINY.items():
+        params[section].update(values)
+    (dst / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    for stale in ("dvc.lock", "metrics", "plots"):
+        shutil.rmtree(dst / stale, ignore_errors=True) if (dst / stale).is_dir() else (dst / stale).unlink(True)
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_", "PYTEST_"))}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
+    run(["git", "init", "-q"], dst, env)
+    run([*git, "add", "-A"], dst, env)
+    run([*git, "commit", "-qm", "tiny"], dst, env)
+    run(["dvc", "repro"], dst, env)
+    return dst, env
+
+
+def read(repo: Path, rel: str) -> dict:
+    return json.loads((repo / rel).read_text())
+
+
+def test_metrics_files_have_expected_keys_and_sane_values(repo: tuple[Path, dict]) -> None:
+    root, _ = repo
+    prepare = read(root, "metrics/prepare.json")
+    assert prepare["images"] == {"train": 12, "val": 6, "test": 4, "test_shift": 4}
+    assert prepare["dataset"]["nc"] == 6
+    for role in ("teacher", "student"):
+        m = read(root, f"metrics/{role}.json")
+        assert set(m) >= {"val", "train", "model", "mlflow_run_id"}
+        assert set(m["val"]) >= {"map50_95", "map50", "precision", "recall"}
+        assert all(0.0 <= v <= 1.0 for v in m["val"].values())
+        assert m["train"]["seconds_per_epoch"] > 0
+        assert 1.0 < m["model"]["params_m"] < 4.0 and m["model"]["gflops"] > 0 and m["model"]["size_mb"] > 1
+        for section in m.values():  # dvc metrics: numbers only (the run id is the one string), <= 2 levels
+            assert isinstance(section, (int, float, str)) or all(isinstance(v, (int, float)) for v in section.values())
+    gap = read(root, "metrics/student.json")["teacher_gap"]
+    assert gap["teacher_clearly_better"] in (0, 1)
+    assert gap["map50_95"] == pytest.approx(
+        read(root, "metrics/teacher.json")["val"]["map50_95"] - read(root, "metrics/student.json")["val"]["map50_95"])
+    curve = read(root, "plots/train_teacher.json")
+    assert [row["epoch"] for row in curve] == [1, 2]
+
+
+def test_models_load_with_plain_yolo_in_a_fresh_process(repo: tuple[Path, dict]) -> None:
+    root, env = repo
+    code = ("from ultralytics import YOLO; import sys; m = YOLO(sys.argv[1]); "
+            "print(m.task, len(m.names), sum(p.numel() for p in m.model.parameters()))")
+    for role in ("teacher", "student"):
+        out = run([sys.executable, "-c", code, f"models/{role}.pt"], root, {**env, "YOLO_OFFLINE": "1"}).stdout
+        task, nc, params = out.split()[-3:]
+        assert (task, nc) == ("detect", "6") and int(params) > 1_000_000
+
+
+def test_mlflow_has_one_run_per_stage_grouped_under_one_parent(repo: tuple[Path, dict]) -> None:
+    root, _ = repo
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("yolo-compress")
+    runs = client.search_runs([exp.experiment_id])
+    stages = {r.data.tags["dvc.stage"]: r for r in runs if r.data.tags.get("kind") == "stage"}
+    assert set(stages) == {"prepare", "train_teacher", "train_student"}
+    parents = {r.data.tags["mlflow.parentRunId"] for r in stages.values()}
+    assert len(parents) == 1
+    for stage, role in (("train_teacher", "teacher"), ("train_student", "student")):
+        r = stages[stage]
+        assert read(root, f"metrics/{role}.json")["mlflow_run_id"] == r.info.run_id
+        assert r.data.params["epochs"] == str(TINY[role]["epochs"])
+        history = client.get_metric_history(r.info.run_id, "map50_95")
+        assert [m.step for m in history] == list(range(1, TINY[role]["epochs"] + 1))
+        artifacts = {a.path for a in client.list_artifacts(r.info.run_id)}
+        assert f"{role}.json" in artifacts and "plots" in artifacts
+
+
+def test_second_repro_reruns_nothing(repo: tuple[Path, dict]) -> None:
+    root, env = repo
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    before = len(client.search_runs([client.get_experiment_by_name("yolo-compress").experiment_id]))
+    out = run(["dvc", "repro"], root, env).stdout
+    assert "Running stage" not in out
+    assert "didn't change, skipping" in out
+    assert len(client.search_runs([client.get_experiment_by_name("yolo-compress").experiment_id])) == before
+    assert run(["git", "status", "--porcelain", "--", "data", "models"], root, env).stdout == ""
+
+
+def test_student_param_change_reruns_only_the_student(repo: tuple[Path, dict]) -> None:
+    root, env = repo
+    original = (root / "params.yaml").read_text()
+    try:
+        params = yaml.safe_load(original)
+        params["student"]["epochs"] = 3
+        (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        out = run(["dvc", "repro", "--dry"], root, env).stdout
+        assert "Running stage 'train_student'" in out
+        assert "Running stage 'train_teacher'" not in out and "Running stage 'prepare'" not in out
+    finally:
+        (root / "params.yaml").write_text(original)
+
+
+def test_unknown_params_key_stops_the_pipeline_with_one_line(repo: tuple[Path, dict]) -> None:
+    root, env = repo
+    original = (root / "params.yaml").read_text()
+    try:
+        (root / "params.yaml").write_text(original.replace("student:\n", "student:\n  epoch: 3\n", 1))
+        proc = run([sys.executable, "stages/train.py", "--role", "student", "--data", "data/prepared",
+                    "--out", "models/student.pt", "--metrics", "metrics/student.json",
+                    "--plots", "plots/train_student.json"], root, env, check=False)
+        assert proc.returncode == 2
+        assert proc.stderr.strip().splitlines() == [
+            "error: params.yaml: unknown key 'student.epoch'; valid keys in student: model, epochs, imgsz, batch, "
+            "lr0, optimizer, warmup_epochs, mosaic, close_mosaic, workers, device, min_teacher_gap"]
+    finally:
+        (root / "params.yaml").write_text(original)

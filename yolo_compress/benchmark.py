@@ -1,0 +1,377 @@
+"""Model size, FLOPs and latency (PyTorch and ONNX Runtime), measured the same way for every model.
+
+FLOPs convention: Ultralytics' GFLOPs are thop's multiply-accumulate count × 2; fvcore counts one fused
+multiply-add as one flop, so `gflops_fvcore` doubles it. Both then count one MAC as two flops, matching the
+2·n³ flops of an n×n matmul that `matmul_peak_gflops` uses, so achieved GFLOP/s compare with the peak.
+
+Latencies are only comparable within one run on one machine (2 shared CPU cores are noisy): compare models through
+`speedups` of latencies measured together, and keep `machine_info` beside the numbers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import os
+import platform
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from yolo_compress.errors import ModelError, UserError
+from yolo_compress.models import YOLO, load_model
+
+__all__ = [
+    "OPSET",
+    "OnnxExportError",
+    "default_threads",
+    "Benchmark",
+    "param_count",
+    "gflops_fvcore",
+    "gflops_ultralytics",
+    "file_size_mb",
+    "export_onnx",
+    "latency_torch",
+    "latency_onnx",
+    "matmul_peak_gflops",
+    "machine_info",
+    "speedups",
+    "benchmark_model",
+]
+
+OPSET = 17  # fixed so an upgrade of torch or Ultralytics does not silently change the exported graph
+
+ModelLike = str | Path | YOLO | nn.Module
+
+
+class OnnxExportError(ModelError):
+    """ONNX export of one model failed; the message is one line. The stage records it and goes on."""
+
+
+def _module(model: ModelLike) -> nn.Module:
+    """The torch module of a .pt/.yaml path, a YOLO wrapper or a module."""
+    if isinstance(model, (str, Path)):
+        model = load_model(model, "model")
+    if isinstance(model, YOLO):
+        model = model.model
+    return model
+
+
+def _inference_copy(model: ModelLike, device: str = "cpu") -> nn.Module:
+    """A fused (Conv+BN), fp32, eval-mode copy for timing and counting; the caller's model is untouched."""
+    m = copy.deepcopy(_module(model)).float().eval()
+    if hasattr(m, "fuse"):
+        m = m.fuse(verbose=False)
+    for p in m.parameters():
+        p.requires_grad_(False)
+    return m.to(device)
+
+
+def param_count(model: ModelLike) -> int:
+    """Number of parameters."""
+    return sum(p.numel() for p in _module(model).parameters())
+
+
+def gflops_fvcore(model: ModelLike, imgsz: int) -> float:
+    """GFLOPs of one image by fvcore's traced count × 2 (one MAC = 2 flops, as Ultralytics reports), fused model.
+
+    fvcore counts convolutions, matmuls and upsampling; elementwise ops (SiLU, add) are skipped, as thop skips them.
+    """
+    from fvcore.nn import FlopCountAnalysis
+
+    m = _inference_copy(model)
+    x = torch.zeros(1, 3, imgsz, imgsz)
+    with torch.no_grad():  # fvcore traces with torch.jit, which inference-mode tensors break
+        fca = FlopCountAnalysis(m, x).unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+        return 2 * fca.total() / 1e9
+
+
+def gflops_ultralytics(model: ModelLike, imgsz: int) -> float:
+    """GFLOPs of one image as Ultralytics reports them (thop MACs × 2), fused model; 0.0 where thop fails."""
+    from ultralytics.utils.torch_utils import get_flops
+
+    return float(get_flops(_inference_copy(model), imgsz))
+
+
+def file_size_mb(path: str | Path) -> float:
+    """File size in MB (10⁶ bytes)."""
+    return Path(path).stat().st_size / 1e6
+
+
+# -------------------------------------------------------------------------------------------------------- ONNX
+
+
+def _export(src: Path, imgsz: int, batch: int, opset: int) -> Path:
+    import onnx
+
+    # simplify needs onnxslim, which Ultralytics would try to pip-install
+    made = YOLO(str(src)).export(format="onnx", imgsz=imgsz, batch=batch, opset=opset, simplify=False, dynamic=False,
+                                 device="cpu", verbose=False)
+    onnx.checker.check_model(str(made))
+    return Path(made)
+
+
+def export_onnx(model_pt: str | Path, imgsz: int, out_path: str | Path, batch: int = 1, opset: int = OPSET) -> Path:
+    """Export a .pt to ONNX at a fixed input shape (batch, 3, imgsz, imgsz), offline, written atomically.
+
+    Ultralytics' exporter writes next to the .pt, so it runs on a copy in a temp folder beside `out_path`.
+    Raises OnnxExportError (one line) when the model cannot be exported.
+    """
+    model_pt, out_path = Path(model_pt), Path(out_path)
+    if not model_pt.is_file():
+        raise ModelError(f"{model_pt}: model file not found; train it first or fix the path")
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.", dir=out_path.parent))
+    try:
+        src = tmp / "model.pt"
+        shutil.copyfile(model_pt, src)
+        try:
+            with _torch_threads(torch.get_num_threads()):  # the exporter resets torch's thread count
+                made = _export(src, imgsz, batch, opset)
+        except Exception as err:  # noqa: BLE001 - torch.onnx, onnx and Ultralytics raise many types
+            reason = " ".join(str(err).split())[:300] or type(err).__name__
+            raise OnnxExportError(f"{model_pt}: ONNX export failed: {reason}") from err
+        os.replace(made, out_path)
+        return out_path
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------------------------ latency
+
+
+def default_threads() -> int:
+    """CPUs this process may use: the thread count every timing uses unless told otherwise.
+
+    Not torch's current setting: any Ultralytics train/val/export call resets that to cpu_count - 1.
+    """
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+@contextlib.contextmanager
+def _torch_threads(threads: int | None) -> Iterator[int]:
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads or default_threads())
+    try:
+        yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(old)
+
+
+def _summary(times_s: list[float], batch: int, threads: int) -> dict[str, float]:
+    ms = np.asarray(times_s) * 1e3
+    p50 = float(np.percentile(ms, 50))
+    return {
+        "latency_ms_p50": p50,
+        "latency_ms_p90": float(np.percentile(ms, 90)),
+        "latency_ms_mean": float(ms.mean()),
+        "throughput_img_per_s": batch * 1e3 / p50,  # images per second at this batch
+        "batch": batch,
+        "threads": threads,
+    }
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def latency_torch(
+    model: ModelLike,
+    imgsz: int,
+    batch: int = 1,
+    warmup: int = 5,
+    repeats: int = 30,
+    threads: int | None = None,
+    device: str = "cpu",
+) -> dict[str, float]:
+    """PyTorch forward latency of a fused fp32 eval copy under inference_mode: p50/p90/mean ms, images/s.
+
+    `threads` sets torch's intra-op threads for the measurement only (None: default_threads()).
+    """
+    m = _inference_copy(model, device)
+    x = torch.rand(batch, 3, imgsz, imgsz, device=device)
+    times: list[float] = []
+    with _torch_threads(threads) as n, torch.inference_mode():
+        for i in range(warmup + repeats):
+            t0 = time.perf_counter()
+            m(x)
+            _sync(device)
+            if i >= warmup:
+                times.append(time.perf_counter() - t0)
+    return _summary(times, batch, n)
+
+
+def latency_onnx(
+    onnx_path: str | Path,
+    batch: int = 1,
+    warmup: int = 5,
+    repeats: int = 30,
+    threads: int | None = None,
+    device: str = "cpu",
+) -> dict[str, float]:
+    """ONNX Runtime latency at the model's fixed input shape: p50/p90/mean ms, images/s.
+
+    `threads` is ORT's intra-op thread count (None: default_threads(), as for torch, so both runtimes get the
+    same cores).
+    """
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads or default_threads()
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3  # errors only
+    providers = ["CPUExecutionProvider"]
+    if device.startswith("cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
+        providers.insert(0, "CUDAExecutionProvider")
+    sess = ort.InferenceSession(str(onnx_path), opts, providers=providers)
+    inp = sess.get_inputs()[0]
+    shape = list(inp.shape)
+    if isinstance(shape[0], int) and shape[0] != batch:
+        raise ValueError(f"{onnx_path}: exported for batch {shape[0]}, asked to time batch {batch}; export again "
+                         f"with batch={batch}")
+    shape[0] = batch
+    if not all(isinstance(s, int) for s in shape):
+        raise ValueError(f"{onnx_path}: input shape {inp.shape} is dynamic; export with a fixed imgsz")
+    x = np.random.default_rng(0).random(shape, dtype=np.float32)
+    times: list[float] = []
+    for i in range(warmup + repeats):
+        t0 = time.perf_counter()
+        sess.run(None, {inp.name: x})
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return _summary(times, batch, opts.intra_op_num_threads)
+
+
+def matmul_peak_gflops(seconds: float = 1.0, n: int = 1024, threads: int | None = None, device: str = "cpu") -> float:
+    """Best fp32 n×n matmul rate in GFLOP/s (2·n³ flops each) over about `seconds`: this machine's practical peak."""
+    a = torch.rand(n, n, device=device)
+    b = torch.rand(n, n, device=device)
+    best = float("inf")
+    with _torch_threads(threads), torch.inference_mode():
+        for _ in range(2):  # warm-up: thread pool, caches, cuBLAS handles
+            a @ b
+        _sync(device)
+        end = time.perf_counter() + seconds
+        while True:
+            t0 = time.perf_counter()
+            a @ b
+            _sync(device)
+            t1 = time.perf_counter()
+            best = min(best, t1 - t0)
+            if t1 >= end:
+                break
+    return 2 * n**3 / best / 1e9
+
+
+def _cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def machine_info() -> dict[str, str]:
+    """Where the timings were taken (strings: for MLflow params/tags, not for DVC metrics)."""
+    import onnxruntime as ort
+
+    info = {
+        "cpu_model": _cpu_model(),
+        "cpu_count": str(os.cpu_count()),
+        "threads": str(default_threads()),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "onnxruntime": ort.__version__,
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+# ------------------------------------------------------------------------------------------------------ summary
+
+
+def speedups(rows: Mapping[str, Mapping[str, float]], baseline: str = "student") -> dict[str, dict[str, float]]:
+    """Per model, baseline latency / model latency for every `<prefix>latency_ms_p50` both rows have.
+
+    `rows` maps a model name to its benchmark metrics (e.g. `torch_latency_ms_p50`, `onnx_latency_ms_p50`); the
+    result maps it to e.g. `{"torch_speedup": 1.8, "onnx_speedup": 2.0}` (> 1: faster than the baseline).
+    """
+    if baseline not in rows:
+        raise UserError(f"speedups: baseline {baseline!r} is not among the benchmarked models ({', '.join(rows)}); "
+                        "benchmark it in the same run")
+    base = rows[baseline]
+    out: dict[str, dict[str, float]] = {}
+    for name, row in rows.items():
+        out[name] = {
+            key.replace("latency_ms_p50", "speedup"): base[key] / row[key]
+            for key in row
+            if key.endswith("latency_ms_p50") and key in base and row[key] > 0
+        }
+    return out
+
+
+@dataclass
+class Benchmark:
+    """One model's numbers (flat, numbers only: a DVC metrics section) and what could not be measured."""
+
+    metrics: dict[str, float]
+    problems: list[str] = field(default_factory=list)  # one line each, e.g. "ONNX export failed: ..."
+
+
+def benchmark_model(
+    model_pt: str | Path,
+    imgsz: int,
+    onnx_path: str | Path | None = None,
+    batch: int = 1,
+    warmup: int = 5,
+    repeats: int = 30,
+    threads: int | None = None,
+    peak_gflops: float | None = None,
+    device: str = "cpu",
+) -> Benchmark:
+    """Size, FLOPs and latency of one checkpoint; ONNX is exported to `onnx_path` and timed unless it is None.
+
+    Parameters are counted on the checkpoint as saved; FLOPs and latency on the fused model that is deployed.
+
+    With `peak_gflops` (from matmul_peak_gflops), `<runtime>_gflops_per_s` and `<runtime>_peak_fraction` say how
+    much of the machine each runtime achieves. An ONNX failure is recorded in `problems`, not raised.
+    """
+    model = _inference_copy(model_pt, device)
+    gflops = gflops_ultralytics(model, imgsz)
+    metrics: dict[str, float] = {
+        "params_m": param_count(model_pt) / 1e6,  # as trained and saved (Conv and BN apart), like model_size()
+        "gflops": gflops,
+        "gflops_fvcore": gflops_fvcore(model, imgsz),
+        "size_mb": file_size_mb(model_pt),
+        "imgsz": imgsz,
+    }
+    runs = {"torch": latency_torch(model, imgsz, batch, warmup, repeats, threads, device)}
+    problems: list[str] = []
+    if onnx_path is not None:
+        try:
+            onnx_file = export_onnx(model_pt, imgsz, onnx_path, batch=batch)
+            metrics["onnx_size_mb"] = file_size_mb(onnx_file)
+            runs["onnx"] = latency_onnx(onnx_file, batch, warmup, repeats, threads, device)
+        except OnnxExportError as err:
+            problems.append(str(err))
+            logging.getLogger(__name__).warning("%s", err)
+    for rt, lat in runs.items():
+        metrics.update({f"{rt}_{k}": v for k, v in lat.items()})
+        if peak_gflops:
+            achieved = gflops * batch / (lat["latency_ms_p50"] / 1e3)
+            metrics[f"{rt}_gflops_per_s"] = achieved
+            metrics[f"{rt}_peak_fraction"] = achieved / peak_gflops
+    return Benchmark(metrics=metrics, problems=problems)

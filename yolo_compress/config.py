@@ -98,7 +98,7 @@ class Params:
     """All of params.yaml."""
 
     data: DataConfig = field(default_factory=DataConfig)  # (section) dataset for prepare
-    teacher: TrainConfig = field(default_factory=lambda: TrainConfig(model="yolo11s.yaml"))  # (section) teacher
+    teacher: TrainConfig = field(default_factory=lambda: TrainConfig(model="yolo11n.yaml"))  # (section) teacher
     student: StudentConfig = field(default_factory=lambda: StudentConfig(model="yolo11n.yaml"))  # (section) student
     seed: int = 0  # (int) global seed: data generation, initialisation, augmentation
 

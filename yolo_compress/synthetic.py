@@ -266,7 +266,7 @@ def _bg_stripes(rng: np.random.Generator, s: int) -> np.ndarray:
     period = rng.uniform(6, 40) * s / 256
     t = 0.5 + 0.5 * np.sin((x * math.cos(a) + y * math.sin(a)) * 2 * math.pi / period + rng.uniform(0, 6.3))
     base = _muted(rng)
-    return _blend(t, base, np.clip(base + rng.uniform(-50, 50, 3), 0, 255))
+    return _blend(t, base, np.clip(base + rng.uniform(-35, 35, 3), 0, 255))
 
 
 def _bg_checker(rng: np.random.Generator, s: int) -> np.ndarray:
@@ -274,7 +274,7 @@ def _bg_checker(rng: np.random.Generator, s: int) -> np.ndarray:
     cell = rng.uniform(6, 40) * s / 256
     t = ((x // cell + y // cell) % 2).astype(np.float32)
     base = _muted(rng)
-    return _blend(t, base, np.clip(base + rng.uniform(-45, 45, 3), 0, 255))
+    return _blend(t, base, np.clip(base + rng.uniform(-35, 35, 3), 0, 255))
 
 
 def _bg_blobs(rng: np.random.Generator, s: int) -> np.ndarray:
@@ -480,8 +480,8 @@ def _draw_clutter(
 # Never unlabelled distractors: a circle cut by the border or by another object looks like a semicircle or crescent,
 # a cut square like a bar, a cut triangle like a trapezoid.
 _LOOKALIKES = {"semicircle", "crescent", "bar", "trapezoid"}
-_BUCKET_SIDES = ((10.0, 30.0), (34.0, 92.0), (100.0, math.inf))  # px: COCO small / medium / large
-_BUCKET_P = {False: (0.3, 0.45, 0.25), True: (0.55, 0.35, 0.1)}  # test_shift favours small objects
+_BUCKET_SIDES = ((12.0, 30.0), (34.0, 92.0), (100.0, math.inf))  # px: COCO small / medium / large
+_BUCKET_P = {False: (0.25, 0.45, 0.3), True: (0.55, 0.35, 0.1)}  # test_shift favours small objects
 
 
 def _object_side(rng: np.random.Generator, s: int, shift: bool) -> float:
@@ -520,8 +520,8 @@ def _detect_image(rng: np.random.Generator, cfg: DataConfig, shift: bool) -> tup
     owner = np.full((s, s), -1, np.int16)
     used = {shape for shape, _ in KINDS[: cfg.classes]}
     extra = [k for k in KINDS if k[0] not in used | _LOOKALIKES]  # distractor kinds: silhouettes no class has
-    n_clutter = int(rng.integers(2, 7))
-    on_top = rng.random(n_clutter) < 0.2
+    n_clutter = int(rng.integers(1, 5))
+    on_top = rng.random(n_clutter) < 0.15
     for _ in range(int((~on_top).sum())):
         _draw_clutter(rng, canvas, None, extra, False)
     objects = []

@@ -57,9 +57,10 @@ def main() -> None:
 
     work = Path("runs") / stage
     data_yaml = training_view(args.data, work / "data")
-    logged = {**section_dict(cfg), "seed": params.seed}
+    seed = params.student_seed if args.role == "student" else params.seed
+    logged = {**section_dict(cfg), "seed": seed}
     with stage_run(stage, logged) as run:
-        result = train_model(cfg, model, data_yaml, work / "train", params.seed,
+        result = train_model(cfg, model, data_yaml, work / "train", seed,
                              on_epoch=lambda row: mlflow.log_metrics(row, step=int(row["epoch"])))
         metrics = {
             "val": result.val,

@@ -89,7 +89,7 @@ def criterion_for(student: nn.Module, teacher: nn.Module, method: str, prepared:
     setattr(student, ADAPTERS, build_adapters(method, check_pair(teacher, student, IMGSZ)))
     student.train()
     return DistillCriterion(student.init_criterion(), prepared or prepare_teacher(teacher),
-                            getattr(student, ADAPTERS), DistillConfig(method=method, **cfg))
+                            getattr(student, ADAPTERS), DistillConfig(loss=method, **cfg))
 
 
 # ------------------------------------------------------------------------------------------------------ pure losses
@@ -177,7 +177,7 @@ def test_methods_give_different_values_on_the_same_batch(pair: tuple[nn.Module, 
     student.train()
     with torch.no_grad():
         s_out, t_out = head_branches(student(x)), head_branches(frozen(x))
-        values = {m: float(LOSSES[m](s_out, t_out, build_adapters(m, channels), DistillConfig(method=m)))
+        values = {m: float(LOSSES[m](s_out, t_out, build_adapters(m, channels), DistillConfig(loss=m)))
                   for m in METHODS}
     assert all(v > 0 for v in values.values()), values
     assert len({round(v, 8) for v in values.values()}) == len(METHODS), values
@@ -307,7 +307,7 @@ def train_args(data: Path, out: Path, **kw: Any) -> dict[str, Any]:
 def test_one_epoch_distill_run_gives_plain_student(tiny_data: Path, teacher_pt: Path, tmp_path: Path) -> None:
     from yolo_compress.models import YOLO
 
-    cfg = DistillConfig(teacher=str(teacher_pt), method="cwd")
+    cfg = DistillConfig(teacher=str(teacher_pt), loss="cwd")
     model = YOLO("yolo11n.yaml")
     model.train(trainer=make_trainer(cfg), **train_args(tiny_data, tmp_path / "runs"))
     trainer = model.trainer
@@ -336,7 +336,7 @@ def _crash_after_first_save(trainer: Any) -> None:
 
 def test_checkpoint_keeps_adapters_and_resume_restores_them(tiny_data: Path, teacher_pt: Path,
                                                            tmp_path: Path) -> None:
-    cfg = DistillConfig(teacher=str(teacher_pt), method="mgd")
+    cfg = DistillConfig(teacher=str(teacher_pt), loss="mgd")
     args = train_args(tiny_data, tmp_path / "runs", epochs=2, val=False, model="yolo11n.yaml")
     trainer = DistillDetectionTrainer(overrides=args, distill=cfg)
     trainer.add_callback("on_model_save", _crash_after_first_save)
@@ -380,7 +380,7 @@ def test_unlabeled_folder_is_appended_to_batches(tiny_data: Path, teacher_pt: Pa
     unlabeled.mkdir()
     for i, path in enumerate(sorted((tiny_data.parent / "images" / "val").glob("*.png"))):
         (unlabeled / f"u{i}.png").write_bytes(path.read_bytes())
-    cfg = DistillConfig(teacher=str(teacher_pt), method="logit", unlabeled=str(unlabeled))
+    cfg = DistillConfig(teacher=str(teacher_pt), loss="logit", unlabeled=str(unlabeled))
     trainer = functools.partial(_RecordingTrainer, distill=cfg)(
         overrides=train_args(tiny_data, tmp_path / "runs", val=False, model="yolo11n.yaml"))
     trainer.train()
@@ -392,7 +392,7 @@ def test_strip_distillation_leaves_plain_student(pair: tuple[nn.Module, nn.Modul
     s = deepcopy(student)
     plain = sum(p.numel() for p in s.parameters())
     criterion_for(s, teacher, "sl2", frozen)
-    s.criterion = DistillCriterion(None, None, getattr(s, ADAPTERS), DistillConfig(method="sl2"))
+    s.criterion = DistillCriterion(None, None, getattr(s, ADAPTERS), DistillConfig(loss="sl2"))
     assert sum(p.numel() for p in s.parameters()) > plain
     strip_distillation(s)
     assert sum(p.numel() for p in s.parameters()) == plain and s.criterion is None

@@ -149,6 +149,6 @@ def test_unknown_params_key_stops_the_pipeline_with_one_line(repo: tuple[Path, d
         assert proc.returncode == 2
         assert proc.stderr.strip().splitlines() == [
             "error: params.yaml: unknown key 'student.epoch'; valid keys in student: model, epochs, imgsz, batch, "
-            "lr0, optimizer, warmup_epochs, mosaic, close_mosaic, workers, device, min_teacher_gap"]
+            "lr0, optimizer, warmup_epochs, mosaic, close_mosaic, workers, device, min_teacher_gap, seed"]
     finally:
         (root / "params.yaml").write_text(original)

@@ -87,10 +87,145 @@ class StudentConfig(TrainConfig):
     """`student:` section: a TrainConfig plus the teacher check."""
 
     min_teacher_gap: float = 0.05  # (float) warn loudly when teacher val mAP50-95 minus the student's is below this
+    seed: int | None = None  # (int) training seed of student and distill; null = the global seed (seed repeats)
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        _check(self.seed is None or self.seed >= 0, "seed", "an int >= 0, or null for the global seed", self.seed)
         _check(0 <= self.min_teacher_gap < 1, "min_teacher_gap", "a float in [0, 1)", self.min_teacher_gap)
+
+
+DISTILL_LOSSES = ("sl2", "mgd", "cwd", "logit")
+DISTILL_DEFAULT_WEIGHTS = {"sl2": 6.0, "mgd": 1.0, "cwd": 10.0, "logit": 1.0}  # sl2: upstream `dis`; cwd: mmrazor
+DISTILL_SCHEDULES = ("constant", "cosine", "off_last")
+PRUNE_IMPORTANCES = ("l1", "l2", "bn", "taylor", "random")
+PRUNE_SCHEDULES = ("geometric", "linear")
+PRUNE_MEASURES = ("flops", "params")
+MODEL_NAMES = ("teacher", "student", "distilled", "pruned")
+EVAL_SPLITS = ("val", "test", "test_shift")
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """`distill:` section. The student trains on the `student:` budget (same epochs, lr, seed), plus a teacher."""
+
+    loss: str = "cwd"  # (str) sl2 (Ultralytics native) | mgd | cwd | logit
+    teacher: str = ""  # (str) '' = models/teacher.pt from train_teacher, or a local teacher .pt (same task, nc, kpts)
+    weight: float | None = None  # (float) global loss weight; null = the loss's default (sl2 6, mgd 1, cwd 10, logit 1)
+    schedule: str = "constant"  # (str) weight by global step: constant | cosine (decays to 0) | off_last
+    off_last_epochs: int = 0  # (int) schedule off_last: weight 0 for this many final epochs
+    tau: float = 1.0  # (float) cwd: spatial softmax temperature
+    mask_ratio: float = 0.65  # (float) mgd: fraction of student positions masked (lambda)
+    alpha: float = 2e-5  # (float) mgd: scale of the summed L2
+    kd_T: float = 5.0  # (float) logit: temperature on class scores
+    ld_T: float = 10.0  # (float) logit: temperature on the DFL box-edge distributions
+    kd_mode: str = "kl"  # (str) logit: kl | l2 on class scores
+    conf_gate: float = 0.0  # (float) logit: anchors whose teacher max class score is below this are ignored
+    unlabeled: str = ""  # (str) folder of unlabeled images; on them only the distillation loss applies
+    fuse_teacher: bool = True  # (bool) fold the teacher's BatchNorm into its convs (cheaper teacher forward)
+
+    def __post_init__(self) -> None:
+        _check(self.loss in DISTILL_LOSSES, "loss", f"one of {', '.join(DISTILL_LOSSES)}", self.loss)
+        _check(self.teacher == "" or self.teacher.endswith(".pt"), "teacher", "'' or a local .pt path", self.teacher)
+        _check(self.weight is None or self.weight >= 0, "weight", "a float >= 0, or null for the default", self.weight)
+        _check(self.schedule in DISTILL_SCHEDULES, "schedule", f"one of {', '.join(DISTILL_SCHEDULES)}", self.schedule)
+        _check(self.off_last_epochs >= 0, "off_last_epochs", "an int >= 0", self.off_last_epochs)
+        _check(self.tau > 0, "tau", "a float > 0", self.tau)
+        _check(0 <= self.mask_ratio < 1, "mask_ratio", "a float in [0, 1)", self.mask_ratio)
+        _check(self.alpha > 0, "alpha", "a float > 0", self.alpha)
+        _check(self.kd_T > 0, "kd_T", "a float > 0", self.kd_T)
+        _check(self.ld_T > 0, "ld_T", "a float > 0", self.ld_T)
+        _check(self.kd_mode in ("kl", "l2"), "kd_mode", "one of kl, l2", self.kd_mode)
+        _check(0 <= self.conf_gate < 1, "conf_gate", "a float in [0, 1)", self.conf_gate)
+
+    @property
+    def base_weight(self) -> float:
+        return DISTILL_DEFAULT_WEIGHTS[self.loss] if self.weight is None else float(self.weight)
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """`prune:` section: iterative prune + fine-tune rounds on the distilled student (or `model`)."""
+
+    model: str = ""  # (str) '' = models/distilled.pt from distill, or a local YOLO .pt to prune
+    rounds: int = 3  # (int) prune + fine-tune rounds
+    target: float = 0.6  # (float) fraction of `measure` removed in total after all rounds, in (0, 1)
+    measure: str = "flops"  # (str) what `target` counts: flops | params
+    schedule: str = "geometric"  # (str) per-round share: geometric (same keep ratio each round) | linear
+    importance: str = "l2"  # (str) l1 | l2 | bn (network slimming) | taylor | random (a control)
+    sparsity_epochs: int = 1  # (int) importance bn: epochs of BN-gamma L1 training before the first round
+    sparsity_l1: float = 1e-4  # (float) importance bn: L1 strength on BN gammas
+    round_to: int = 8  # (int) keep channel counts multiples of this (fast kernels)
+    finetune_epochs: int = 3  # (int) fine-tune epochs per round
+    lr0: float = 0.001  # (float) fine-tune learning rate
+    distill: bool = False  # (bool) fine-tune with the teacher and the distill: loss
+    max_map_drop: float = 0.05  # (float) stop early, keeping the best round, once val mAP50-95 falls more than this
+
+    def __post_init__(self) -> None:
+        _check(self.model == "" or self.model.endswith(".pt"), "model", "'' or a local .pt path", self.model)
+        _check(self.rounds >= 1, "rounds", "an int >= 1", self.rounds)
+        _check(0 < self.target < 1, "target", "a float in (0, 1), the fraction to remove", self.target)
+        _check(self.measure in PRUNE_MEASURES, "measure", f"one of {', '.join(PRUNE_MEASURES)}", self.measure)
+        _check(self.schedule in PRUNE_SCHEDULES, "schedule", f"one of {', '.join(PRUNE_SCHEDULES)}", self.schedule)
+        _check(self.importance in PRUNE_IMPORTANCES, "importance", f"one of {', '.join(PRUNE_IMPORTANCES)}",
+               self.importance)
+        _check(self.sparsity_epochs >= 0, "sparsity_epochs", "an int >= 0", self.sparsity_epochs)
+        _check(self.sparsity_l1 >= 0, "sparsity_l1", "a float >= 0", self.sparsity_l1)
+        _check(self.round_to >= 1, "round_to", "an int >= 1", self.round_to)
+        _check(self.finetune_epochs >= 0, "finetune_epochs", "an int >= 0", self.finetune_epochs)
+        _check(0 < self.lr0 < 1, "lr0", "a float in (0, 1)", self.lr0)
+        _check(0 <= self.max_map_drop <= 1, "max_map_drop", "a float in [0, 1] (mAP50-95 points / 100)",
+               self.max_map_drop)
+
+
+def _check_names(values: list[str], valid: tuple[str, ...], key: str) -> None:
+    _check(bool(values) and all(v in valid for v in values) and len(set(values)) == len(values), key,
+           f"a non-empty list of distinct names from {', '.join(valid)}", values)
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """`evaluate:` section: pycocotools scoring of every model on every eval split."""
+
+    models: list[str] = field(default_factory=lambda: list(MODEL_NAMES))  # (list) models/<name>.pt to score
+    splits: list[str] = field(default_factory=lambda: list(EVAL_SPLITS))  # (list) eval splits
+    conf: float = 0.5  # (float) operating point for precision/recall/F1: confidence threshold
+    iou: float = 0.5  # (float) operating point: IoU for a true positive
+    imgsz: int = 256  # (int) inference image size, a multiple of 32
+    batch: int = 16  # (int) images per inference batch
+
+    def __post_init__(self) -> None:
+        _check_names(self.models, MODEL_NAMES, "models")
+        _check_names(self.splits, EVAL_SPLITS, "splits")
+        _check(0 <= self.conf < 1, "conf", "a float in [0, 1)", self.conf)
+        _check(0 < self.iou < 1, "iou", "a float in (0, 1)", self.iou)
+        _check(self.imgsz >= 32 and self.imgsz % 32 == 0, "imgsz", "a multiple of 32, >= 32", self.imgsz)
+        _check(self.batch >= 1, "batch", "an int >= 1", self.batch)
+
+
+@dataclass(frozen=True)
+class BenchmarkConfig:
+    """`benchmark:` section: size, FLOPs and latency of every model, measured side by side in one run."""
+
+    models: list[str] = field(default_factory=lambda: list(MODEL_NAMES))  # (list) models/<name>.pt to measure
+    baseline: str = "student"  # (str) speedups are relative to this model
+    imgsz: int = 256  # (int) input size, a multiple of 32
+    batch: int = 8  # (int) batch for the throughput measurement (latency is always batch 1)
+    warmup: int = 5  # (int) untimed runs before timing
+    repeats: int = 30  # (int) timed runs per model and runtime
+    threads: int = 0  # (int) CPU threads for PyTorch and ONNX Runtime; 0 = all cores
+    onnx: bool = True  # (bool) also export to ONNX and time ONNX Runtime
+    device: str = "cpu"  # (str) 'cpu', or a GPU index like '0' (timed in addition to the CPU)
+
+    def __post_init__(self) -> None:
+        _check_names(self.models, MODEL_NAMES, "models")
+        _check(self.baseline in self.models, "baseline", f"one of the benchmarked models ({', '.join(self.models)})",
+               self.baseline)
+        _check(self.imgsz >= 32 and self.imgsz % 32 == 0, "imgsz", "a multiple of 32, >= 32", self.imgsz)
+        _check(self.batch >= 1, "batch", "an int >= 1", self.batch)
+        _check(self.warmup >= 0, "warmup", "an int >= 0", self.warmup)
+        _check(self.repeats >= 3, "repeats", "an int >= 3 (p90 needs a few samples)", self.repeats)
+        _check(self.threads >= 0, "threads", "an int >= 0 (0 = all cores)", self.threads)
 
 
 @dataclass(frozen=True)
@@ -100,10 +235,19 @@ class Params:
     data: DataConfig = field(default_factory=DataConfig)  # (section) dataset for prepare
     teacher: TrainConfig = field(default_factory=lambda: TrainConfig(model="yolo11n.yaml"))  # (section) teacher
     student: StudentConfig = field(default_factory=lambda: StudentConfig(model="yolo11n.yaml"))  # (section) student
+    distill: DistillConfig = field(default_factory=DistillConfig)  # (section) distillation
+    prune: PruneConfig = field(default_factory=PruneConfig)  # (section) prune + fine-tune rounds
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)  # (section) pycocotools scoring
+    benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)  # (section) size, FLOPs, latency
     seed: int = 0  # (int) global seed: data generation, initialisation, augmentation
 
     def __post_init__(self) -> None:
         _check(self.seed >= 0, "seed", "an int >= 0", self.seed)
+
+    @property
+    def student_seed(self) -> int:
+        """Training seed of the student and of distill: repeats over it leave the data and the teacher alone."""
+        return self.seed if self.student.seed is None else self.student.seed
 
 
 def _is_number_text(value: Any) -> bool:
@@ -123,6 +267,9 @@ def _type_ok(value: Any, tp: Any) -> bool:
         return any(_type_ok(value, arg) for arg in typing.get_args(tp))
     if tp is type(None):
         return value is None
+    if typing.get_origin(tp) is list:
+        (item,) = typing.get_args(tp)
+        return isinstance(value, list) and all(_type_ok(v, item) for v in value)
     return isinstance(value, tp)
 
 

@@ -18,7 +18,6 @@ import functools
 import math
 from collections.abc import Callable, Iterator
 from copy import deepcopy
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +33,7 @@ from ultralytics.utils import DEFAULT_CFG, RANK
 from ultralytics.utils.patches import imread, torch_load
 from ultralytics.utils.torch_utils import unwrap_model
 
+from yolo_compress.config import DISTILL_LOSSES, DISTILL_SCHEDULES, DistillConfig
 from yolo_compress.distill_losses import (
     LOSSES,
     clone_tree,
@@ -44,7 +44,7 @@ from yolo_compress.distill_losses import (
     sl2_loss,
     take_images,
 )
-from yolo_compress.errors import DatasetError, ModelError, ParamsError
+from yolo_compress.errors import DatasetError, ModelError
 from yolo_compress.models import ModelInfo, check_same_head
 
 __all__ = [
@@ -71,49 +71,8 @@ __all__ = [
 ]
 
 ADAPTERS = "distill_adapters"  # attribute name of the adapters ModuleDict on the student model
-DEFAULT_WEIGHTS = {"sl2": 6.0, "mgd": 1.0, "cwd": 10.0, "logit": 1.0}  # sl2: upstream `dis`; cwd: mmrazor
-METHODS = tuple(DEFAULT_WEIGHTS)
-SCHEDULES = ("constant", "cosine", "off_last")
-
-
-def _check(ok: bool, key: str, expected: str, value: Any) -> None:
-    if not ok:
-        raise ParamsError(f"distill.{key}: expected {expected}, got {value!r}")
-
-
-@dataclass(frozen=True)
-class DistillConfig:
-    """How to distill: which teacher, which loss, its weight schedule and hyperparameters."""
-
-    teacher: str = ""  # (str) teacher .pt trained on the same dataset (same task, classes, keypoints)
-    method: str = "cwd"  # (str) sl2 (Ultralytics native) | mgd | cwd | logit
-    weight: float | None = None  # (float) loss weight; null = method default (sl2 6, mgd 1, cwd 10, logit 1)
-    schedule: str = "constant"  # (str) constant | cosine (to 0 at the last step) | off_last
-    off_last_epochs: int = 0  # (int) schedule off_last: weight 0 in this many final epochs
-    tau: float = 1.0  # (float) cwd: spatial softmax temperature
-    mask_ratio: float = 0.65  # (float) mgd: fraction of student positions masked
-    alpha: float = 2e-5  # (float) mgd: scale of the summed L2
-    kd_T: float = 5.0  # (float) logit: temperature on class scores
-    ld_T: float = 10.0  # (float) logit: temperature on DFL box-edge distributions
-    kd_mode: str = "kl"  # (str) logit: kl | l2 on class scores
-    conf_gate: float = 0.0  # (float) logit: anchors with teacher max class score below this are ignored
-    unlabeled: str = ""  # (str) folder of unlabeled images, appended to each batch with only the distillation loss
-    fuse_teacher: bool = True  # (bool) fold the teacher's BatchNorm into its convs (cheaper teacher forward)
-
-    def __post_init__(self) -> None:
-        _check(self.method in METHODS, "method", f"one of {', '.join(METHODS)}", self.method)
-        _check(self.weight is None or self.weight >= 0, "weight", "a float >= 0 or null", self.weight)
-        _check(self.schedule in SCHEDULES, "schedule", f"one of {', '.join(SCHEDULES)}", self.schedule)
-        _check(self.off_last_epochs >= 0, "off_last_epochs", "an int >= 0", self.off_last_epochs)
-        _check(self.tau > 0, "tau", "a float > 0", self.tau)
-        _check(0 <= self.mask_ratio < 1, "mask_ratio", "a float in [0, 1)", self.mask_ratio)
-        _check(self.kd_T > 0 and self.ld_T > 0, "kd_T/ld_T", "floats > 0", (self.kd_T, self.ld_T))
-        _check(self.kd_mode in ("kl", "l2"), "kd_mode", "kl or l2", self.kd_mode)
-        _check(0 <= self.conf_gate < 1, "conf_gate", "a float in [0, 1)", self.conf_gate)
-
-    @property
-    def base_weight(self) -> float:
-        return DEFAULT_WEIGHTS[self.method] if self.weight is None else float(self.weight)
+METHODS = DISTILL_LOSSES
+SCHEDULES = DISTILL_SCHEDULES
 
 
 # ---------------------------------------------------------------------------------------------------------- schedule
@@ -277,7 +236,7 @@ class DistillCriterion:
             with torch.inference_mode():
                 t_out = head_branches(self.teacher(batch["img"]))
             t_out = clone_tree(t_out)  # outside inference_mode, so the copies are normal tensors
-            dis = LOSSES[self.cfg.method](head_branches(preds), t_out, self.adapters, self.cfg) * self.weight
+            dis = LOSSES[self.cfg.loss](head_branches(preds), t_out, self.adapters, self.cfg) * self.weight
         items["dis_loss"] = dis.detach()
         return torch.cat([loss, (dis * batch["img"].shape[0]).view(1)]), items
 
@@ -362,7 +321,7 @@ class _DistillMixin:
         """The stock student plus adapters sized from both models, then `weights` (adapters too, when resuming)."""
         model = super().get_model(cfg=cfg, weights=None, verbose=verbose)
         channels = check_pair(self.teacher, model, int(self.args.imgsz))
-        setattr(model, ADAPTERS, build_adapters(self.distill.method, channels))
+        setattr(model, ADAPTERS, build_adapters(self.distill.loss, channels))
         if weights:
             model.load(weights, verbose=verbose)
         return model

@@ -16,7 +16,7 @@ from torch import nn
 from ultralytics.nn.distill_model import DistillationModel
 
 if TYPE_CHECKING:
-    from yolo_compress.distill import DistillConfig
+    from yolo_compress.config import DistillConfig
 
 __all__ = [
     "LOSSES",

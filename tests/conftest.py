@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from yolo_compress.models import YOLO
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -16,3 +18,19 @@ def isolated_mlflow(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("DVC_ROOT", str(tmp_path))
     return uri
+
+
+def random_model(path: Path, nc: int = 2, pose: bool = False) -> Path:
+    """A randomly initialised yolo11n(-pose, K = 5) with `nc` classes saved as a .pt (no training, no download)."""
+    from ultralytics.nn.tasks import DetectionModel, PoseModel
+
+    if pose:
+        model = YOLO("yolo11n-pose.yaml")
+        model.model = PoseModel("yolo11n-pose.yaml", nc=nc, data_kpt_shape=(5, 3), verbose=False)
+    else:
+        model = YOLO("yolo11n.yaml")
+        model.model = DetectionModel("yolo11n.yaml", nc=nc, verbose=False)
+    model.model.names = {i: f"c{i}" for i in range(nc)}
+    model.ckpt = {"train_args": {"task": model.task}}  # else the loader takes the default task, detect
+    model.save(path)
+    return path

@@ -29,7 +29,8 @@ def test_repo_params_load_with_documented_types() -> None:
     ("text", "needle"),
     [
         ("teacher:\n  model: yolo11s.yaml\n  epoch: 3\n", "unknown key 'teacher.epoch'; valid keys in teacher: model"),
-        ("sed: 1\n", "unknown key 'sed'; valid keys in top level: data, teacher, student, distill, prune, evaluate, benchmark, seed"),
+        ("sed: 1\n", "unknown key 'sed'; valid keys in top level: data, teacher, student, distill, prune, evaluate, "
+                      "benchmark, seed"),
         ("teacher:\n  model: yolo11s.yaml\n  epochs: 0\n", "teacher.epochs: expected an int >= 1, got 0"),
         ("student:\n  model: yolo11n.yaml\n  lr0: fast\n", "student.lr0: expected float, got 'fast'"),
         ("student:\n  model: yolo11n.yaml\n  epochs: 2.5\n", "student.epochs: expected int, got 2.5"),

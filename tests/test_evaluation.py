@@ -28,6 +28,8 @@ from yolo_compress.evaluation import (
 )
 from yolo_compress.models import YOLO
 
+from .conftest import random_model
+
 # ------------------------------------------------------------------------------------------------ hand-made data
 
 # Three 200×200 images, two classes, every size bucket: small < 32², medium < 96², large above.
@@ -271,26 +273,10 @@ def _tiny_dataset(root: Path, n: int = 8, size: int = 64, train_copies: int = 0,
     return split
 
 
-def _random_model(path: Path, nc: int = 2, pose: bool = False) -> Path:
-    """A randomly initialised yolo11n(-pose, K = 5) with `nc` classes saved as a .pt (no training, no download)."""
-    from ultralytics.nn.tasks import DetectionModel, PoseModel
-
-    if pose:
-        model = YOLO("yolo11n-pose.yaml")
-        model.model = PoseModel("yolo11n-pose.yaml", nc=nc, data_kpt_shape=(5, 3), verbose=False)
-    else:
-        model = YOLO("yolo11n.yaml")
-        model.model = DetectionModel("yolo11n.yaml", nc=nc, verbose=False)
-    model.model.names = {i: f"c{i}" for i in range(nc)}
-    model.ckpt = {"train_args": {"task": model.task}}  # else the loader takes the default task, detect
-    model.save(path)
-    return path
-
-
 def test_evaluate_split_runs_ultralytics_val_and_scores_its_predictions(tmp_path: Path) -> None:
     """Untrained model: both scores are about 0, but ids, classes and keys go through the real val pipeline."""
     split = _tiny_dataset(tmp_path / "data")
-    out = evaluate_split(_random_model(tmp_path / "m.pt"), split, imgsz=64)
+    out = evaluate_split(random_model(tmp_path / "m.pt"), split, imgsz=64)
     for key in ("map50_95", "map50", "ar100", "precision", "recall", "f1", "tp", "fp", "fn",
                 "ultralytics_map50_95", "ultralytics_map50", "map50_95_minus_ultralytics"):
         assert key in out and np.isfinite(out[key]), key
@@ -304,7 +290,7 @@ def test_evaluate_split_runs_ultralytics_val_and_scores_its_predictions(tmp_path
 def test_evaluate_split_scores_keypoints_of_a_pose_model(tmp_path: Path) -> None:
     """Untrained K = 5 pose model: the pose val pass yields keypoints, scored as pose_* next to Ultralytics'."""
     split = _tiny_dataset(tmp_path / "data", pose=True)
-    out = evaluate_split(_random_model(tmp_path / "p.pt", nc=1, pose=True), split, imgsz=64)
+    out = evaluate_split(random_model(tmp_path / "p.pt", nc=1, pose=True), split, imgsz=64)
     for key in ("map50_95", "pose_map50_95", "pose_ar20", "ultralytics_pose_map50_95",
                 "pose_map50_95_minus_ultralytics"):
         assert key in out and np.isfinite(out[key]), key

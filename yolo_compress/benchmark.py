@@ -44,6 +44,7 @@ __all__ = [
     "matmul_peak_gflops",
     "machine_info",
     "speedups",
+    "throughput",
     "benchmark_model",
 ]
 
@@ -323,6 +324,36 @@ def speedups(rows: Mapping[str, Mapping[str, float]], baseline: str = "student")
     return out
 
 
+def throughput(
+    runtime: str,
+    model: ModelLike,
+    imgsz: int,
+    batch: int,
+    warmup: int = 5,
+    repeats: int = 30,
+    threads: int | None = None,
+    device: str = "cpu",
+) -> dict[str, float]:
+    """Images per second at `batch` for `runtime` "torch" or "onnx": {throughput_img_per_s, throughput_batch}.
+
+    It times about as many images as a latency run of `repeats` (at least 3 batches), so a batch of 8 does not
+    make the benchmark 8x longer. ONNX needs a graph exported for that batch: it is exported to a temp file
+    (`model` must then be a .pt path) and dropped afterwards; the kept .onnx stays the batch-1 one.
+    """
+    reps, warm = max(3, -(-repeats // batch)), -(-warmup // batch)
+    if runtime == "torch":
+        lat = latency_torch(model, imgsz, batch, warm, reps, threads, device)
+    elif runtime == "onnx":
+        if not isinstance(model, (str, Path)):
+            raise TypeError("throughput('onnx', ...) needs the .pt path to export")
+        with tempfile.TemporaryDirectory(prefix="yc-onnx-b") as tmp:
+            onnx_file = export_onnx(model, imgsz, Path(tmp) / f"b{batch}.onnx", batch=batch)
+            lat = latency_onnx(onnx_file, batch, warm, reps, threads, device)
+    else:
+        raise ValueError(f"runtime must be 'torch' or 'onnx', got {runtime!r}")
+    return {"throughput_img_per_s": lat["throughput_img_per_s"], "throughput_batch": batch}
+
+
 @dataclass
 class Benchmark:
     """One model's numbers (flat, numbers only: a DVC metrics section) and what could not be measured."""
@@ -341,13 +372,18 @@ def benchmark_model(
     threads: int | None = None,
     peak_gflops: float | None = None,
     device: str = "cpu",
+    throughput_batch: int | None = None,
 ) -> Benchmark:
     """Size, FLOPs and latency of one checkpoint; ONNX is exported to `onnx_path` and timed unless it is None.
 
     Parameters are counted on the checkpoint as saved; FLOPs and latency on the fused model that is deployed.
 
     With `peak_gflops` (from matmul_peak_gflops), `<runtime>_gflops_per_s` and `<runtime>_peak_fraction` say how
-    much of the machine each runtime achieves. An ONNX failure is recorded in `problems`, not raised.
+    much of the machine each runtime achieves at the latency batch. An ONNX failure is recorded in `problems`, not
+    raised.
+
+    With `throughput_batch`, `<runtime>_throughput_img_per_s` is measured at that batch instead of derived from the
+    latency run (`<runtime>_throughput_batch` says which); see `throughput`.
     """
     model = _inference_copy(model_pt, device)
     gflops = gflops_ultralytics(model, imgsz)
@@ -359,12 +395,17 @@ def benchmark_model(
         "imgsz": imgsz,
     }
     runs = {"torch": latency_torch(model, imgsz, batch, warmup, repeats, threads, device)}
+    if throughput_batch:
+        runs["torch"].update(throughput("torch", model, imgsz, throughput_batch, warmup, repeats, threads, device))
     problems: list[str] = []
     if onnx_path is not None:
         try:
             onnx_file = export_onnx(model_pt, imgsz, onnx_path, batch=batch)
             metrics["onnx_size_mb"] = file_size_mb(onnx_file)
             runs["onnx"] = latency_onnx(onnx_file, batch, warmup, repeats, threads, device)
+            if throughput_batch:
+                runs["onnx"].update(throughput("onnx", model_pt, imgsz, throughput_batch, warmup, repeats, threads,
+                                               device))
         except OnnxExportError as err:
             problems.append(str(err))
             logging.getLogger(__name__).warning("%s", err)
@@ -375,3 +416,32 @@ def benchmark_model(
             metrics[f"{rt}_gflops_per_s"] = achieved
             metrics[f"{rt}_peak_fraction"] = achieved / peak_gflops
     return Benchmark(metrics=metrics, problems=problems)
+
+
+RUNTIMES = ("torch", "onnx", "gpu")
+_MODEL_KEYS = ("params_m", "gflops", "gflops_fvcore", "size_mb", "imgsz")
+_DROPPED = ("batch",)  # latency is always measured at batch 1; the throughput batch has its own key
+
+
+def grouped_metrics(results: Mapping[str, Mapping[str, float]], baseline: str) -> dict[str, dict[str, dict]]:
+    """Per model, the flat `benchmark_model` metrics as DVC-friendly groups, with speedups vs `baseline`.
+
+    `results` maps a model name to flat metrics whose runtime keys are prefixed `torch_`, `onnx_` or `gpu_` (a
+    missing prefix means that runtime was not measured, e.g. a failed ONNX export). The result maps it to
+    `{"model": {params_m, gflops, ...}, "torch": {latency_ms_p50, ..., speedup_vs_<baseline>}, "onnx": {...,
+    size_mb}}`: two levels, numbers only; a runtime without numbers has no group.
+    """
+    ups = speedups(results, baseline)
+    out: dict[str, dict[str, dict]] = {}
+    for name, flat in results.items():
+        groups: dict[str, dict] = {"model": {k: flat[k] for k in _MODEL_KEYS if k in flat}}
+        for rt in RUNTIMES:
+            group = {k[len(rt) + 1:]: v for k, v in flat.items() if k.startswith(f"{rt}_")}
+            group = {k: v for k, v in group.items() if k not in _DROPPED}
+            if f"{rt}_speedup" in ups[name]:
+                group[f"speedup_vs_{baseline}"] = ups[name][f"{rt}_speedup"]
+            if group:
+                groups[rt] = group
+        out[name] = groups
+    return out
+

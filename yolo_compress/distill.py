@@ -14,6 +14,7 @@ Design (see NOTES "Custom losses on the trainer"):
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Callable, Iterator
@@ -28,6 +29,7 @@ from ultralytics.data.augment import LetterBox
 from ultralytics.data.utils import IMG_FORMATS
 from ultralytics.models.yolo.detect import DetectionTrainer
 from ultralytics.models.yolo.pose import PoseTrainer
+from ultralytics.nn.distill_model import DistillationModel
 from ultralytics.nn.tasks import guess_model_task, load_checkpoint
 from ultralytics.utils import DEFAULT_CFG, RANK
 from ultralytics.utils.patches import imread, torch_load
@@ -44,8 +46,8 @@ from yolo_compress.distill_losses import (
     sl2_loss,
     take_images,
 )
-from yolo_compress.errors import DatasetError, ModelError
-from yolo_compress.models import ModelInfo, check_same_head
+from yolo_compress.errors import DatasetError, ModelError, ParamsError
+from yolo_compress.models import ModelInfo, check_same_head, load_model, model_info
 
 __all__ = [
     "METHODS",
@@ -55,7 +57,9 @@ __all__ = [
     "DistillDetectionTrainer",
     "DistillPoseTrainer",
     "build_adapters",
+    "check_native",
     "check_pair",
+    "check_teacher",
     "cwd_loss",
     "distill_layers",
     "feature_channels",
@@ -64,10 +68,13 @@ __all__ = [
     "loss_weight",
     "make_trainer",
     "mgd_loss",
+    "plain_student_checkpoint",
     "prepare_teacher",
     "sl2_loss",
     "strip_checkpoint",
     "strip_distillation",
+    "training_setup",
+    "unlabeled_images",
 ]
 
 ADAPTERS = "distill_adapters"  # attribute name of the adapters ModuleDict on the student model
@@ -259,6 +266,17 @@ def _on_batch_start(trainer: Any) -> None:
         criterion.weight = trainer.dis_weight
 
 
+def unlabeled_images(folder: str | Path) -> list[str]:
+    """Sorted image files under `folder`; DatasetError when it is missing or holds no image."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DatasetError(f"distill.unlabeled: folder {folder} not found; give a folder of images")
+    found = sorted(str(p) for p in folder.rglob("*") if p.suffix[1:].lower() in IMG_FORMATS)
+    if not found:
+        raise DatasetError(f"distill.unlabeled: no images under {folder}; give a folder of images")
+    return found
+
+
 def _cycle(loader: Any) -> Iterator[dict[str, Any]]:
     while True:
         yield from loader
@@ -271,9 +289,7 @@ class UnlabeledImages(Dataset):
     """
 
     def __init__(self, folder: Path, imgsz: int, flip: float = 0.5) -> None:
-        self.files = sorted(str(p) for p in folder.rglob("*") if p.suffix[1:].lower() in IMG_FORMATS)
-        if not self.files:
-            raise DatasetError(f"distill.unlabeled: no images under {folder}; give a folder of images")
+        self.files = unlabeled_images(folder)
         self.letterbox, self.flip = LetterBox((imgsz, imgsz)), flip
 
     def __len__(self) -> int:
@@ -335,8 +351,6 @@ class _DistillMixin:
             self._unlabeled = _cycle(self._unlabeled_loader(Path(self.distill.unlabeled)))
 
     def _unlabeled_loader(self, folder: Path) -> DataLoader:
-        if not folder.is_dir():
-            raise DatasetError(f"distill.unlabeled: folder {folder} not found; give a folder of images")
         dataset = UnlabeledImages(folder, int(self.args.imgsz))
         workers = min(self.args.workers, 4)
         return DataLoader(dataset, batch_size=self.batch_size, shuffle=True, num_workers=workers,
@@ -381,3 +395,58 @@ def make_trainer(cfg: DistillConfig, task: str = "detect", teacher: nn.Module | 
     if task not in trainers:
         raise ModelError(f"distillation supports tasks {', '.join(trainers)}, not {task!r}")
     return functools.partial(trainers[task], distill=cfg, teacher=teacher)
+
+
+# ------------------------------------------------------------------------------------------------- stage support
+def check_teacher(teacher: str | Path, key: str, student: Any, data: ModelInfo, data_name: str, imgsz: int) -> None:
+    """Before training: the teacher file loads, predicts the dataset's task/classes/keypoints and has the student's
+    head strides. The student may still be an 80-class yaml build (the trainer resizes it), so only strides are
+    compared with it."""
+    t = load_model(teacher, key)
+    check_same_head(model_info(t), data, f"teacher {teacher}", f"the dataset {data_name}")
+    t_strides = [s for _, s in feature_channels(t, imgsz)]
+    s_strides = [s for _, s in feature_channels(student, imgsz)]
+    if t_strides != s_strides:
+        raise ModelError(f"teacher {teacher} head strides {t_strides} differ from student head strides {s_strides}; "
+                         "pick a teacher from a family with the same P3-P5 head levels")
+
+
+def check_native(cfg: DistillConfig) -> None:
+    """sl2 runs Ultralytics' own distillation, which has no weight schedule and no unlabeled images: refuse, rather
+    than silently ignore, settings it cannot honour."""
+    if cfg.loss != "sl2":
+        return
+    if cfg.schedule != "constant":
+        raise ParamsError(f"distill.schedule: sl2 is Ultralytics' native distillation with a constant weight, got "
+                          f"{cfg.schedule!r}; use schedule constant or another loss (mgd, cwd, logit)")
+    if cfg.unlabeled:
+        raise ParamsError("distill.unlabeled: sl2 is Ultralytics' native distillation, which trains on labeled "
+                          "images only; set unlabeled '' or use another loss (mgd, cwd, logit)")
+
+
+def training_setup(cfg: DistillConfig, teacher: str | Path, task: str) -> dict[str, Any]:
+    """Keyword arguments for `training.train_model`: sl2 -> the stock trainer with Ultralytics' native
+    `distill_model`/`dis`; the other losses -> this module's trainer."""
+    check_native(cfg)
+    if cfg.loss == "sl2":
+        # absolute: the trainer stores it in last.pt and rebuilds the teacher from it on resume
+        return {"extra_args": {"distill_model": str(Path(teacher).resolve()), "dis": cfg.base_weight}}
+    return {"trainer": make_trainer(dataclasses.replace(cfg, teacher=str(teacher)), task)}
+
+
+def plain_student_checkpoint(path: str | Path) -> None:
+    """Rewrite a finished distillation checkpoint in place as a plain student: no adapters, no teacher, no
+    DistillationModel wrapper, and no `distill_model`/`dis` training args that would point at the teacher."""
+    ckpt = torch_load(path, map_location="cpu")
+    for key in ("model", "ema"):
+        if isinstance(ckpt.get(key), DistillationModel):
+            ckpt[key]._remove_feature_hooks()  # else the student would pickle upstream's FeatureHooks
+            ckpt[key] = ckpt[key].student_model
+        if isinstance(ckpt.get(key), nn.Module):
+            strip_distillation(ckpt[key])
+            args = getattr(ckpt[key], "args", None)
+            if isinstance(args, dict):
+                ckpt[key].args = {**args, "distill_model": None}
+    if isinstance(ckpt.get("train_args"), dict):
+        ckpt["train_args"] = {**ckpt["train_args"], "distill_model": None}
+    torch.save(ckpt, path)

@@ -38,6 +38,7 @@ __all__ = [
     "ultralytics_map",
     "val_predictions",
     "evaluate_split",
+    "evaluate_split_with_predictions",
 ]
 
 # pycocotools' summarize() stats, in order, under our key names.
@@ -328,6 +329,19 @@ def evaluate_split(
     pycocotools box scores (BOX_KEYS), `pose_`-prefixed keypoint scores for pose models, the operating point at
     (conf, iou), Ultralytics' own mAPs as `ultralytics_*`, and `map50_95_minus_ultralytics` (our minus theirs).
     """
+    return evaluate_split_with_predictions(model_pt, split_yaml, imgsz, conf, iou, device, batch)[0]
+
+
+def evaluate_split_with_predictions(
+    model_pt: str | Path,
+    split_yaml: str | Path,
+    imgsz: int,
+    conf: float = 0.25,
+    iou: float = 0.5,
+    device: str | None = None,
+    batch: int = 16,
+) -> tuple[dict[str, float], Detections]:
+    """`evaluate_split`'s scores and the COCO detections they were computed from (for the predictions file)."""
     gt_path = gt_json_for(split_yaml)  # fail before the slow val pass
     gt, _ = _load_gt(gt_path)
     dets, ultra = val_predictions(model_pt, split_yaml, imgsz, batch=batch, device=device)
@@ -339,4 +353,4 @@ def evaluate_split(
     out["map50_95_minus_ultralytics"] = out["map50_95"] - ultra["map50_95"]
     if "pose_map50_95" in out and "pose_map50_95" in ultra:
         out["pose_map50_95_minus_ultralytics"] = out["pose_map50_95"] - ultra["pose_map50_95"]
-    return out
+    return out, dets

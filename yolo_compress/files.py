@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -48,3 +50,31 @@ def read_json(path: str | Path) -> Any:
         raise UserError(f"{path}: not found; run the stage that writes it first (dvc repro)") from None
     except json.JSONDecodeError as err:
         raise UserError(f"{path}:{err.lineno}: not valid JSON ({err.msg}); delete it and rerun its stage") from None
+
+
+def write_with(path: str | Path, write: Callable[[Path], Any]) -> None:
+    """Write a file atomically with `write(tmp_path)` (e.g. a savefig that cannot stream to a file object)."""
+    _replace_from_temp(Path(path), write)
+
+
+@contextlib.contextmanager
+def atomic_dir(dst: str | Path) -> Iterator[Path]:
+    """Build a whole output folder in a temp sibling, then swap it in for `dst`.
+
+    A failure inside the block leaves the old `dst` (or none) untouched, so a reader never sees a half set of files.
+    """
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    tmp.chmod(0o755)  # mkdtemp makes it private to the user; an output folder should read like any other
+    old = dst.with_name(f".{dst.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if dst.exists():
+        os.replace(dst, old)  # a directory cannot be replaced in one rename: move the old one aside first
+    os.replace(tmp, dst)
+    shutil.rmtree(old, ignore_errors=True)

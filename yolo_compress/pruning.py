@@ -13,12 +13,13 @@ the per-round amounts from the pure `prune_schedule`. What made torch-pruning 1.
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import math
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,8 @@ from ultralytics.nn.modules.conv import Conv
 from ultralytics.nn.modules.head import Detect
 from ultralytics.utils import DEFAULT_CFG_DICT, IterableSimpleNamespace
 
+from yolo_compress.config import DistillConfig
+from yolo_compress.distill import ADAPTERS, DistillDetectionTrainer, DistillPoseTrainer, build_adapters, check_pair
 from yolo_compress.splitfree import make_split_free, unsupported_blocks
 
 __all__ = [
@@ -49,6 +52,8 @@ __all__ = [
     "SCHEDULES",
     "PruneConfigError",
     "PrunedDetectionTrainer",
+    "PrunedDistillDetectionTrainer",
+    "PrunedDistillPoseTrainer",
     "PrunedPoseTrainer",
     "add_bn_l1_grad",
     "build_importance",
@@ -56,9 +61,11 @@ __all__ = [
     "count_params",
     "finetune",
     "make_split_free",
+    "pick_round",
     "protected_layers",
     "prune_round",
     "prune_schedule",
+    "prune_finetune_round",
     "save_pruned",
     "taylor_backward",
 ]
@@ -446,7 +453,31 @@ class PrunedPoseTrainer(_KeepModel, PoseTrainer):
     """PoseTrainer that fine-tunes the pruned module it is given (never rebuilt from model.yaml)."""
 
 
+class _KeepModelDistill(_KeepModel):
+    """Trainer mixin for distilling into a pruned student: the given module as is, plus adapters sized from it.
+
+    `_DistillMixin.get_model` cannot be reused: it rebuilds the student from model.yaml (stale after pruning) and
+    then loads the weights into it, which fails on the changed widths.
+    """
+
+    def get_model(self, cfg: Any = None, weights: nn.Module | None = None, verbose: bool = True) -> nn.Module:
+        model = super().get_model(cfg=cfg, weights=weights, verbose=verbose)
+        if ADAPTERS not in model._modules:  # an unpruned rebuild through _DistillMixin already has them
+            channels = check_pair(self.teacher, model, int(self.args.imgsz))  # type: ignore[attr-defined]
+            setattr(model, ADAPTERS, build_adapters(self.distill.loss, channels))  # type: ignore[attr-defined]
+        return model
+
+
+class PrunedDistillDetectionTrainer(_KeepModelDistill, DistillDetectionTrainer):
+    """Distillation fine-tune of a pruned detector: keeps its widths, adds the teacher's loss (column dis_loss)."""
+
+
+class PrunedDistillPoseTrainer(_KeepModelDistill, DistillPoseTrainer):
+    """Distillation fine-tune of a pruned pose model: keeps its widths, adds the teacher's loss (column dis_loss)."""
+
+
 TRAINERS: dict[str, type] = {"detect": PrunedDetectionTrainer, "pose": PrunedPoseTrainer}
+DISTILL_TRAINERS: dict[str, type] = {"detect": PrunedDistillDetectionTrainer, "pose": PrunedDistillPoseTrainer}
 
 
 def finetune(
@@ -460,13 +491,15 @@ def finetune(
     seed: int,
     *,
     bn_l1: float = 0.0,
+    distill: DistillConfig | None = None,
     callbacks: Mapping[str, Callable[[Any], None]] | None = None,
     **train_args: Any,
 ) -> Path:
     """Fine-tune the pruned checkpoint `model_pt` under `work_dir` (emptied first); return best.pt.
 
-    `train_args` go to Ultralytics' trainer as is (workers, device, optimizer, mosaic, plots, ...). Raises
-    ModelError if the trained model's parameter count differs from the pruned one (a silent rebuild).
+    `train_args` go to Ultralytics' trainer as is (workers, device, optimizer, mosaic, plots, ...). With `distill`
+    (its `teacher` a local .pt) the fine-tune adds that distillation loss; best.pt is then stripped of the adapters.
+    Raises ModelError if the trained model's parameter count differs from the pruned one (a silent rebuild).
     """
     model_pt, work_dir = Path(model_pt), Path(work_dir)
     if not model_pt.is_file():
@@ -476,9 +509,13 @@ def finetune(
         raise ModelError(f"{model_pt}: task {model.task!r} cannot be fine-tuned here; expected one of "
                          f"{', '.join(TRAINERS)}")
     pruned = count_params(model)
-    trainer = TRAINERS[model.task]
+    for p in model.model.parameters():  # save_pruned freezes them; the trainer would unfreeze each with a warning
+        p.requires_grad_(True)
+    trainer = (TRAINERS if distill is None else DISTILL_TRAINERS)[model.task]
     if bn_l1 > 0:
         trainer = type(trainer.__name__, (trainer,), {"bn_l1": bn_l1, "__module__": __name__})
+    if distill is not None:
+        trainer = functools.partial(trainer, distill=distill)  # how make_trainer binds it
     for event, fn in (callbacks or {}).items():
         model.add_callback(event, fn)
     shutil.rmtree(work_dir, ignore_errors=True)
@@ -494,6 +531,52 @@ def finetune(
         raise ModelError(f"{best}: fine-tuning changed the parameter count from {pruned} to {trained}; the pruned "
                          "model was rebuilt from its yaml")
     return best
+
+
+def prune_finetune_round(
+    src: Path,
+    dst: Path,
+    ratio: float,
+    work_dir: Path,
+    score: Callable[[Path], float],
+    *,
+    importance: str = "l2",
+    round_to: int | None = 8,
+    measure: str = "flops",
+    imgsz: int = 640,
+    data_yaml: Path,
+    epochs: int,
+    calib: Sequence[dict[str, Any]] = (),
+    meta: Mapping[str, Any] | None = None,
+    **finetune_args: Any,
+) -> dict[str, float]:
+    """One round from checkpoint `src` to checkpoint `dst`: prune by `ratio`, score, fine-tune `epochs` epochs.
+
+    `calib` batches give taylor importance its gradients right before pruning. `score(pt)` is called on the pruned,
+    not yet fine-tuned model (`map50_95_before` in the result, beside prune_round's numbers). `finetune_args` go to
+    `finetune` (imgsz included). `dst` is written atomically with prune_round's numbers and `meta` in its metadata.
+    """
+    model = YOLO(str(src)).model.float()
+    if calib:
+        taylor_backward(model, calib)
+    x = torch.zeros(1, model.yaml.get("channels", 3), imgsz, imgsz)
+    info: dict[str, float] = prune_round(model, x, ratio, importance, round_to, measure)
+    pruned = save_pruned(model, Path(work_dir) / "pruned.pt", meta={**(meta or {}), **info})
+    info["map50_95_before"] = score(pruned)
+    best = (finetune(pruned, data_yaml, epochs, imgsz=imgsz, work_dir=Path(work_dir) / "ft", **finetune_args)
+            if epochs else pruned)
+    save_pruned(YOLO(str(best)).model, dst, meta={**(meta or {}), **info})
+    return info
+
+
+def pick_round(maps_after: Sequence[float], base_map: float, max_drop: float) -> int:
+    """1-based round to keep: the last (most pruned) round whose mAP is at most `max_drop` below `base_map`, else 1.
+
+    Rounds only ever remove more, so the last acceptable round is the smallest model within the bound. Round 1 is
+    the fallback when none is: it is the least pruned model there is.
+    """
+    ok = [k for k, m in enumerate(maps_after, 1) if base_map - m <= max_drop]
+    return ok[-1] if ok else 1
 
 
 # --------------------------------------------------------------------------------------------------------- saving

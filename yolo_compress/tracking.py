@@ -140,3 +140,20 @@ def stage_run(stage: str, params: dict[str, Any]) -> Iterator[mlflow.ActiveRun]:
         yield run
     if parent:
         client.set_terminated(parent)
+
+
+def log_artifacts_to_parent(paths: list[str | Path], artifact_path: str | None = None) -> str | None:
+    """Also attach files to the pipeline's parent run of the active stage run; its id, or None without a parent.
+
+    The parent exists only when DVC launched the stage (see `stage_run`); by hand there is nothing to do.
+    """
+    run = mlflow.active_run()
+    if run is None:
+        return None
+    client = MlflowClient(mlflow.get_tracking_uri())
+    parent = client.get_run(run.info.run_id).data.tags.get("mlflow.parentRunId")
+    if not parent:
+        return None
+    for path in paths:
+        client.log_artifact(parent, str(path), artifact_path)
+    return parent

@@ -82,8 +82,14 @@ def train_model(
     work_dir: Path,
     seed: int,
     on_epoch: EpochHook | None = None,
+    trainer: Callable[..., Any] | None = None,
+    extra_args: dict[str, Any] | None = None,
 ) -> TrainResult:
-    """Train `model` on `data_yaml` with the stock trainer, saving under `work_dir` (emptied first)."""
+    """Train `model` on `data_yaml`, saving under `work_dir` (emptied first).
+
+    `trainer` replaces the stock trainer class (e.g. `distill.make_trainer(...)`); `extra_args` are more trainer
+    arguments (e.g. Ultralytics' native `distill_model`/`dis`).
+    """
     shutil.rmtree(work_dir, ignore_errors=True)
     recorder = _CurveRecorder(on_epoch)
     model.add_callback("on_pretrain_routine_start", _use_all_cores)
@@ -108,7 +114,9 @@ def train_model(
         exist_ok=True,
         plots=True,
         verbose=False,
+        trainer=trainer,
+        **(extra_args or {}),
     )
-    trainer = model.trainer
-    val = {metric_key(k): float(v) for k, v in trainer.metrics.items() if k.startswith("metrics/")}
-    return TrainResult(best=Path(trainer.best), val=val, curve=recorder.rows)
+    done = model.trainer
+    val = {metric_key(k): float(v) for k, v in done.metrics.items() if k.startswith("metrics/")}
+    return TrainResult(best=Path(done.best), val=val, curve=recorder.rows)

@@ -1,0 +1,109 @@
+"""Stage distill: train the student architecture on the student: budget plus a frozen teacher (loss distill.loss).
+
+    python stages/distill.py --data data/prepared --teacher models/teacher.pt --student-metrics metrics/student.json \
+        --out models/distilled.pt --metrics metrics/distill.json --plots plots/distill.json
+
+sl2 runs Ultralytics' native distillation (stock trainer, `distill_model=`, `dis=`); mgd, cwd and logit run
+yolo_compress.distill's trainer. Either way models/distilled.pt is a plain student checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+from pathlib import Path
+
+import mlflow
+
+from yolo_compress import distill, files
+from yolo_compress.config import load_params, section_dict
+from yolo_compress.dataset import load_summary, training_view
+from yolo_compress.errors import ModelError, stage_entrypoint
+from yolo_compress.models import ModelInfo, load_model, model_size
+from yolo_compress.tracking import stage_run
+from yolo_compress.training import train_model
+
+log = logging.getLogger("yolo_compress.distill")
+STAGE = "distill"
+
+
+def parse_args() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--data", type=Path, required=True, help="prepared dataset folder")
+    ap.add_argument("--teacher", type=Path, required=True, help="teacher .pt, used when distill.teacher is ''")
+    ap.add_argument("--student-metrics", type=Path, required=True, help="the plain student's metrics (baseline)")
+    ap.add_argument("--out", type=Path, required=True, help="where the distilled student .pt goes")
+    ap.add_argument("--metrics", type=Path, required=True)
+    ap.add_argument("--plots", type=Path, required=True, help="per-epoch curve (JSON records)")
+    return ap.parse_args()
+
+
+@stage_entrypoint
+def main() -> None:
+    args = parse_args()
+    params = load_params(args.params)
+    cfg, dcfg, seed = params.student, params.distill, params.student_seed
+    teacher = Path(dcfg.teacher) if dcfg.teacher else args.teacher
+    teacher_key = "distill.teacher" if dcfg.teacher else "--teacher"
+
+    # Every check before the first epoch: a bad input costs seconds, not a training run.
+    distill.check_native(dcfg)
+    if dcfg.unlabeled:
+        distill.unlabeled_images(dcfg.unlabeled)
+    summary = load_summary(args.data)
+    data = ModelInfo(summary["task"], summary["nc"], summary["kpt_shape"] and tuple(summary["kpt_shape"]), 0)
+    model = load_model(cfg.model, "student.model")
+    if model.task != data.task:
+        raise ModelError(f"student.model: {cfg.model} is a {model.task} model but the dataset {args.data} is "
+                         f"{data.task}; pick a {data.task} model")
+    distill.check_teacher(teacher, teacher_key, model, data, str(args.data), cfg.imgsz)
+    student_metrics = files.read_json(args.student_metrics)
+    if dcfg.loss == "sl2" and dcfg.fuse_teacher:
+        log.info("distill.fuse_teacher does not apply to sl2: Ultralytics' native path runs the teacher as saved")
+
+    work = Path("runs") / STAGE
+    data_yaml = training_view(args.data, work / "data")
+    logged = {**section_dict(dcfg), "weight_used": dcfg.base_weight, "teacher_path": str(teacher),
+              "student": section_dict(cfg), "seed": seed}
+    with stage_run(STAGE, logged) as run:
+        result = train_model(cfg, model, data_yaml, work / "train", seed,
+                             on_epoch=lambda row: mlflow.log_metrics(row, step=int(row["epoch"])),
+                             **distill.training_setup(dcfg, teacher, data.task))
+        distill.plain_student_checkpoint(result.best)
+        dis = [r.get("train_dis_loss", 0.0) for r in result.curve]
+        spe = result.seconds_per_epoch
+        student_spe = float(student_metrics["train"]["seconds_per_epoch"])
+        size = model_size(result.best, cfg.imgsz)
+        metrics = {
+            "val": result.val,
+            "train": {"epochs": cfg.epochs, "seconds_per_epoch": spe,
+                      "seconds_total": sum(r["seconds"] for r in result.curve),
+                      "seconds_per_epoch_ratio_vs_student": spe / student_spe if student_spe > 0 else 0.0},
+            "distill": {"loss_final": dis[-1] if dis else 0.0, "loss_mean": statistics.fmean(dis) if dis else 0.0,
+                        "weight": dcfg.base_weight,
+                        # the teacher's forward is most of the overhead; report it beside the time ratio
+                        "teacher_gflops_ratio": model_size(teacher, cfg.imgsz)["gflops"] / size["gflops"]},
+            "vs_student": {"map50_95_gain": result.val.get("map50_95", 0.0)
+                           - float(student_metrics["val"]["map50_95"])},
+            "model": size,
+            "mlflow_run_id": run.info.run_id,
+        }
+        mlflow.log_metrics({f"best.{k}": v for k, v in result.val.items()})
+        mlflow.log_metrics({f"{k}.{m}": v for k, sec in metrics.items() if k in ("train", "distill", "vs_student")
+                            for m, v in sec.items()})
+
+        files.copy_file(result.best, args.out)
+        files.write_json(args.plots, result.curve)
+        files.write_json(args.metrics, metrics)
+        mlflow.log_artifact(str(args.metrics))
+        mlflow.log_artifact(str(args.plots), artifact_path="plots")  # same file name as the metrics file
+        for png in sorted((work / "train").glob("*.png")):
+            mlflow.log_artifact(str(png), artifact_path="plots")
+    log.info("distill (%s): val mAP50-95 %.4f (%+.4f vs student) -> %s", dcfg.loss, result.val.get("map50_95", 0.0),
+             metrics["vs_student"]["map50_95_gain"], args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""Stage evaluate: pycocotools scores of every model on every eval split, one metrics file per model.
+
+    python stages/evaluate.py --data data/prepared --models-dir models --out-dir metrics/evaluate \
+        --predictions-dir reports/predictions
+
+Writes `<out-dir>/<model>.json` = {<split>: {map50_95, map50, ..., f1, ultralytics_map50_95, ...}, mlflow_run_id}
+(numbers only, two levels, so `dvc metrics diff` shows e.g. `test.map50_95` per file) and the COCO detections
+behind each score as `<predictions-dir>/<model>_<split>.json`. Both folders are replaced whole, never half-written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+import mlflow
+
+from yolo_compress import files
+from yolo_compress.config import load_params, section_dict
+from yolo_compress.dataset import training_view
+from yolo_compress.errors import DatasetError, ModelError, stage_entrypoint
+from yolo_compress.evaluation import evaluate_split_with_predictions, gt_json_for
+from yolo_compress.tracking import stage_run
+
+log = logging.getLogger("yolo_compress.evaluate")
+
+# Which `dvc repro <stage>` makes each models/<name>.pt, for the "missing model" message.
+MADE_BY = {"teacher": "train_teacher", "student": "train_student", "distilled": "distill", "pruned": "prune"}
+
+
+def parse_args() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--data", type=Path, required=True, help="prepared dataset folder")
+    ap.add_argument("--models-dir", type=Path, required=True, help="folder of <name>.pt")
+    ap.add_argument("--out-dir", type=Path, required=True, help="metrics folder, one <model>.json each")
+    ap.add_argument("--predictions-dir", type=Path, required=True, help="COCO detections, <model>_<split>.json")
+    return ap.parse_args()
+
+
+def check_inputs(models: list[str], splits: list[str], models_dir: Path, data: Path) -> None:
+    """Every listed model file and every split (yaml + ground truth) exists: fail before the slow part."""
+    for name in models:
+        pt = models_dir / f"{name}.pt"
+        if not pt.is_file():
+            raise ModelError(f"evaluate.models lists '{name}' but {pt} does not exist; make it with "
+                             f"`dvc repro {MADE_BY.get(name, name)}` or remove '{name}' from evaluate.models")
+    for split in splits:
+        split_yaml = data / "splits" / f"{split}.yaml"
+        if not split_yaml.is_file():
+            raise DatasetError(f"{split_yaml}: not found, so evaluate.splits lists '{split}' that {data} does not "
+                               "have; rerun prepare (dvc repro prepare) or remove it from evaluate.splits")
+        gt_json_for(split_yaml)
+
+
+@stage_entrypoint
+def main() -> None:
+    args = parse_args()
+    cfg = load_params(args.params).evaluate
+    check_inputs(cfg.models, cfg.splits, args.models_dir, args.data)
+
+    # Ultralytics writes label caches beside the labels: score scratch views, never the DVC-tracked dataset.
+    views = {split: training_view(args.data, Path("runs") / "evaluate" / split, split=split) for split in cfg.splits}
+    with stage_run("evaluate", section_dict(cfg)) as run:
+        with files.atomic_dir(args.out_dir) as out_tmp, files.atomic_dir(args.predictions_dir) as pred_tmp:
+            for name in cfg.models:
+                metrics: dict[str, object] = {}
+                for split in cfg.splits:
+                    scores, dets = evaluate_split_with_predictions(
+                        args.models_dir / f"{name}.pt", views[split], cfg.imgsz,
+                        conf=cfg.conf, iou=cfg.iou, batch=cfg.batch)
+                    metrics[split] = scores
+                    # compact: at conf 0.001 a split has up to 300 detections per image
+                    (pred_tmp / f"{name}_{split}.json").write_text(json.dumps(dets, separators=(",", ":")))
+                    mlflow.log_metrics({f"{name}.{split}.{k}": v for k, v in scores.items()})
+                    log.info("%s on %s: mAP50-95 %.4f  mAP50 %.4f  F1 %.3f", name, split, scores["map50_95"],
+                             scores["map50"], scores["f1"])
+                metrics["mlflow_run_id"] = run.info.run_id
+                files.write_json(out_tmp / f"{name}.json", metrics)
+        for name in cfg.models:
+            mlflow.log_artifact(str(args.out_dir / f"{name}.json"), artifact_path="metrics")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,223 @@
+"""The summary report: built only from metrics files, deterministic, best values marked, problems shown."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+from mlflow.tracking import MlflowClient
+
+from yolo_compress.errors import UserError
+from yolo_compress.report import build_summary, load_inputs, pareto_front, plot_pareto, plot_prune_curve, prune_ratio
+from yolo_compress.tracking import log_artifacts_to_parent
+
+from .conftest import REPO
+
+EVAL = {  # model -> val / test mAP50-95 and mAP50
+    "teacher": {"val": (0.60, 0.80), "test": (0.58, 0.79)},
+    "student": {"val": (0.40, 0.61), "test": (0.39, 0.60)},
+    "distilled": {"val": (0.45, 0.66), "test": (0.43, 0.64)},
+    "pruned": {"val": (0.42, 0.63), "test": (0.41, 0.62)},
+}
+BENCH = {  # model -> gflops, params_m, size_mb, torch p50, onnx p50 (None: ONNX export failed)
+    "teacher": (3.5, 9.4, 19.0, 60.0, 40.0),
+    "student": (1.1, 2.6, 5.4, 20.0, 12.0),
+    "distilled": (1.1, 2.6, 5.4, 21.0, 12.5),
+    "pruned": (0.55, 1.2, 2.6, 11.0, None),
+}
+
+
+def write_metrics(root: Path, evaluate: dict = EVAL, bench: dict = BENCH, prune: bool = True) -> Path:
+    """A metrics folder (and notes / prune plots beside it) as the stages write them."""
+    m = root / "metrics"
+    (m / "evaluate").mkdir(parents=True)
+    (m / "benchmark").mkdir()
+    for name, splits in evaluate.items():
+        doc = {s: {"map50_95": v[0], "map50": v[1], "precision": 0.7, "recall": 0.6} for s, v in splits.items()}
+        (m / "evaluate" / f"{name}.json").write_text(json.dumps({**doc, "mlflow_run_id": "abc"}))
+    base = bench["student"]
+    for name, (gf, pm, mb, tl, ol) in bench.items():
+        doc = {"model": {"gflops": gf, "params_m": pm, "size_mb": mb},
+               "torch": {"latency_ms_p50": tl, "latency_ms_p90": tl * 1.2, "speedup_vs_student": base[3] / tl}}
+        if ol is not None:
+            doc["onnx"] = {"latency_ms_p50": ol, "size_mb": mb * 2, "speedup_vs_student": base[4] / ol}
+        (m / "benchmark" / f"{name}.json").write_text(json.dumps(doc))
+    (m / "benchmark" / "machine.json").write_text(json.dumps({"threads": 2, "matmul_peak_gflops": 41.5}))
+    notes = {"machine": {"cpu_model": "Test CPU", "torch": "2.x"},
+             "problems": {"pruned": ["ONNX export failed: unsupported op | Foo"]}}
+    (root / "notes.json").write_text(json.dumps(notes))
+    (m / "student.json").write_text(json.dumps({"teacher_gap": {"map50_95": 0.004, "teacher_clearly_better": 0}}))
+    if prune:
+        (m / "prune.json").write_text(json.dumps({"total": {"gflops_before": 1.1, "gflops_after": 0.55}}))
+        rounds = [{"round": 1, "gflops": 0.8, "map50_95_after": 0.44}, {"round": 2, "gflops": 0.55,
+                                                                        "map50_95_after": 0.42}]
+        (root / "prune_plots.json").write_text(json.dumps(rounds))
+    return m
+
+
+def summary(root: Path) -> str:
+    return build_summary(load_inputs(root / "metrics", root / "prune_plots.json", root / "notes.json"))
+
+
+def row(md: str, model: str) -> list[str]:
+    line = next(li for li in md.splitlines() if li.startswith(f"| {model} |"))
+    return [c.strip() for c in line.strip("|").split(" | ")]
+
+
+def header(md: str) -> list[str]:
+    return [c.strip() for c in next(li for li in md.splitlines() if li.startswith("| model |")).strip("|").split(" | ")]
+
+
+def test_same_inputs_give_identical_bytes_and_a_changed_number_changes_the_text(tmp_path: Path) -> None:
+    m = write_metrics(tmp_path)
+    first = summary(tmp_path)
+    assert summary(tmp_path) == first
+    assert "metrics/evaluate/*.json" in first and "do not edit" in first
+    doc = json.loads((m / "evaluate" / "pruned.json").read_text())
+    doc["test"]["map50_95"] = 0.123
+    (m / "evaluate" / "pruned.json").write_text(json.dumps(doc))
+    second = summary(tmp_path)
+    assert second != first
+    assert row(second, "pruned")[header(second).index("test mAP50-95")] == "0.123"
+    assert row(first, "pruned")[header(first).index("test mAP50-95")] == "0.410"
+
+
+def test_rows_columns_and_best_values_in_bold(tmp_path: Path) -> None:
+    write_metrics(tmp_path)
+    md = summary(tmp_path)
+    cols = header(md)
+    assert cols[:5] == ["model", "val mAP50", "val mAP50-95", "test mAP50", "test mAP50-95"]
+    assert {"GFLOPs", "params (M)", "size MB", "torch p50 ms", "ONNX p50 ms", "torch speedup vs student",
+            "ONNX speedup vs student", "prune ratio", "notes"} <= set(cols)
+    rows = {name: row(md, name) for name in ("teacher", "student", "distilled", "pruned")}
+    at = cols.index
+    assert rows["teacher"][at("val mAP50-95")] == "**0.600**"  # higher is better
+    assert rows["student"][at("val mAP50-95")] == "0.400"
+    assert rows["pruned"][at("GFLOPs")] == "**0.55**"  # lower is better
+    assert rows["pruned"][at("torch p50 ms")] == "**11.0**"
+    assert rows["pruned"][at("torch speedup vs student")] == "**1.82×**"
+    assert rows["student"][at("ONNX p50 ms")] == "**12.0**"  # pruned has no ONNX: best among the others
+    assert rows["student"][at("GFLOPs")] == rows["distilled"][at("GFLOPs")] == "1.10"
+    assert rows["pruned"][at("prune ratio")] == "50.0%" and rows["student"][at("prune ratio")] == "–"
+    assert "Distillation** (distilled − student, mAP50-95): val +0.050, test +0.040." in md
+    assert "| 2 | 0.55 | 0.42 |" in md  # the prune rounds table
+
+
+def test_a_column_where_every_model_ties_has_no_bold(tmp_path: Path) -> None:
+    write_metrics(tmp_path, bench={n: (1.0, 2.6, 5.4, t, o) for n, (_, _, _, t, o) in BENCH.items()})
+    md = summary(tmp_path)
+    cols = header(md)
+    for name in BENCH:
+        assert row(md, name)[cols.index("GFLOPs")] == "1.00"
+    assert row(md, "pruned")[cols.index("torch p50 ms")] == "**11.0**"  # the other columns still mark theirs
+
+
+def test_missing_onnx_group_shows_the_reason_and_teacher_gap_in_notes(tmp_path: Path) -> None:
+    write_metrics(tmp_path)
+    md = summary(tmp_path)
+    cols = header(md)
+    pruned = row(md, "pruned")
+    assert pruned[cols.index("ONNX p50 ms")] == "–"
+    assert pruned[cols.index("notes")] == "ONNX export failed: unsupported op \\| Foo"  # pipe escaped
+    assert "teacher not clearly better" in row(md, "teacher")[cols.index("notes")]
+    assert row(md, "student")[cols.index("notes")] == ""
+
+
+def test_missing_optional_inputs_render_with_a_note_and_missing_evaluate_is_an_error(tmp_path: Path) -> None:
+    m = write_metrics(tmp_path, prune=False)
+    (m / "student.json").unlink()
+    md = summary(tmp_path)
+    assert "## Missing inputs" in md and "prune.json: prune ratio not shown" in md
+    assert "## Prune rounds" not in md
+    assert row(md, "pruned")[header(md).index("prune ratio")] == "–"
+    for f in (m / "evaluate").iterdir():
+        f.unlink()
+    with pytest.raises(UserError, match="no evaluate metrics"):
+        load_inputs(m)
+
+
+def test_prune_ratio_reads_the_keys_it_documents() -> None:
+    assert prune_ratio({"gflops_removed": 0.3}) == 0.3
+    assert prune_ratio({"final": {"macs_before": 200.0, "macs_after": 50.0}}) == pytest.approx(0.75)
+    assert prune_ratio({"final": {"map50_95": 0.4}}) is None and prune_ratio(None) is None
+
+
+def test_pareto_front() -> None:
+    pts = {"a": (10.0, 0.5), "b": (20.0, 0.6), "c": (30.0, 0.55), "d": (10.0, 0.4)}
+    assert pareto_front(pts) == ["a", "b"]  # c: slower and worse than b; d: as fast as a but worse
+
+
+def test_plots_are_pngs_and_deterministic(tmp_path: Path) -> None:
+    write_metrics(tmp_path)
+    inp = load_inputs(tmp_path / "metrics", tmp_path / "prune_plots.json", tmp_path / "notes.json")
+    for i in (1, 2):
+        plot_pareto(inp, tmp_path / f"pareto{i}.png")
+        plot_prune_curve(inp, tmp_path / f"prune{i}.png")
+    for name in ("pareto", "prune"):
+        data = (tmp_path / f"{name}1.png").read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+        assert (tmp_path / f"{name}2.png").read_bytes() == data
+    inp.prune_rounds = None
+    plot_prune_curve(inp, tmp_path / "empty.png")  # the stage's declared out must exist even without rounds
+    assert (tmp_path / "empty.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """One SQLite MLflow store for this module's tests: creating one costs ~10 s of migrations on 2 cores."""
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+
+
+def test_artifacts_also_go_to_the_pipeline_parent_run(tmp_path: Path, store: str) -> None:
+    mlflow.set_tracking_uri(store)
+    client = MlflowClient(store)
+    exp = client.create_experiment("parent-test", artifact_location=(tmp_path / "art").as_uri())
+    parent = client.create_run(exp).info.run_id
+    f = tmp_path / "summary.md"
+    f.write_text("x\n")
+    with mlflow.start_run(experiment_id=exp, parent_run_id=parent):
+        assert log_artifacts_to_parent([f], "report") == parent
+    assert [a.path for a in client.list_artifacts(parent, "report")] == ["report/summary.md"]
+    with mlflow.start_run(experiment_id=exp):
+        assert log_artifacts_to_parent([f], "report") is None  # by hand: no parent
+
+
+def test_report_stage_writes_every_output_and_logs_its_run(tmp_path: Path, store: str,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    write_metrics(tmp_path)
+    monkeypatch.chdir(tmp_path)  # the header names the input paths as given: relative, like dvc.yaml's
+    cmd = [sys.executable, str(REPO / "stages/report.py"), "--metrics-dir", "metrics", "--prune-plots",
+           "prune_plots.json", "--benchmark-notes", "notes.json", "--out", "reports/summary.md", "--pareto",
+           "reports/pareto.png", "--prune-curve", "reports/prune.png"]
+    proc = subprocess.run(cmd, env={**os.environ, "MLFLOW_TRACKING_URI": store}, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    expected = build_summary(load_inputs(Path("metrics"), "prune_plots.json", "notes.json"))
+    assert Path("reports/summary.md").read_text() == expected
+    assert Path("reports/pareto.png").stat().st_size > 0 and Path("reports/prune.png").stat().st_size > 0
+    client = MlflowClient(store)
+    exp = client.get_experiment_by_name("yolo-compress")
+    (run,) = client.search_runs([exp.experiment_id], filter_string="attributes.run_name = 'report'")
+    assert sorted(a.path for a in client.list_artifacts(run.info.run_id, "report")) == [
+        "report/pareto.png", "report/prune.png", "report/summary.md"]
+
+
+def test_report_stage_without_evaluate_metrics_fails_in_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    spec = importlib.util.spec_from_file_location("report_stage", REPO / "stages/report.py")
+    stage = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(stage)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["report.py", "--metrics-dir", "nowhere", "--out", "s.md", "--pareto", "p.png",
+                                      "--prune-curve", "c.png"])
+    with pytest.raises(SystemExit) as info:
+        stage.main()
+    assert info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: nowhere/evaluate: no evaluate metrics (<model>.json); run `dvc repro evaluate` first"]
+    assert not list(tmp_path.iterdir())  # nothing written

@@ -1,0 +1,191 @@
+"""stages/evaluate.py and stages/benchmark.py run for real on a tiny dataset and two untrained yolo11n models."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import yaml
+
+from yolo_compress import files
+from yolo_compress.benchmark import grouped_metrics
+from yolo_compress.config import DataConfig
+from yolo_compress.dataset import prepare_dataset
+
+from .conftest import REPO, random_model
+
+MODELS = ["student", "pruned"]
+TINY_DATA = {"image_size": 64, "train_images": 1, "val_images": 3, "test_images": 1, "test_shift_images": 1}
+PARAMS = {
+    "evaluate": {"models": MODELS, "splits": ["val"], "imgsz": 64, "batch": 4},
+    # one thread: on 2 shared cores two OpenMP threads are several times slower, not faster
+    "benchmark": {"models": MODELS, "baseline": "student", "imgsz": 64, "batch": 2, "warmup": 1, "repeats": 3,
+                  "threads": 1},
+}
+
+
+def stage_cmd(name: str) -> list[str]:
+    args = {
+        "evaluate": ["--data", "data/prepared", "--models-dir", "models", "--out-dir", "metrics/evaluate",
+                     "--predictions-dir", "reports/predictions"],
+        "benchmark": ["--models-dir", "models", "--onnx-dir", "models/onnx", "--out-dir", "metrics/benchmark"],
+    }[name]
+    return [sys.executable, str(REPO / "stages" / f"{name}.py"), *args]
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A repo-like folder (data/prepared, models/*.pt, params.yaml) after one run of each stage."""
+    root = tmp_path_factory.mktemp("stages")
+    prepare_dataset(DataConfig(**TINY_DATA), 0, root / "data" / "prepared")
+    (root / "models").mkdir()
+    for name in MODELS:
+        random_model(root / "models" / f"{name}.pt", nc=6)  # the synthetic set's 6 classes
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    for section, values in PARAMS.items():
+        params[section].update(values)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}", "DVC_ROOT": str(root)}
+    for stage in ("evaluate", "benchmark"):
+        proc = subprocess.run(stage_cmd(stage), cwd=root, env=env, capture_output=True, text=True)
+        assert proc.returncode == 0, f"{stage}: {proc.stderr[-3000:]}"
+    return root
+
+
+def read(root: Path, rel: str) -> dict:
+    return json.loads((root / rel).read_text())
+
+
+def assert_dvc_metrics_shape(doc: dict) -> None:
+    """Numbers only, at most two levels (the MLflow run id is the one top-level string)."""
+    for key, section in doc.items():
+        if key == "mlflow_run_id":
+            assert isinstance(section, str) and len(section) == 32
+        else:
+            assert isinstance(section, dict) and section, key
+            assert all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in section.values()), key
+
+
+def test_evaluate_writes_one_metrics_file_per_model_and_the_predictions(work: Path) -> None:
+    assert sorted(p.name for p in (work / "metrics/evaluate").iterdir()) == ["pruned.json", "student.json"]
+    gt = read(work, "data/prepared/splits/val.json")
+    for name in MODELS:
+        doc = read(work, f"metrics/evaluate/{name}.json")
+        assert_dvc_metrics_shape(doc)
+        assert set(doc) == {"val", "mlflow_run_id"}
+        val = doc["val"]
+        assert {"map50_95", "map50", "map75", "ar100", "precision", "recall", "f1", "ultralytics_map50_95",
+                "map50_95_minus_ultralytics"} <= set(val)
+        assert all(0.0 <= val[k] <= 1.0 for k in ("map50_95", "map50", "precision", "recall", "f1"))
+        assert val["tp"] + val["fn"] == len(gt["annotations"])
+        dets = read(work, f"reports/predictions/{name}_val.json")
+        assert isinstance(dets, list) and dets  # an untrained model still emits low-score boxes at conf 0.001
+        assert {d["image_id"] for d in dets} <= {im["id"] for im in gt["images"]}
+    assert sorted(p.name for p in (work / "reports/predictions").iterdir()) == ["pruned_val.json", "student_val.json"]
+
+
+def test_benchmark_writes_grouped_metrics_machine_file_onnx_and_notes(work: Path) -> None:
+    assert sorted(p.name for p in (work / "metrics/benchmark").iterdir()) == ["machine.json", "pruned.json",
+                                                                           "student.json"]
+    rows = {name: read(work, f"metrics/benchmark/{name}.json") for name in MODELS}
+    for name, doc in rows.items():
+        assert_dvc_metrics_shape(doc)
+        assert set(doc) == {"model", "torch", "onnx", "mlflow_run_id"}
+        assert 2.0 < doc["model"]["params_m"] < 3.0 and doc["model"]["gflops"] > 0 and doc["model"]["size_mb"] > 1
+        for rt in ("torch", "onnx"):
+            g = doc[rt]
+            assert 0 < g["latency_ms_p50"] <= g["latency_ms_p90"]
+            assert g["throughput_img_per_s"] > 0 and g["throughput_batch"] == 2 and g["threads"] == 1
+            assert 0 < g["peak_fraction"] and g["gflops_per_s"] > 0
+        assert doc["onnx"]["size_mb"] > 1
+        assert (work / "models/onnx" / f"{name}.onnx").is_file()
+    for rt in ("torch", "onnx"):
+        assert rows["student"][rt]["speedup_vs_student"] == pytest.approx(1.0)
+        ratio = rows["student"][rt]["latency_ms_p50"] / rows["pruned"][rt]["latency_ms_p50"]
+        assert rows["pruned"][rt]["speedup_vs_student"] == pytest.approx(ratio)
+    machine = read(work, "metrics/benchmark/machine.json")
+    assert machine["threads"] == 1 and machine["cpu_count"] >= 1 and machine["matmul_peak_gflops"] > 0
+    notes = read(work, "models/onnx/notes.json")
+    assert notes["problems"] == {} and notes["machine"]["cpu_model"] and notes["machine"]["torch"]
+
+
+def test_an_onnx_failure_keeps_the_torch_numbers_and_drops_only_that_group() -> None:
+    flat = {"params_m": 2.6, "gflops": 1.0, "torch_latency_ms_p50": 20.0, "torch_batch": 1,
+            "onnx_latency_ms_p50": 10.0, "onnx_size_mb": 10.0}
+    broken = {"params_m": 1.2, "gflops": 0.5, "torch_latency_ms_p50": 10.0, "torch_batch": 1}
+    out = grouped_metrics({"student": flat, "pruned": broken}, "student")
+    assert out["pruned"] == {"model": {"params_m": 1.2, "gflops": 0.5},
+                             "torch": {"latency_ms_p50": 10.0, "speedup_vs_student": 2.0}}
+    assert out["student"]["onnx"] == {"latency_ms_p50": 10.0, "size_mb": 10.0, "speedup_vs_student": 1.0}
+
+
+def load_stage(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"{name}_stage", REPO / "stages" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_stage_main(name: str, cwd: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> str:
+    """Run a stage's main() in-process (its checks fail before any slow import is used); return its stderr."""
+    stage = load_stage(name)
+    monkeypatch.chdir(cwd)
+    monkeypatch.setattr(sys, "argv", stage_cmd(name)[1:])
+    with pytest.raises(SystemExit) as info:
+        stage.main()
+    assert info.value.code == 2
+    return capsys.readouterr().err
+
+
+@pytest.fixture
+def copy(work: Path, tmp_path: Path) -> Path:
+    """A copy of the worked folder's inputs, to break."""
+    dst = tmp_path / "w"
+    for rel in ("data", "models", "params.yaml", "metrics"):
+        (shutil.copytree if (work / rel).is_dir() else shutil.copy)(work / rel, dst / rel)
+    return dst
+
+
+@pytest.mark.parametrize("stage", ["evaluate", "benchmark"])
+def test_a_listed_model_without_its_file_is_one_line_naming_the_stage_that_makes_it(
+        stage: str, copy: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    (copy / "models/pruned.pt").unlink()
+    before = read(copy, f"metrics/{stage}/student.json")
+    err = run_stage_main(stage, copy, monkeypatch, capsys)
+    assert err.strip().splitlines() == [
+        f"error: {stage}.models lists 'pruned' but models/pruned.pt does not exist; make it with `dvc repro prune` "
+        f"or remove 'pruned' from {stage}.models"]
+    assert read(copy, f"metrics/{stage}/student.json") == before  # the previous outputs are untouched
+
+
+def test_a_split_without_ground_truth_is_one_line(copy: Path, monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    params = yaml.safe_load((copy / "params.yaml").read_text())
+    params["evaluate"]["splits"] = ["val", "test"]
+    (copy / "params.yaml").write_text(yaml.safe_dump(params))
+    (copy / "data/prepared/splits/test.json").unlink()
+    err = run_stage_main("evaluate", copy, monkeypatch, capsys).strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: data/prepared/splits/test.json: not found")
+    assert "without ground truth" in err[0]
+
+
+def test_atomic_dir_swaps_the_whole_folder_or_nothing(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    with files.atomic_dir(out) as tmp:
+        (tmp / "a.json").write_text("1")
+        (tmp / "stale.json").write_text("1")
+    with pytest.raises(RuntimeError), files.atomic_dir(out) as tmp:
+        (tmp / "a.json").write_text("2")
+        raise RuntimeError("stage failed half way")
+    assert sorted(p.name for p in out.iterdir()) == ["a.json", "stale.json"] and (out / "a.json").read_text() == "1"
+    with files.atomic_dir(out) as tmp:
+        (tmp / "a.json").write_text("3")
+    assert [p.name for p in out.iterdir()] == ["a.json"]  # a model dropped from the list leaves no stale file
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temp or old folder left behind

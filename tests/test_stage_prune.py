@@ -1,0 +1,175 @@
+"""The prune stage script end to end: its input checks, and one tiny real run of 2 prune + fine-tune rounds."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from yolo_compress.config import DataConfig, DistillConfig
+from yolo_compress.dataset import prepare_dataset, training_view
+from yolo_compress.pruning import count_params, finetune, pick_round
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_DATA = DataConfig(image_size=64, train_images=8, val_images=4, test_images=1, test_shift_images=1)
+STUDENT = {"model": "yolo11n.yaml", "imgsz": 64, "batch": 4, "workers": 0, "device": "cpu"}
+PRUNE = {"rounds": 2, "target": 0.5, "importance": "l2", "finetune_epochs": 1, "max_map_drop": 1.0}
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A cwd with a tiny prepared dataset and an untrained yolo11n (6 classes) saved as a plain checkpoint."""
+    root = tmp_path_factory.mktemp("prune_stage")
+    prepare_dataset(TINY_DATA, seed=0, root=root / "data" / "prepared")
+    code = ("import sys, torch; from ultralytics.nn.tasks import DetectionModel; torch.manual_seed(0); "
+            "torch.save({'model': DetectionModel('yolo11n.yaml', nc=6, verbose=False).half()}, sys.argv[1])")
+    (root / "models").mkdir()
+    subprocess.run([sys.executable, "-c", code, "models/distilled.pt"], cwd=root, check=True, env=env(root))
+    return root
+
+
+def env(root: Path) -> dict[str, str]:
+    """A subprocess environment with an MLflow store in `root` and Ultralytics offline and out of the home dir.
+
+    Set here, not inherited: module fixtures run before conftest's per-test MLflow isolation.
+    """
+    return {**os.environ, "MLFLOW_TRACKING_URI": store(root), "DVC_ROOT": str(root), "YOLO_OFFLINE": "1",
+            "YOLO_CONFIG_DIR": str(root / ".ultralytics")}
+
+
+def store(root: Path) -> str:
+    return f"sqlite:///{root / 'mlflow.db'}"
+
+
+def stage_args(root: Path, prune: dict | None = None, **paths: str) -> list[str]:
+    """Write params.yaml with `prune` into `root`; the stage's arguments as in dvc.yaml (overridable)."""
+    (root / "params.yaml").write_text(yaml.safe_dump({"student": STUDENT, "prune": prune or PRUNE}))
+    args = {"data": "data/prepared", "model": "models/distilled.pt", "teacher": "models/teacher.pt",
+            "out": "models/pruned.pt", "rounds-dir": "models/prune_rounds", "metrics": "metrics/prune.json",
+            "plots": "plots/prune.json", **paths}
+    return [str(REPO / "stages" / "prune.py"), *(x for k, v in args.items() for x in (f"--{k}", v))]
+
+
+@pytest.fixture(scope="module")
+def stage_main() -> object:
+    """The stage script's main(), imported once: bad-input cases run in-process instead of paying for imports."""
+    spec = importlib.util.spec_from_file_location("prune_stage", REPO / "stages" / "prune.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+@pytest.fixture(scope="module")
+def tiny_run(workspace: Path) -> subprocess.CompletedProcess:
+    """The stage run for real, once, in a fresh process: 2 rounds with 1 fine-tune epoch each."""
+    cmd = [sys.executable, *stage_args(workspace)]
+    return subprocess.run(cmd, cwd=workspace, env=env(workspace), capture_output=True, text=True, timeout=900)
+
+
+@pytest.mark.parametrize(
+    ("prune", "paths", "needle"),
+    [
+        ({}, {"model": "models/missing.pt"}, "--model: model file models/missing.pt not found"),
+        ({"model": "models/missing.pt"}, {}, "prune.model: model file models/missing.pt not found"),
+        ({}, {"model": "bogus.pt"}, "--model: bogus.pt is not an Ultralytics YOLO checkpoint"),
+        ({"rounds": 0}, {}, "prune.rounds: expected an int >= 1, got 0"),
+        ({"target": 1.0}, {}, "prune.target: expected a float in (0, 1)"),
+        ({"importance": "magic"}, {}, "prune.importance: expected one of l1, l2, bn, taylor, random, got 'magic'"),
+        ({"distill": True}, {}, "--teacher: model file models/teacher.pt not found"),
+    ],
+    ids=["missing-model", "missing-prune.model", "not-a-checkpoint", "rounds-0", "target-1", "importance",
+         "missing-teacher"],
+)
+def test_bad_input_is_one_error_line_and_exit_2(workspace: Path, stage_main: object, tmp_path: Path, prune: dict,
+                                                 paths: dict, needle: str, monkeypatch: pytest.MonkeyPatch,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    for name in ("data", "models"):  # a cwd of its own, so that any work it started would show
+        (tmp_path / name).symlink_to(workspace / name)
+    (tmp_path / "bogus.pt").write_bytes(b"not a checkpoint")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", stage_args(tmp_path, {**PRUNE, **prune}, **paths))
+    with pytest.raises(SystemExit) as exit_info:
+        stage_main()
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2, err
+    assert len(err.strip().splitlines()) == 1, err  # nothing but the error line
+    assert err.startswith("error: ") and needle in err, err
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "mlflow.db").exists()  # rejected before any work
+
+
+def test_pick_round_keeps_the_most_pruned_round_within_the_bound() -> None:
+    assert pick_round([0.50, 0.49], base_map=0.52, max_drop=0.05) == 2  # all inside: the last (smallest) one
+    assert pick_round([0.50, 0.40], base_map=0.52, max_drop=0.05) == 1  # stopped at round 2: keep round 1
+    assert pick_round([0.30], base_map=0.52, max_drop=0.05) == 1  # none inside: round 1, the least pruned
+
+
+def test_two_rounds_shrink_the_model_and_write_every_output(workspace: Path,
+                                                            tiny_run: subprocess.CompletedProcess) -> None:
+    assert tiny_run.returncode == 0, tiny_run.stderr[-5000:]
+    assert "frozen layer" not in tiny_run.stdout + tiny_run.stderr  # fine-tune got a trainable model, no unfreezing
+    rows = json.loads((workspace / "plots" / "prune.json").read_text())
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    assert all(set(r) == {"round", "params_m", "gflops", "map50_95_before", "map50_95_after", "seconds"} for r in rows)
+    gflops = [r["gflops"] for r in rows]
+    assert gflops[0] > gflops[1] > gflops[2] > 0
+    assert 0.35 < gflops[2] / gflops[0] < 0.65  # target 0.5 of FLOPs removed over the two rounds, give or take
+    assert rows[0]["params_m"] > rows[1]["params_m"] > rows[2]["params_m"]
+    assert all(0 <= r[k] <= 1 for r in rows for k in ("map50_95_before", "map50_95_after"))
+    assert all(r["seconds"] > 0 for r in rows)
+
+    metrics = json.loads((workspace / "metrics" / "prune.json").read_text())
+    assert set(metrics) == {"input", "pruned", "ratio", "change", "time", "mlflow_run_id"}
+    assert metrics["input"] == {"params_m": rows[0]["params_m"], "gflops": gflops[0],
+                                "map50_95": rows[0]["map50_95_after"]}
+    assert metrics["pruned"]["rounds_done"] == 2 and metrics["pruned"]["best_round"] == 2  # max_map_drop 1: no stop
+    assert metrics["pruned"]["gflops"] == gflops[2]
+    assert metrics["ratio"]["gflops_removed"] == pytest.approx(1 - gflops[2] / gflops[0])
+    for group, values in metrics.items():  # DVC-friendly: numbers only, at most 2 levels
+        if group != "mlflow_run_id":
+            assert all(isinstance(v, (int, float)) for v in values.values()), group
+
+    rounds = workspace / "models" / "prune_rounds"
+    assert sorted(p.name for p in rounds.iterdir()) == ["round_1.pt", "round_2.pt"]
+    assert not list((workspace / "models").glob(".*"))  # the temp folder was renamed into place, none left over
+    code = ("import sys; from ultralytics import YOLO; "
+            "print(*(sum(p.numel() for p in YOLO(f).model.parameters()) for f in sys.argv[1:]))")
+    files = ["models/pruned.pt", "models/prune_rounds/round_2.pt", "models/distilled.pt"]
+    counts = subprocess.run([sys.executable, "-c", code, *files], cwd=workspace, env=env(workspace),
+                            capture_output=True, text=True, check=True).stdout.split()[-3:]
+    pruned, round2, full = (int(c) for c in counts)
+    assert pruned == round2 == round(rows[2]["params_m"] * 1e6) and pruned < 0.8 * full
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(store(workspace))
+    run = client.get_run(metrics["mlflow_run_id"])
+    nested = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}'")
+    assert sorted(r.info.run_name for r in nested) == ["round 1", "round 2"]
+    assert {r.data.metrics["gflops"] for r in nested} == {gflops[1], gflops[2]}
+
+
+def test_distillation_fine_tune_keeps_the_pruned_width(workspace: Path, tiny_run: subprocess.CompletedProcess,
+                                                       tmp_path: Path) -> None:
+    """prune.distill's trainer: the pruned student (round 1 of the run) learns from the unpruned input as teacher."""
+    assert tiny_run.returncode == 0, tiny_run.stderr[-5000:]
+    student, teacher = workspace / "models" / "prune_rounds" / "round_1.pt", workspace / "models" / "distilled.pt"
+    data = training_view(workspace / "data" / "prepared", tmp_path / "view")
+    cfg = DistillConfig(loss="cwd", teacher=str(teacher))
+    best = finetune(student, data, epochs=1, imgsz=64, batch=4, lr0=0.001, work_dir=tmp_path / "ft", seed=0,
+                    workers=0, device="cpu", plots=False, distill=cfg)  # raises if the width changed
+    with open(best.parent.parent / "results.csv") as f:
+        row = next(csv.DictReader(f))
+    assert float(row["train/dis_loss"]) > 0  # the teacher's loss was part of training
+    assert float(row["dis/weight"]) == cfg.base_weight
+    ckpt = torch.load(best, map_location="cpu", weights_only=False)
+    assert not hasattr(ckpt["model"], "distill_adapters")  # a plain pruned student, adapters stripped
+    assert count_params(ckpt["model"]) == count_params(torch.load(student, weights_only=False)["model"])
+    assert count_params(ckpt["model"]) < count_params(torch.load(teacher, weights_only=False)["model"])

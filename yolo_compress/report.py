@@ -1,0 +1,393 @@
+"""The summary report: a markdown table and two plots built only from the pipeline's metrics and plots files.
+
+`load_inputs` reads the files (whatever exists: a removed stage leaves a note, not an error); `build_summary` and
+the plot functions are deterministic functions of what was read (no timestamps, fixed order), so unchanged metrics
+give byte-identical markdown.
+
+Inputs (paths relative to the metrics folder unless given):
+  evaluate/<model>.json   {<split>: {map50_95, map50, ...}}                       required
+  benchmark/<model>.json  {model: {gflops, params_m, size_mb}, torch: {...}, onnx: {...}, gpu: {...}}
+  benchmark/machine.json  {threads, matmul_peak_gflops, ...}
+  prune.json              the prune ratio: `gflops_removed`, or `gflops_before` and `gflops_after` (or macs_*)
+  student.json            `teacher_gap` {map50_95, teacher_clearly_better}
+  plots/prune.json        per-round records, e.g. {round, gflops, map50_95_after}
+  models/onnx/notes.json  the benchmark's strings: machine info and per-model problems
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from yolo_compress.config import EVAL_SPLITS, MODEL_NAMES
+from yolo_compress.errors import UserError
+from yolo_compress.files import read_json
+
+__all__ = ["Inputs", "load_inputs", "build_summary", "prune_ratio", "pareto_front", "plot_pareto",
+           "plot_prune_curve"]
+
+MACHINE_FILE = "machine.json"
+PRUNE_Y_KEYS = ("map50_95_after", "map50_95")  # per-round mAP in plots/prune.json, first found wins
+
+
+@dataclass
+class Inputs:
+    """Everything the report reads; `sources` are the files actually read, `missing` one note per absent input."""
+
+    evaluate: dict[str, dict[str, Any]]
+    benchmark: dict[str, dict[str, Any]] = field(default_factory=dict)
+    machine: dict[str, Any] = field(default_factory=dict)
+    notes: dict[str, Any] = field(default_factory=dict)
+    prune: dict[str, Any] | None = None
+    prune_rounds: list[dict[str, Any]] | None = None
+    student: dict[str, Any] | None = None
+    sources: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+
+
+def _model_order(names: Iterable[str]) -> list[str]:
+    """Pipeline order (teacher, student, distilled, pruned), then any other names sorted."""
+    names = set(names)
+    return [n for n in MODEL_NAMES if n in names] + sorted(names - set(MODEL_NAMES))
+
+
+def load_inputs(metrics_dir: str | Path, prune_plots: str | Path | None = None,
+                benchmark_notes: str | Path | None = None) -> Inputs:
+    """Read every input that exists; UserError when there is no evaluate metrics folder (nothing to report)."""
+    metrics_dir = Path(metrics_dir)
+    eval_dir = metrics_dir / "evaluate"
+    eval_files = sorted(eval_dir.glob("*.json")) if eval_dir.is_dir() else []
+    if not eval_files:
+        raise UserError(f"{eval_dir}: no evaluate metrics (<model>.json); run `dvc repro evaluate` first")
+    inp = Inputs(evaluate={p.stem: read_json(p) for p in eval_files}, sources=[f"{eval_dir}/*.json"])
+
+    bench_dir = metrics_dir / "benchmark"
+    bench_files = sorted(p for p in bench_dir.glob("*.json") if p.name != MACHINE_FILE) if bench_dir.is_dir() else []
+    if bench_files:
+        inp.benchmark = {p.stem: read_json(p) for p in bench_files}
+        inp.sources.append(f"{bench_dir}/*.json")
+        if (bench_dir / MACHINE_FILE).is_file():
+            inp.machine = read_json(bench_dir / MACHINE_FILE)
+    else:
+        inp.missing.append(f"no benchmark metrics ({bench_dir}): sizes, FLOPs and latencies are not shown")
+
+    def optional(path: Path | None, what: str) -> Any:
+        if path is None or not path.is_file():
+            inp.missing.append(f"no {path or what}: {what} not shown")
+            return None
+        inp.sources.append(str(path))
+        return read_json(path)
+
+    inp.notes = optional(Path(benchmark_notes) if benchmark_notes else None, "benchmark notes") or {}
+    inp.prune = optional(metrics_dir / "prune.json", "prune ratio")
+    rounds = optional(Path(prune_plots) if prune_plots else None, "prune rounds")
+    inp.prune_rounds = rounds if isinstance(rounds, list) else None
+    inp.student = optional(metrics_dir / "student.json", "teacher check")
+    return inp
+
+
+# ------------------------------------------------------------------------------------------------------ numbers
+
+
+def _flat_numbers(d: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
+    out: dict[str, float] = {}
+    for k, v in d.items():
+        if isinstance(v, Mapping):
+            out.update(_flat_numbers(v, f"{prefix}{k}."))
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[f"{prefix}{k}"] = float(v)
+    return out
+
+
+def prune_ratio(prune: Mapping[str, Any] | None) -> float | None:
+    """Fraction of GFLOPs the prune stage removed from its input model, or None when prune.json does not say.
+
+    Takes a `gflops_removed` key anywhere in the file, else `1 - after / before` of a `gflops_`, `flops_` or `macs_`
+    before/after pair in one section (MACs and FLOPs give the same fraction).
+    """
+    if not prune:
+        return None
+    flat = _flat_numbers(prune)
+    for key, v in flat.items():
+        if key.rsplit(".", 1)[-1] in ("gflops_removed", "flops_removed"):
+            return v
+    for key, before in flat.items():
+        section, _, leaf = key.rpartition(".")
+        for measure in ("gflops", "flops", "macs"):
+            if leaf == f"{measure}_before" and before > 0:
+                after = flat.get(f"{section}.{measure}_after" if section else f"{measure}_after")
+                if after is not None:
+                    return 1 - after / before
+    return None
+
+
+def _fmt(v: float | None, digits: int, suffix: str = "") -> str:
+    return "–" if v is None else f"{v:.{digits}f}{suffix}"
+
+
+def _cell(text: Any) -> str:
+    """Markdown-safe table cell: one line, pipes escaped."""
+    return " ".join(str(text).split()).replace("|", "\\|")
+
+
+@dataclass(frozen=True)
+class _Column:
+    title: str
+    value: Callable[[str], float | None]  # model name -> number (None: not available)
+    digits: int
+    better: str = ""  # "high" / "low": the best value is bold; "" leaves the column unmarked
+    suffix: str = ""
+
+
+def _group(inp: Inputs, name: str, group: str, key: str) -> float | None:
+    v = inp.benchmark.get(name, {}).get(group, {}).get(key)
+    return float(v) if isinstance(v, (int, float)) else None
+
+
+def _eval(inp: Inputs, name: str, split: str, key: str) -> float | None:
+    v = inp.evaluate.get(name, {}).get(split, {})
+    v = v.get(key) if isinstance(v, Mapping) else None
+    return float(v) if isinstance(v, (int, float)) else None
+
+
+def _splits(inp: Inputs) -> list[str]:
+    found = {s for m in inp.evaluate.values() for s, v in m.items() if isinstance(v, Mapping)}
+    return [s for s in EVAL_SPLITS if s in found] + sorted(found - set(EVAL_SPLITS))
+
+
+def _baseline(inp: Inputs) -> str | None:
+    for groups in inp.benchmark.values():
+        for key in groups.get("torch", {}):
+            if key.startswith("speedup_vs_"):
+                return key[len("speedup_vs_"):]
+    return None
+
+
+def _columns(inp: Inputs) -> list[_Column]:
+    cols: list[_Column] = []
+    for split in _splits(inp):
+        cols.append(_Column(f"{split} mAP50", lambda n, s=split: _eval(inp, n, s, "map50"), 3, "high"))
+        cols.append(_Column(f"{split} mAP50-95", lambda n, s=split: _eval(inp, n, s, "map50_95"), 3, "high"))
+    if inp.benchmark:
+        cols += [
+            _Column("GFLOPs", lambda n: _group(inp, n, "model", "gflops"), 2, "low"),
+            _Column("params (M)", lambda n: _group(inp, n, "model", "params_m"), 2, "low"),
+            _Column("size MB", lambda n: _group(inp, n, "model", "size_mb"), 2, "low"),
+            _Column("torch p50 ms", lambda n: _group(inp, n, "torch", "latency_ms_p50"), 1, "low"),
+            _Column("ONNX p50 ms", lambda n: _group(inp, n, "onnx", "latency_ms_p50"), 1, "low"),
+        ]
+        if any("gpu" in g for g in inp.benchmark.values()):
+            cols.append(_Column("GPU p50 ms", lambda n: _group(inp, n, "gpu", "latency_ms_p50"), 2, "low"))
+        base = _baseline(inp)
+        if base:
+            key = f"speedup_vs_{base}"
+            cols.append(_Column(f"torch speedup vs {base}", lambda n: _group(inp, n, "torch", key), 2, "high", "×"))
+            cols.append(_Column(f"ONNX speedup vs {base}", lambda n: _group(inp, n, "onnx", key), 2, "high", "×"))
+    ratio = prune_ratio(inp.prune)
+    cols.append(_Column("prune ratio", lambda n: ratio * 100 if n == "pruned" and ratio is not None else None, 1,
+                        suffix="%"))
+    return cols
+
+
+def _notes(inp: Inputs, name: str) -> list[str]:
+    notes = [str(p) for p in inp.notes.get("problems", {}).get(name, [])]
+    if inp.benchmark and name not in inp.benchmark:
+        notes.append("not benchmarked")
+    if name not in inp.evaluate:
+        notes.append("not evaluated")
+    gap = (inp.student or {}).get("teacher_gap")
+    if name == "teacher" and isinstance(gap, Mapping) and not gap.get("teacher_clearly_better", 1):
+        notes.append(f"teacher not clearly better than the student (val mAP50-95 gap {gap.get('map50_95', 0):+.3f}, "
+                     "metrics/student.json)")
+    if name == "pruned" and inp.prune is not None and prune_ratio(inp.prune) is None:
+        notes.append("prune.json has no gflops_removed / gflops_before+after")
+    return notes
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return lines
+
+
+def _model_table(inp: Inputs) -> list[str]:
+    models = _model_order(set(inp.evaluate) | set(inp.benchmark))
+    cols = _columns(inp)
+    shown = {c.title: {m: (None if c.value(m) is None else round(c.value(m), c.digits)) for m in models} for c in cols}
+    best: dict[str, float | None] = {}
+    for c in cols:  # compare what is shown: two values that print the same are both best or neither
+        vals = [v for v in shown[c.title].values() if v is not None]
+        # all equal (or one value): nothing stands out, so nothing is bold
+        best[c.title] = (max(vals) if c.better == "high" else min(vals)) if c.better and len(set(vals)) >= 2 else None
+    rows = []
+    for m in models:
+        row = [m]
+        for c in cols:
+            v = shown[c.title][m]
+            text = _fmt(v, c.digits, c.suffix)
+            row.append(f"**{text}**" if v is not None and v == best[c.title] else text)
+        row.append(_cell("; ".join(_notes(inp, m))))
+        rows.append(row)
+    return _table(["model", *(c.title for c in cols), "notes"], rows)
+
+
+def _distill_lines(inp: Inputs) -> list[str]:
+    lines = []
+    gains = [(s, _eval(inp, "distilled", s, "map50_95"), _eval(inp, "student", s, "map50_95")) for s in _splits(inp)]
+    gains = [(s, d - st) for s, d, st in gains if d is not None and st is not None]
+    if gains:
+        lines.append("**Distillation** (distilled − student, mAP50-95): "
+                     + ", ".join(f"{s} {g:+.3f}" for s, g in gains) + ".")
+    else:
+        lines.append("**Distillation**: needs both the student and the distilled model in the evaluate metrics.")
+    gap = (inp.student or {}).get("teacher_gap")
+    if isinstance(gap, Mapping) and "map50_95" in gap:
+        verdict = "clearly better" if gap.get("teacher_clearly_better", 1) else "NOT clearly better"
+        lines.append(f"Teacher − student at training time (val mAP50-95): {gap['map50_95']:+.3f}, "
+                     f"teacher {verdict}.")
+    return lines
+
+
+def _num_text(v: Any) -> str:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return _cell(v)
+    return str(v) if isinstance(v, int) else f"{v:.4g}"
+
+
+def _rounds_table(rounds: Sequence[Mapping[str, Any]]) -> list[str]:
+    keys: list[str] = []
+    for r in rounds:
+        keys += [k for k in r if k not in keys]
+    return _table(keys, [[_num_text(r.get(k, "–")) for k in keys] for r in rounds])
+
+
+def _machine_line(inp: Inputs) -> str | None:
+    info = inp.notes.get("machine", {})
+    parts = [info.get("cpu_model")]
+    if "threads" in inp.machine:
+        parts.append(f"{int(inp.machine['threads'])} threads")
+    if "matmul_peak_gflops" in inp.machine:
+        parts.append(f"fp32 matmul peak {inp.machine['matmul_peak_gflops']:.1f} GFLOP/s")
+    parts += [f"{k} {info[k]}" for k in ("torch", "onnxruntime") if k in info]
+    parts = [p for p in parts if p]
+    return ("Timings on " + ", ".join(parts) + ". Latencies compare only within one benchmark run.") if parts else None
+
+
+def build_summary(inp: Inputs) -> str:
+    """The whole summary.md: header naming the sources, model table (best per column in bold), notes, rounds."""
+    out = ["# Compression summary", "",
+           "Generated by `stages/report.py` (`dvc repro report`) from "
+           + ", ".join(f"`{s}`" for s in inp.sources) + "; do not edit by hand.", ""]
+    out += _model_table(inp)
+    out += ["", "Bold: best value in its column (higher mAP and speedup, lower size, FLOPs and latency)."]
+    line = _machine_line(inp)
+    if line:
+        out += ["", line]
+    for line in _distill_lines(inp):
+        out += ["", line]
+    if inp.prune_rounds:
+        out += ["", "## Prune rounds", "", *_rounds_table(inp.prune_rounds)]
+    if inp.missing:
+        out += ["", "## Missing inputs", "", *(f"- {_cell(m)}" for m in inp.missing)]
+    return "\n".join(out) + "\n"
+
+
+# -------------------------------------------------------------------------------------------------------- plots
+
+
+def pareto_front(points: Mapping[str, tuple[float, float]]) -> list[str]:
+    """Names on the front of (latency, mAP) points: no other point is at least as fast and strictly more accurate,
+    or strictly faster and at least as accurate. Ordered by latency."""
+    front = []
+    for n, (lat, acc) in points.items():
+        dominated = any((ol <= lat and oa > acc) or (ol < lat and oa >= acc)
+                        for o, (ol, oa) in points.items() if o != n)
+        if not dominated:
+            front.append(n)
+    return sorted(front, key=lambda n: (points[n][0], n))
+
+
+def _pareto_points(inp: Inputs) -> tuple[dict[str, tuple[float, float]], str, str]:
+    splits = _splits(inp)
+    split = "val" if "val" in splits else (splits[0] if splits else "val")
+    models = [m for m in _model_order(inp.benchmark) if _eval(inp, m, split, "map50_95") is not None]
+    runtime = "onnx" if models and all(_group(inp, m, "onnx", "latency_ms_p50") for m in models) else "torch"
+    pts = {m: (_group(inp, m, runtime, "latency_ms_p50"), _eval(inp, m, split, "map50_95")) for m in models}
+    return {m: p for m, p in pts.items() if p[0] is not None}, runtime, split  # type: ignore[misc]
+
+
+def _save(fig: Any, path: str | Path) -> None:
+    from yolo_compress.files import write_with
+
+    # no Software/date metadata: the same numbers give the same bytes
+    write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120, metadata={"Software": None}))
+
+
+def _figure() -> tuple[Any, Any]:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display; DejaVu Sans ships with matplotlib, so nothing is downloaded
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(figsize=(6.4, 4.4))
+
+
+def _close(fig: Any) -> None:
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+
+
+def _placeholder(ax: Any, text: str) -> None:
+    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes)
+    ax.set_axis_off()
+
+
+def plot_pareto(inp: Inputs, path: str | Path) -> None:
+    """mAP50-95 vs batch-1 latency p50 (ONNX if every model has it, else torch), labelled, with the Pareto front."""
+    pts, runtime, split = _pareto_points(inp)
+    fig, ax = _figure()
+    if not pts:
+        _placeholder(ax, "no model has both evaluate and benchmark metrics")
+    else:
+        for name, (lat, acc) in pts.items():
+            ax.scatter([lat], [acc], s=40)
+            ax.annotate(name, (lat, acc), textcoords="offset points", xytext=(5, 5))
+        front = pareto_front(pts)
+        ax.step([pts[n][0] for n in front], [pts[n][1] for n in front], where="post", color="grey", ls="--",
+                label="Pareto front")
+        ax.set_xlabel(f"{'ONNX Runtime' if runtime == 'onnx' else 'PyTorch'} latency p50, batch 1 (ms)")
+        ax.set_ylabel(f"{split} mAP50-95")
+        ax.set_title("Accuracy vs latency")
+        ax.margins(0.15)  # room for the labels of the corner points
+        ax.legend(loc="lower right")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    _save(fig, path)
+    _close(fig)
+
+
+def plot_prune_curve(inp: Inputs, path: str | Path) -> None:
+    """Val mAP50-95 vs GFLOPs over the prune rounds (plots/prune.json); a placeholder when there are none."""
+    rounds = [r for r in inp.prune_rounds or [] if isinstance(r.get("gflops"), (int, float))]
+    ykey = next((k for k in PRUNE_Y_KEYS if any(k in r for r in rounds)), None)
+    fig, ax = _figure()
+    if not rounds or ykey is None:
+        _placeholder(ax, "no prune rounds (plots/prune.json missing or without gflops and mAP)")
+    else:
+        rounds = [r for r in rounds if isinstance(r.get(ykey), (int, float))]
+        xs, ys = [r["gflops"] for r in rounds], [r[ykey] for r in rounds]
+        ax.plot(xs, ys, marker="o")
+        for i, (x, y) in enumerate(zip(xs, ys, strict=True)):
+            ax.annotate(str(rounds[i].get("round", i)), (x, y), textcoords="offset points", xytext=(5, 5))
+        ax.set_xlabel("GFLOPs (one image)")
+        ax.set_ylabel(f"val {ykey.replace('_', ' ')}")
+        ax.set_title("Prune rounds: accuracy vs compute")
+        ax.invert_xaxis()  # rounds go left to right as the model shrinks
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    _save(fig, path)
+    _close(fig)
+

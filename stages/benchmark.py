@@ -28,12 +28,12 @@ from yolo_compress.benchmark import (
     matmul_peak_gflops,
 )
 from yolo_compress.config import BenchmarkConfig, load_params, section_dict
-from yolo_compress.errors import ModelError, stage_entrypoint
+from yolo_compress.errors import stage_entrypoint
+from yolo_compress.models import pipeline_models
 from yolo_compress.tracking import flat, stage_run
 
 log = logging.getLogger("yolo_compress.benchmark")
 
-MADE_BY = {"teacher": "train_teacher", "student": "train_student", "distilled": "distill", "pruned": "prune"}
 NOTES = "notes.json"  # in the onnx dir: a stage out the report can depend on, and outside the metrics dir
 
 
@@ -61,11 +61,7 @@ def gpu_device(cfg: BenchmarkConfig) -> tuple[str | None, str | None]:
 def main() -> None:
     args = parse_args()
     cfg = load_params(args.params).benchmark
-    for name in cfg.models:  # fail before the slow part
-        pt = args.models_dir / f"{name}.pt"
-        if not pt.is_file():
-            raise ModelError(f"benchmark.models lists '{name}' but {pt} does not exist; make it with "
-                             f"`dvc repro {MADE_BY.get(name, name)}` or remove '{name}' from benchmark.models")
+    models = pipeline_models(args.models_dir, cfg.models, "benchmark.models")  # fail before the slow part
     threads = cfg.threads or None  # 0 = all cores
     gpu, gpu_skip = gpu_device(cfg)
     notes: dict[str, Any] = {"machine": machine_info(), "problems": {}}
@@ -83,8 +79,7 @@ def main() -> None:
 
         with files.atomic_dir(args.out_dir) as out_tmp, files.atomic_dir(args.onnx_dir) as onnx_tmp:
             results: dict[str, dict[str, float]] = {}
-            for name in cfg.models:
-                pt = args.models_dir / f"{name}.pt"
+            for name, pt in models.items():
                 res = benchmark_model(pt, cfg.imgsz, onnx_tmp / f"{name}.onnx" if cfg.onnx else None, batch=1,
                                       warmup=cfg.warmup, repeats=cfg.repeats, threads=threads,
                                       peak_gflops=machine["matmul_peak_gflops"], throughput_batch=cfg.batch)

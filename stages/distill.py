@@ -19,8 +19,8 @@ import mlflow
 from yolo_compress import distill, files
 from yolo_compress.config import load_params, section_dict
 from yolo_compress.dataset import load_summary, training_view
-from yolo_compress.errors import ModelError, stage_entrypoint
-from yolo_compress.models import ModelInfo, load_model, model_size
+from yolo_compress.errors import stage_entrypoint
+from yolo_compress.models import check_task, dataset_head, load_model, model_size
 from yolo_compress.tracking import stage_run
 from yolo_compress.training import train_model
 
@@ -53,11 +53,9 @@ def main() -> None:
     if dcfg.unlabeled:
         distill.unlabeled_images(dcfg.unlabeled)
     summary = load_summary(args.data)
-    data = ModelInfo(summary["task"], summary["nc"], summary["kpt_shape"] and tuple(summary["kpt_shape"]), 0)
+    data = dataset_head(summary)
     model = load_model(cfg.model, "student.model")
-    if model.task != data.task:
-        raise ModelError(f"student.model: {cfg.model} is a {model.task} model but the dataset {args.data} is "
-                         f"{data.task}; pick a {data.task} model")
+    check_task(model, "student.model", cfg.model, data, args.data)
     distill.check_teacher(teacher, teacher_key, model, data, str(args.data), cfg.imgsz)
     student_metrics = files.read_json(args.student_metrics)
     if dcfg.loss == "sl2" and dcfg.fuse_teacher:

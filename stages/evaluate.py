@@ -20,15 +20,12 @@ import mlflow
 from yolo_compress import files
 from yolo_compress.config import load_params, section_dict
 from yolo_compress.dataset import training_view
-from yolo_compress.errors import DatasetError, ModelError, stage_entrypoint
+from yolo_compress.errors import DatasetError, stage_entrypoint
 from yolo_compress.evaluation import evaluate_split_with_predictions, gt_json_for
+from yolo_compress.models import pipeline_models
 from yolo_compress.tracking import stage_run
 
 log = logging.getLogger("yolo_compress.evaluate")
-
-# Which `dvc repro <stage>` makes each models/<name>.pt, for the "missing model" message.
-MADE_BY = {"teacher": "train_teacher", "student": "train_student", "distilled": "distill", "pruned": "prune"}
-
 
 def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -40,13 +37,8 @@ def parse_args() -> argparse.Namespace:
     return ap.parse_args()
 
 
-def check_inputs(models: list[str], splits: list[str], models_dir: Path, data: Path) -> None:
-    """Every listed model file and every split (yaml + ground truth) exists: fail before the slow part."""
-    for name in models:
-        pt = models_dir / f"{name}.pt"
-        if not pt.is_file():
-            raise ModelError(f"evaluate.models lists '{name}' but {pt} does not exist; make it with "
-                             f"`dvc repro {MADE_BY.get(name, name)}` or remove '{name}' from evaluate.models")
+def check_splits(splits: list[str], data: Path) -> None:
+    """Every split has its yaml and COCO ground truth: fail before the slow part."""
     for split in splits:
         split_yaml = data / "splits" / f"{split}.yaml"
         if not split_yaml.is_file():
@@ -59,17 +51,18 @@ def check_inputs(models: list[str], splits: list[str], models_dir: Path, data: P
 def main() -> None:
     args = parse_args()
     cfg = load_params(args.params).evaluate
-    check_inputs(cfg.models, cfg.splits, args.models_dir, args.data)
+    models = pipeline_models(args.models_dir, cfg.models, "evaluate.models")
+    check_splits(cfg.splits, args.data)
 
     # Ultralytics writes label caches beside the labels: score scratch views, never the DVC-tracked dataset.
     views = {split: training_view(args.data, Path("runs") / "evaluate" / split, split=split) for split in cfg.splits}
     with stage_run("evaluate", section_dict(cfg)) as run:
         with files.atomic_dir(args.out_dir) as out_tmp, files.atomic_dir(args.predictions_dir) as pred_tmp:
-            for name in cfg.models:
+            for name, pt in models.items():
                 metrics: dict[str, object] = {}
                 for split in cfg.splits:
                     scores, dets = evaluate_split_with_predictions(
-                        args.models_dir / f"{name}.pt", views[split], cfg.imgsz,
+                        pt, views[split], cfg.imgsz,
                         conf=cfg.conf, iou=cfg.iou, batch=cfg.batch)
                     metrics[split] = scores
                     # compact: at conf 0.001 a split has up to 300 detections per image

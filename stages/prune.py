@@ -20,11 +20,11 @@ from yolo_compress.config import DistillConfig, Params, load_params, section_dic
 from yolo_compress.dataset import load_summary, training_view
 from yolo_compress.errors import ModelError, stage_entrypoint
 from yolo_compress.evaluation import evaluate_split
-from yolo_compress.models import YOLO, ModelInfo, check_same_head, load_model, model_info
+from yolo_compress.models import YOLO, check_same_head, dataset_head, load_model, model_info
 from yolo_compress.pruning import count_params
 from yolo_compress.splitfree import unsupported_blocks
 from yolo_compress.tracking import stage_run
-from yolo_compress.training import _use_all_cores
+from yolo_compress.training import use_all_cores
 
 log = logging.getLogger("yolo_compress.prune")
 TAYLOR_BATCHES = 4  # calibration batches for taylor importance: enough to rank channels, cheap next to a fine-tune
@@ -49,7 +49,7 @@ def checked_inputs(args: argparse.Namespace, params: Params) -> tuple[Path, str,
     path, key = (Path(cfg.model), "prune.model") if cfg.model else (args.model, "--model")
     model = load_model(path, key)
     summary = load_summary(args.data)
-    data = ModelInfo(summary["task"], summary["nc"], summary["kpt_shape"] and tuple(summary["kpt_shape"]), 0)
+    data = dataset_head(summary)
     check_same_head(model_info(model), data, f"{key} {path}", f"dataset {args.data}")
     bad = unsupported_blocks(pruning.make_split_free(model.model))
     if bad:
@@ -76,7 +76,7 @@ def main() -> None:
     # Warm-up off: it starts the bias lr at 0.1, which wrecks trained weights in a short fine-tune.
     ft = dict(data_yaml=data_yaml, imgsz=st.imgsz, batch=st.batch, lr0=cfg.lr0, seed=params.student_seed,
               optimizer=st.optimizer, workers=st.workers, device=st.device, warmup_epochs=0.0, plots=False,
-              distill=distill, callbacks={"on_pretrain_routine_start": _use_all_cores})
+              distill=distill, callbacks={"on_pretrain_routine_start": use_all_cores})
 
     def score(pt: Path) -> float:  # the one mAP of this stage: pycocotools mAP50-95 on the prepared val split
         return evaluate_split(pt, val_yaml, st.imgsz, device=st.device, batch=st.batch)["map50_95"]

@@ -15,9 +15,9 @@ import mlflow
 from yolo_compress import files
 from yolo_compress.config import load_params, section_dict
 from yolo_compress.dataset import load_summary, training_view
-from yolo_compress.errors import ModelError, stage_entrypoint
+from yolo_compress.errors import stage_entrypoint
 from yolo_compress.metrics import teacher_gap
-from yolo_compress.models import ModelInfo, check_same_head, load_model, model_info, model_size
+from yolo_compress.models import check_same_head, check_task, dataset_head, load_model, model_info, model_size
 from yolo_compress.tracking import stage_run
 from yolo_compress.training import train_model
 
@@ -45,11 +45,9 @@ def main() -> None:
     stage = f"train_{args.role}"
 
     summary = load_summary(args.data)
-    data = ModelInfo(summary["task"], summary["nc"], summary["kpt_shape"] and tuple(summary["kpt_shape"]), 0)
+    data = dataset_head(summary)
     model = load_model(cfg.model, f"{args.role}.model")
-    if model.task != data.task:
-        raise ModelError(f"{args.role}.model: {cfg.model} is a {model.task} model but the dataset {args.data} is "
-                         f"{data.task}; pick a {data.task} model (e.g. yolo11n{'-pose' * (data.task == 'pose')}.yaml)")
+    check_task(model, f"{args.role}.model", cfg.model, data, args.data)
     teacher_val = None
     if args.teacher:
         check_same_head(model_info(load_model(args.teacher, "--teacher")), data, str(args.teacher), str(args.data))

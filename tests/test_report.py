@@ -54,7 +54,7 @@ def write_metrics(root: Path, evaluate: dict = EVAL, bench: dict = BENCH, prune:
     (root / "notes.json").write_text(json.dumps(notes))
     (m / "student.json").write_text(json.dumps({"teacher_gap": {"map50_95": 0.004, "teacher_clearly_better": 0}}))
     if prune:
-        (m / "prune.json").write_text(json.dumps({"total": {"gflops_before": 1.1, "gflops_after": 0.55}}))
+        (m / "prune.json").write_text(json.dumps({"ratio": {"gflops_removed": 0.5}}))
         rounds = [{"round": 1, "gflops": 0.8, "map50_95_after": 0.44}, {"round": 2, "gflops": 0.55,
                                                                         "map50_95_after": 0.42}]
         (root / "prune_plots.json").write_text(json.dumps(rounds))
@@ -143,9 +143,8 @@ def test_missing_optional_inputs_render_with_a_note_and_missing_evaluate_is_an_e
 
 
 def test_prune_ratio_reads_the_keys_it_documents() -> None:
-    assert prune_ratio({"gflops_removed": 0.3}) == 0.3
-    assert prune_ratio({"final": {"macs_before": 200.0, "macs_after": 50.0}}) == pytest.approx(0.75)
-    assert prune_ratio({"final": {"map50_95": 0.4}}) is None and prune_ratio(None) is None
+    assert prune_ratio({"ratio": {"gflops_removed": 0.3}}) == 0.3
+    assert prune_ratio({"pruned": {"map50_95": 0.4}}) is None and prune_ratio(None) is None
 
 
 def test_pareto_front() -> None:

@@ -26,7 +26,10 @@ _OFF = ("sync", "clearml", "comet", "dvc", "mlflow", "raytune", "tensorboard", "
 if any(SETTINGS.get(k) for k in _OFF):
     SETTINGS.update({k: False for k in _OFF})
 
-__all__ = ["YOLO", "ModelInfo", "load_model", "model_info", "check_same_head", "model_size"]
+__all__ = ["YOLO", "MADE_BY", "ModelInfo", "dataset_head", "check_task", "load_model", "model_info", "check_same_head",
+           "model_size", "pipeline_models"]
+
+MADE_BY = {"teacher": "train_teacher", "student": "train_student", "distilled": "distill", "pruned": "prune"}
 
 
 @dataclass(frozen=True)
@@ -84,3 +87,27 @@ def model_size(path: str | Path, imgsz: int) -> dict[str, float]:
         "gflops": float(get_flops(model, imgsz)),
         "size_mb": Path(path).stat().st_size / 1e6,
     }
+
+
+def pipeline_models(models_dir: Path, names: list[str], key: str) -> dict[str, Path]:
+    """`<models_dir>/<name>.pt` per name; ModelError naming the stage that makes a missing one (`key`: params list)."""
+    paths = {name: Path(models_dir) / f"{name}.pt" for name in names}
+    for name, pt in paths.items():
+        if not pt.is_file():
+            raise ModelError(f"{key} lists '{name}' but {pt} does not exist; make it with "
+                             f"`dvc repro {MADE_BY.get(name, name)}` or remove '{name}' from {key}")
+    return paths
+
+
+def dataset_head(summary: dict) -> ModelInfo:
+    """What a model must predict for a prepared dataset, from its dataset.json summary."""
+    kpt = summary.get("kpt_shape")
+    return ModelInfo(summary["task"], summary["nc"], tuple(kpt) if kpt else None, 0)
+
+
+def check_task(model: YOLO, key: str, spec: str | Path, data: ModelInfo, data_path: str | Path) -> None:
+    """ModelError when a model of another task is asked to train on the dataset (classes are set by the data)."""
+    if model.task != data.task:
+        example = "yolo11n-pose.yaml" if data.task == "pose" else "yolo11n.yaml"
+        raise ModelError(f"{key}: {spec} is a {model.task} model but the dataset {data_path} is {data.task}; pick a "
+                         f"{data.task} model (e.g. {example})")

@@ -8,7 +8,7 @@ Inputs (paths relative to the metrics folder unless given):
   evaluate/<model>.json   {<split>: {map50_95, map50, ...}}                       required
   benchmark/<model>.json  {model: {gflops, params_m, size_mb}, torch: {...}, onnx: {...}, gpu: {...}}
   benchmark/machine.json  {threads, matmul_peak_gflops, ...}
-  prune.json              the prune ratio: `gflops_removed`, or `gflops_before` and `gflops_after` (or macs_*)
+  prune.json              the prune ratio: `ratio.gflops_removed`
   student.json            `teacher_gap` {map50_95, teacher_clearly_better}
   plots/prune.json        per-round records, e.g. {round, gflops, map50_95_after}
   models/onnx/notes.json  the benchmark's strings: machine info and per-model problems
@@ -29,7 +29,6 @@ __all__ = ["Inputs", "load_inputs", "build_summary", "prune_ratio", "pareto_fron
            "plot_prune_curve"]
 
 MACHINE_FILE = "machine.json"
-PRUNE_Y_KEYS = ("map50_95_after", "map50_95")  # per-round mAP in plots/prune.json, first found wins
 
 
 @dataclass
@@ -91,36 +90,10 @@ def load_inputs(metrics_dir: str | Path, prune_plots: str | Path | None = None,
 # ------------------------------------------------------------------------------------------------------ numbers
 
 
-def _flat_numbers(d: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
-    out: dict[str, float] = {}
-    for k, v in d.items():
-        if isinstance(v, Mapping):
-            out.update(_flat_numbers(v, f"{prefix}{k}."))
-        elif isinstance(v, (int, float)) and not isinstance(v, bool):
-            out[f"{prefix}{k}"] = float(v)
-    return out
-
-
 def prune_ratio(prune: Mapping[str, Any] | None) -> float | None:
-    """Fraction of GFLOPs the prune stage removed from its input model, or None when prune.json does not say.
-
-    Takes a `gflops_removed` key anywhere in the file, else `1 - after / before` of a `gflops_`, `flops_` or `macs_`
-    before/after pair in one section (MACs and FLOPs give the same fraction).
-    """
-    if not prune:
-        return None
-    flat = _flat_numbers(prune)
-    for key, v in flat.items():
-        if key.rsplit(".", 1)[-1] in ("gflops_removed", "flops_removed"):
-            return v
-    for key, before in flat.items():
-        section, _, leaf = key.rpartition(".")
-        for measure in ("gflops", "flops", "macs"):
-            if leaf == f"{measure}_before" and before > 0:
-                after = flat.get(f"{section}.{measure}_after" if section else f"{measure}_after")
-                if after is not None:
-                    return 1 - after / before
-    return None
+    """Fraction of GFLOPs the prune stage removed from its input (`ratio.gflops_removed`), or None."""
+    value = (prune or {}).get("ratio", {}).get("gflops_removed")
+    return float(value) if isinstance(value, (int, float)) else None
 
 
 def _fmt(v: float | None, digits: int, suffix: str = "") -> str:
@@ -202,7 +175,7 @@ def _notes(inp: Inputs, name: str) -> list[str]:
         notes.append(f"teacher not clearly better than the student (val mAP50-95 gap {gap.get('map50_95', 0):+.3f}, "
                      "metrics/student.json)")
     if name == "pruned" and inp.prune is not None and prune_ratio(inp.prune) is None:
-        notes.append("prune.json has no gflops_removed / gflops_before+after")
+        notes.append("prune.json has no ratio.gflops_removed")
     return notes
 
 
@@ -371,13 +344,13 @@ def plot_pareto(inp: Inputs, path: str | Path) -> None:
 
 def plot_prune_curve(inp: Inputs, path: str | Path) -> None:
     """Val mAP50-95 vs GFLOPs over the prune rounds (plots/prune.json); a placeholder when there are none."""
-    rounds = [r for r in inp.prune_rounds or [] if isinstance(r.get("gflops"), (int, float))]
-    ykey = next((k for k in PRUNE_Y_KEYS if any(k in r for r in rounds)), None)
+    ykey = "map50_95_after"
+    rounds = [r for r in inp.prune_rounds or [] if isinstance(r.get("gflops"), (int, float))
+              and isinstance(r.get(ykey), (int, float))]
     fig, ax = _figure()
-    if not rounds or ykey is None:
+    if not rounds:
         _placeholder(ax, "no prune rounds (plots/prune.json missing or without gflops and mAP)")
     else:
-        rounds = [r for r in rounds if isinstance(r.get(ykey), (int, float))]
         xs, ys = [r["gflops"] for r in rounds], [r[ykey] for r in rounds]
         ax.plot(xs, ys, marker="o")
         for i, (x, y) in enumerate(zip(xs, ys, strict=True)):

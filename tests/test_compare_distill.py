@@ -14,6 +14,7 @@ import pytest
 from yolo_compress.compare_distill import (
     Record,
     format_table,
+    grid_overrides,
     latest_per_run,
     main,
     mean_std,
@@ -165,3 +166,9 @@ def test_grid_runs_as_real_dvc_queue(tmp_path: Path, monkeypatch: pytest.MonkeyP
     shown = json.loads(subprocess.run(["dvc", "exp", "show", "--json"], cwd=repo, env=env, capture_output=True,
                                       text=True, check=True).stdout)
     assert sorted((r.loss, r.seed) for r in parse_exp_show(shown)[0]) == [("cwd", 1), ("sl2", 1)]
+
+
+def test_the_workspace_seed_is_not_overridden_so_its_student_is_reused() -> None:
+    assert grid_overrides("mgd", 0, None, 0) == ["distill.loss=mgd"]
+    assert grid_overrides("mgd", 1, None, 0) == ["distill.loss=mgd", "student.seed=1"]
+    assert grid_overrides("cwd", 0, 2, 0) == ["distill.loss=cwd", "student.seed=0"]

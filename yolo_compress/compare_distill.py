@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from yolo_compress import files
-from yolo_compress.config import DISTILL_LOSSES
+from yolo_compress.config import DISTILL_LOSSES, load_params
 from yolo_compress.errors import UserError, stage_entrypoint
 
 log = logging.getLogger("yolo_compress.compare_distill")
@@ -190,12 +190,23 @@ def _check_committed() -> None:
                         "commit them first")
 
 
+def grid_overrides(loss: str, seed: int, workspace_seed: int | None, global_seed: int) -> list[str]:
+    """`-S` overrides of one experiment. The workspace's own seed is left unset: writing `student.seed=0` over a
+    null that already means 0 would change the params hash and retrain that seed's student for nothing."""
+    overrides = [f"distill.loss={loss}"]
+    if not (workspace_seed is None and seed == global_seed):
+        overrides.append(f"student.seed={seed}")
+    return overrides
+
+
 def queue_grid(losses: Sequence[str], seeds: Sequence[int]) -> list[str]:
     """Queue one experiment per (loss, seed); return their names."""
+    params = load_params(PARAMS_FILE)
     names = []
     for loss in losses:
         for seed in seeds:
-            out = _dvc("exp", "run", "--queue", "-S", f"distill.loss={loss}", "-S", f"student.seed={seed}", "distill")
+            sets = [a for o in grid_overrides(loss, seed, params.student.seed, params.seed) for a in ("-S", o)]
+            out = _dvc("exp", "run", "--queue", *sets, "distill")
             found = re.search(r"Queued experiment '([^']+)'", out)
             names.append(found.group(1) if found else f"{loss}/seed{seed}")
             log.info("queued %s: distill.loss=%s student.seed=%d", names[-1], loss, seed)

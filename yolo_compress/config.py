@@ -156,7 +156,7 @@ class PruneConfig:
     sparsity_epochs: int = 1  # (int) importance bn: epochs of BN-gamma L1 training before the first round
     sparsity_l1: float = 1e-4  # (float) importance bn: L1 strength on BN gammas
     round_to: int = 8  # (int) keep channel counts multiples of this (fast kernels)
-    finetune_epochs: int = 2  # (int) fine-tune epochs per round
+    finetune_epochs: int = 3  # (int) fine-tune epochs per round
     lr0: float = 0.001  # (float) fine-tune learning rate
     distill: bool = False  # (bool) fine-tune with the teacher and the distill: loss
     max_map_drop: float = 0.05  # (float) stop early, keeping the best round, once val mAP50-95 falls more than this

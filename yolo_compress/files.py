@@ -20,6 +20,7 @@ def _replace_from_temp(dst: Path, write: Any) -> None:
     os.close(fd)
     try:
         write(Path(tmp))
+        os.chmod(tmp, 0o644)  # mkstemp makes it private to the user; an output should read like any other file
         os.replace(tmp, dst)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -565,7 +565,8 @@ def prune_finetune_round(
     info["map50_95_before"] = score(pruned)
     best = (finetune(pruned, data_yaml, epochs, imgsz=imgsz, work_dir=Path(work_dir) / "ft", **finetune_args)
             if epochs else pruned)
-    save_pruned(YOLO(str(best)).model, dst, meta={**(meta or {}), **info})
+    # fp16 like the trainer's own checkpoints, so file sizes compare fairly with the unpruned models
+    save_pruned(YOLO(str(best)).model, dst, meta={**(meta or {}), **info}, half=True)
     return info
 
 

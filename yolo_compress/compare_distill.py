@@ -24,8 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from yolo_compress import files
-from yolo_compress.config import DISTILL_LOSSES, load_params
+from yolo_compress.config import DISTILL_LOSSES
 from yolo_compress.errors import UserError, stage_entrypoint
 
 log = logging.getLogger("yolo_compress.compare_distill")
@@ -201,11 +203,13 @@ def grid_overrides(loss: str, seed: int, workspace_seed: int | None, global_seed
 
 def queue_grid(losses: Sequence[str], seeds: Sequence[int]) -> list[str]:
     """Queue one experiment per (loss, seed); return their names."""
-    params = load_params(PARAMS_FILE)
+    # Only the two seeds are needed: read them raw, so a pipeline with other sections can be compared too.
+    params = yaml.safe_load(Path(PARAMS_FILE).read_text()) or {}
+    workspace_seed, global_seed = (params.get("student") or {}).get("seed"), params.get("seed", 0)
     names = []
     for loss in losses:
         for seed in seeds:
-            sets = [a for o in grid_overrides(loss, seed, params.student.seed, params.seed) for a in ("-S", o)]
+            sets = [a for o in grid_overrides(loss, seed, workspace_seed, global_seed) for a in ("-S", o)]
             out = _dvc("exp", "run", "--queue", *sets, "distill")
             found = re.search(r"Queued experiment '([^']+)'", out)
             names.append(found.group(1) if found else f"{loss}/seed{seed}")

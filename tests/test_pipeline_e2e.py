@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -61,6 +63,23 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]
     run([*git, "commit", "-qm", "tiny"], dst, env)
     run(["dvc", "repro"], dst, env)
     return dst, env
+
+
+@contextlib.contextmanager
+def edited_params(root: Path, edit: Callable[[str], str]) -> Iterator[None]:
+    """params.yaml rewritten by `edit` for the block, then restored (the module's repo is shared by its tests)."""
+    original = (root / "params.yaml").read_text()
+    try:
+        (root / "params.yaml").write_text(edit(original))
+        yield
+    finally:
+        (root / "params.yaml").write_text(original)
+
+
+def dry_run_stages(root: Path, env: dict[str, str]) -> set[str]:
+    """The stages `dvc repro --dry` would run."""
+    out = run(["dvc", "repro", "--dry"], root, env).stdout
+    return {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage '")}
 
 
 def read(repo: Path, rel: str) -> dict:
@@ -131,24 +150,19 @@ def test_second_repro_reruns_nothing(repo: tuple[Path, dict]) -> None:
 
 def test_student_param_change_reruns_only_the_student(repo: tuple[Path, dict]) -> None:
     root, env = repo
-    original = (root / "params.yaml").read_text()
-    try:
-        params = yaml.safe_load(original)
+    def more_student_epochs(text: str) -> str:
+        params = yaml.safe_load(text)
         params["student"]["epochs"] = 3
-        (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-        out = run(["dvc", "repro", "--dry"], root, env).stdout
-        ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage '")}
+        return yaml.safe_dump(params, sort_keys=False)
+
+    with edited_params(root, more_student_epochs):
         # --dry lists the stages whose own params changed; their downstream stages follow once their outs change
-        assert ran == {"train_student", "distill"}
-    finally:
-        (root / "params.yaml").write_text(original)
+        assert dry_run_stages(root, env) == {"train_student", "distill"}
 
 
 def test_unknown_params_key_stops_the_pipeline_with_one_line(repo: tuple[Path, dict]) -> None:
     root, env = repo
-    original = (root / "params.yaml").read_text()
-    try:
-        (root / "params.yaml").write_text(original.replace("student:\n", "student:\n  epoch: 3\n", 1))
+    with edited_params(root, lambda text: text.replace("student:\n", "student:\n  epoch: 3\n", 1)):
         proc = run([sys.executable, "stages/train.py", "--role", "student", "--data", "data/prepared",
                     "--out", "models/student.pt", "--metrics", "metrics/student.json",
                     "--plots", "plots/train_student.json"], root, env, check=False)
@@ -156,20 +170,12 @@ def test_unknown_params_key_stops_the_pipeline_with_one_line(repo: tuple[Path, d
         assert proc.stderr.strip().splitlines() == [
             "error: params.yaml: unknown key 'student.epoch'; valid keys in student: model, epochs, imgsz, batch, "
             "lr0, optimizer, warmup_epochs, mosaic, close_mosaic, workers, device, min_teacher_gap, seed"]
-    finally:
-        (root / "params.yaml").write_text(original)
 
 
-def test_distill_loss_change_reruns_only_distill_and_downstream(repo: tuple[Path, dict]) -> None:
+def test_distill_loss_change_flags_only_the_stages_that_read_distill_params(repo: tuple[Path, dict]) -> None:
     root, env = repo
-    original = (root / "params.yaml").read_text()
-    try:
-        (root / "params.yaml").write_text(original.replace("loss: cwd", "loss: mgd", 1))
-        out = run(["dvc", "repro", "--dry"], root, env).stdout
-        ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage '")}
-        assert ran == {"distill", "prune"}  # prune reads distill.* for prune.distill
-    finally:
-        (root / "params.yaml").write_text(original)
+    with edited_params(root, lambda text: text.replace("loss: cwd", "loss: mgd", 1)):
+        assert dry_run_stages(root, env) == {"distill", "prune"}  # prune reads distill.* for prune.distill
 
 
 def test_later_stages_write_reviewable_metrics_and_the_report(repo: tuple[Path, dict]) -> None:

@@ -48,7 +48,7 @@ def parse_args() -> argparse.Namespace:
 
 def gpu_device(cfg: BenchmarkConfig) -> tuple[str | None, str | None]:
     """('cuda:<i>', None) when benchmark.device asks for a GPU that exists, else (None, why GPU timing is skipped)."""
-    if not cfg.device.isdigit():
+    if not str(cfg.device).isdigit():
         return None, None
     if not torch.cuda.is_available():
         return None, f"benchmark.device={cfg.device} but CUDA is not available: GPU timing skipped"

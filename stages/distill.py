@@ -22,7 +22,7 @@ from yolo_compress.dataset import load_summary, training_view
 from yolo_compress.errors import stage_entrypoint
 from yolo_compress.models import check_task, dataset_head, load_model, model_size
 from yolo_compress.tracking import stage_run
-from yolo_compress.training import train_model
+from yolo_compress.training import check_one_device, train_model
 
 log = logging.getLogger("yolo_compress.distill")
 STAGE = "distill"
@@ -50,6 +50,8 @@ def main() -> None:
 
     # Every check before the first epoch: a bad input costs seconds, not a training run.
     distill.check_native(dcfg)
+    if dcfg.loss != "sl2":
+        check_one_device(cfg.device, "student.device", f"{dcfg.loss} distillation (a custom trainer)")
     if dcfg.unlabeled:
         distill.unlabeled_images(dcfg.unlabeled)
     summary = load_summary(args.data)
@@ -68,6 +70,7 @@ def main() -> None:
     with stage_run(STAGE, logged) as run:
         result = train_model(cfg, model, data_yaml, work / "train", seed,
                              on_epoch=lambda row: mlflow.log_metrics(row, step=int(row["epoch"])),
+                             resume=params.resume, inputs=[args.data, cfg.model, teacher],
                              **distill.training_setup(dcfg, teacher, data.task))
         distill.plain_student_checkpoint(result.best)
         dis = [r.get("train_dis_loss", 0.0) for r in result.curve]
@@ -78,6 +81,7 @@ def main() -> None:
             "val": result.val,
             "train": {"epochs": cfg.epochs, "seconds_per_epoch": spe,
                       "seconds_total": sum(r["seconds"] for r in result.curve),
+                      "resumed_after_epoch": result.resumed_after,
                       "seconds_per_epoch_ratio_vs_student": spe / student_spe if student_spe > 0 else 0.0},
             "distill": {"loss_final": dis[-1] if dis else 0.0, "loss_mean": statistics.fmean(dis) if dis else 0.0,
                         "weight": dcfg.base_weight,

@@ -24,7 +24,7 @@ from yolo_compress.models import YOLO, check_same_head, dataset_head, load_model
 from yolo_compress.pruning import count_params
 from yolo_compress.splitfree import unsupported_blocks
 from yolo_compress.tracking import stage_run
-from yolo_compress.training import use_all_cores
+from yolo_compress.training import check_one_device, use_all_cores
 
 log = logging.getLogger("yolo_compress.prune")
 TAYLOR_BATCHES = 4  # calibration batches for taylor importance: enough to rank channels, cheap next to a fine-tune
@@ -68,6 +68,7 @@ def main() -> None:
     params = load_params(args.params)
     cfg, st = params.prune, params.student
     input_pt, task, distill = checked_inputs(args, params)
+    check_one_device(st.device, "student.device", "the pruned fine-tune (a custom trainer)")
     ratios = pruning.prune_schedule(cfg.target, cfg.rounds, cfg.schedule)
 
     work = Path("runs") / "prune"

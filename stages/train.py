@@ -59,11 +59,13 @@ def main() -> None:
     logged = {**section_dict(cfg), "seed": seed}
     with stage_run(stage, logged) as run:
         result = train_model(cfg, model, data_yaml, work / "train", seed,
-                             on_epoch=lambda row: mlflow.log_metrics(row, step=int(row["epoch"])))
+                             on_epoch=lambda row: mlflow.log_metrics(row, step=int(row["epoch"])),
+                             resume=params.resume, inputs=[args.data, cfg.model])
         metrics = {
             "val": result.val,
             "train": {"epochs": cfg.epochs, "seconds_per_epoch": result.seconds_per_epoch,
-                      "seconds_total": sum(r["seconds"] for r in result.curve)},
+                      "seconds_total": sum(r["seconds"] for r in result.curve),
+                      "resumed_after_epoch": result.resumed_after},
             "model": model_size(result.best, cfg.imgsz),
         }
         if teacher_val is not None:

@@ -8,7 +8,15 @@ import pytest
 
 from yolo_compress.models import YOLO
 
-REPO = Path(__file__).resolve().parents[1]
+from .tiny_pipeline import REPO, make_repo
+
+__all__ = ["REPO"]
+
+
+@pytest.fixture(scope="session")
+def tiny_repo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
+    """The whole pipeline run once on tiny params in a git + DVC copy of this repo; tests must leave it as found."""
+    return make_repo(tmp_path_factory.mktemp("e2e") / "repo")
 
 
 @pytest.fixture(autouse=True)

@@ -320,3 +320,12 @@ def test_pycocotools_agrees_with_ultralytics_on_a_trained_tiny_model(tmp_path: P
     by_predict = coco_scores(split.with_suffix(".json"), predict_coco(best, sorted((split.parents[1] / "images" /
                                                                                     "val").glob("*.png")), 64))
     assert abs(by_predict["map50_95"] - out["map50_95"]) <= 0.1
+
+
+def test_border_share_counts_boxes_touching_any_image_edge() -> None:
+    from yolo_compress.map_agreement import border_share
+
+    gt = {"images": [{"id": 1, "width": 100, "height": 50}],
+          "annotations": [{"image_id": 1, "bbox": b} for b in ([0, 10, 5, 5], [10, 10, 5, 5], [90, 10, 10, 5],
+                                                                [10, 45, 5, 5])]}
+    assert border_share(gt) == 0.75

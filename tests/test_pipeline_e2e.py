@@ -2,84 +2,21 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import shutil
-import subprocess
 import sys
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-import yaml
 from mlflow.tracking import MlflowClient
 
-from .conftest import REPO
+from .tiny_pipeline import MODELS, STAGES, TINY, dry_run_stages, edited_params, run
 
 pytestmark = pytest.mark.e2e
 
-TINY = {
-    "data": {"image_size": 96, "train_images": 12, "val_images": 6, "test_images": 4, "test_shift_images": 4},
-    "teacher": {"model": "yolo11n.yaml", "epochs": 2, "imgsz": 96, "batch": 4, "close_mosaic": 1},
-    "student": {"model": "yolo11n.yaml", "epochs": 1, "imgsz": 96, "batch": 4, "close_mosaic": 0},
-    "prune": {"rounds": 2, "target": 0.5, "finetune_epochs": 1},
-    "evaluate": {"imgsz": 96, "batch": 4},
-    "benchmark": {"imgsz": 96, "batch": 2, "warmup": 1, "repeats": 3},
-}
-STAGES = {"prepare", "train_teacher", "train_student", "distill", "prune", "evaluate", "benchmark", "report"}
-MODELS = ("teacher", "student", "distilled", "pruned")
 
-
-def run(cmd: list[str], cwd: Path, env: dict[str, str], check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
-    if check and proc.returncode != 0:
-        pytest.fail(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return proc
-
-
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
-    """A git + DVC copy of the working tree with tiny params, after one `dvc repro`."""
-    dst = tmp_path_factory.mktemp("e2e") / "repo"
-    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
-                            text=True, check=True).stdout.split()
-    for rel in listed:
-        if (REPO / rel).is_file():
-            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / rel, dst / rel)
-    params = yaml.safe_load((dst / "params.yaml").read_text())
-    for section, values in TINY.items():
-        params[section].update(values)
-    (dst / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    for stale in ("dvc.lock", "metrics", "plots"):
-        shutil.rmtree(dst / stale, ignore_errors=True) if (dst / stale).is_dir() else (dst / stale).unlink(True)
-
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_", "PYTEST_"))}
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
-    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
-    run(["git", "init", "-q"], dst, env)
-    run([*git, "add", "-A"], dst, env)
-    run([*git, "commit", "-qm", "tiny"], dst, env)
-    run(["dvc", "repro"], dst, env)
-    return dst, env
-
-
-@contextlib.contextmanager
-def edited_params(root: Path, edit: Callable[[str], str]) -> Iterator[None]:
-    """params.yaml rewritten by `edit` for the block, then restored (the module's repo is shared by its tests)."""
-    original = (root / "params.yaml").read_text()
-    try:
-        (root / "params.yaml").write_text(edit(original))
-        yield
-    finally:
-        (root / "params.yaml").write_text(original)
-
-
-def dry_run_stages(root: Path, env: dict[str, str]) -> set[str]:
-    """The stages `dvc repro --dry` would run."""
-    out = run(["dvc", "repro", "--dry"], root, env).stdout
-    return {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage '")}
+@pytest.fixture
+def repo(tiny_repo: tuple[Path, dict[str, str]]) -> tuple[Path, dict[str, str]]:
+    return tiny_repo
 
 
 def read(repo: Path, rel: str) -> dict:
@@ -150,31 +87,26 @@ def test_second_repro_reruns_nothing(repo: tuple[Path, dict]) -> None:
 
 def test_student_param_change_reruns_only_the_student(repo: tuple[Path, dict]) -> None:
     root, env = repo
-    def more_student_epochs(text: str) -> str:
-        params = yaml.safe_load(text)
-        params["student"]["epochs"] = 3
-        return yaml.safe_dump(params, sort_keys=False)
-
-    with edited_params(root, more_student_epochs):
+    with edited_params(root, lambda p: p["student"].update(epochs=3)):
         # --dry lists the stages whose own params changed; their downstream stages follow once their outs change
         assert dry_run_stages(root, env) == {"train_student", "distill"}
 
 
 def test_unknown_params_key_stops_the_pipeline_with_one_line(repo: tuple[Path, dict]) -> None:
     root, env = repo
-    with edited_params(root, lambda text: text.replace("student:\n", "student:\n  epoch: 3\n", 1)):
+    with edited_params(root, lambda p: p["student"].update(epoch=3)):
         proc = run([sys.executable, "stages/train.py", "--role", "student", "--data", "data/prepared",
                     "--out", "models/student.pt", "--metrics", "metrics/student.json",
                     "--plots", "plots/train_student.json"], root, env, check=False)
         assert proc.returncode == 2
         assert proc.stderr.strip().splitlines() == [
             "error: params.yaml: unknown key 'student.epoch'; valid keys in student: model, epochs, imgsz, batch, "
-            "lr0, optimizer, warmup_epochs, mosaic, close_mosaic, workers, device, min_teacher_gap, seed"]
+            "lr0, optimizer, warmup_epochs, mosaic, close_mosaic, workers, device, amp, min_teacher_gap, seed"]
 
 
 def test_distill_loss_change_flags_only_the_stages_that_read_distill_params(repo: tuple[Path, dict]) -> None:
     root, env = repo
-    with edited_params(root, lambda text: text.replace("loss: cwd", "loss: mgd", 1)):
+    with edited_params(root, lambda p: p["distill"].update(loss="mgd")):
         assert dry_run_stages(root, env) == {"distill", "prune"}  # prune reads distill.* for prune.distill
 
 

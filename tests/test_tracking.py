@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -59,3 +62,15 @@ def test_unreachable_server_fails_fast_with_one_line(monkeypatch: pytest.MonkeyP
 
 def test_pipeline_id_is_none_outside_dvc() -> None:
     assert tracking.pipeline_id() is None
+
+
+def test_parallel_first_use_of_a_fresh_sqlite_store_is_safe(tmp_path: Path) -> None:
+    # Six processes creating one fresh SQLite store at once corrupted it before the file lock.
+    uri = f"sqlite:///{tmp_path / 'fresh.db'}"
+    code = "import sys; from yolo_compress.tracking import open_experiment; print(open_experiment(sys.argv[1])[1])"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    procs = [subprocess.Popen([sys.executable, "-c", code, uri], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=env) for _ in range(6)]
+    outs = [(p.communicate(timeout=300), p.returncode) for p in procs]
+    assert [rc for _, rc in outs] == [0] * 6, [err[-500:] for (_, err), _ in outs]
+    assert len({out.strip() for (out, _), _ in outs}) == 1  # one experiment, seen by all

@@ -9,7 +9,7 @@ from yolo_compress.dataset import prepare_dataset, training_view
 from yolo_compress.errors import ModelError
 from yolo_compress.metrics import teacher_gap
 from yolo_compress.models import YOLO, load_model
-from yolo_compress.training import metric_key, train_model
+from yolo_compress.training import RUN_KEY, metric_key, resumable_epoch, train_model
 
 TINY_DATA = DataConfig(image_size=64, train_images=8, val_images=4, test_images=2, test_shift_images=2)
 
@@ -56,3 +56,56 @@ def test_missing_or_bogus_model_files_are_named(tmp_path: Path) -> None:
         load_model(bogus, "teacher.model")
     with pytest.raises(ModelError, match=r"student.model: model yaml nosuch.yaml not found"):
         load_model("nosuch.yaml", "student.model")
+
+
+class Interrupt(KeyboardInterrupt):
+    """What Ctrl-C raises, from inside the epoch loop."""
+
+
+def _interrupt_in_second_epoch(trainer: object) -> None:
+    if trainer.epoch == 1:
+        raise Interrupt
+
+
+def interrupted_after_first_epoch(cfg: TrainConfig, data_yaml: Path, work: Path, **kw: object) -> None:
+    model = YOLO(cfg.model)
+    model.add_callback("on_train_batch_start", _interrupt_in_second_epoch)
+    with pytest.raises(Interrupt):
+        train_model(cfg, model, data_yaml, work, seed=3, **kw)
+
+
+def test_an_interrupted_run_resumes_where_it_stopped_only_when_asked(data_yaml: Path, tmp_path: Path) -> None:
+    cfg = TrainConfig(model="yolo11n.yaml", epochs=3, imgsz=64, batch=4, close_mosaic=1, lr0=0.01)
+    work = tmp_path / "train"
+    interrupted_after_first_epoch(cfg, data_yaml, work)
+    key = (work / RUN_KEY).read_text().strip()
+    assert resumable_epoch(work, key, cfg.epochs) == 1
+    assert resumable_epoch(work, "another-key", cfg.epochs) is None  # other params or inputs: never resumed
+
+    seen: list[float] = []
+    resumed = train_model(cfg, YOLO(cfg.model), data_yaml, work, seed=3, resume=True,
+                          on_epoch=lambda row: seen.append(row["epoch"]))
+    assert [r["epoch"] for r in resumed.curve] == [1, 2, 3]
+    assert seen == [1, 2, 3]  # the epoch before the interruption is replayed into the new run's tracking
+    assert resumed.val["map50_95"] >= 0 and YOLO(str(resumed.best)).task == "detect"
+    assert resumable_epoch(work, key, cfg.epochs) is None  # finished: optimizer stripped, nothing to resume
+
+
+def test_without_resume_an_interrupted_run_restarts_from_scratch(data_yaml: Path, tmp_path: Path) -> None:
+    cfg = TrainConfig(model="yolo11n.yaml", epochs=2, imgsz=64, batch=4, close_mosaic=1, lr0=0.01)
+    work = tmp_path / "train"
+    interrupted_after_first_epoch(cfg, data_yaml, work)
+    fresh = train_model(cfg, YOLO(cfg.model), data_yaml, work, seed=3)
+    clean = train_model(cfg, YOLO(cfg.model), data_yaml, tmp_path / "clean", seed=3)
+    assert fresh.val == clean.val  # a restart is the uninterrupted run, bit for bit
+
+
+def test_a_checkpoint_torn_by_sigkill_is_not_resumed(data_yaml: Path, tmp_path: Path) -> None:
+    cfg = TrainConfig(model="yolo11n.yaml", epochs=2, imgsz=64, batch=4, close_mosaic=1, lr0=0.01)
+    work = tmp_path / "train"
+    interrupted_after_first_epoch(cfg, data_yaml, work)
+    last = work / "weights" / "last.pt"
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
+    assert resumable_epoch(work, (work / RUN_KEY).read_text().strip(), cfg.epochs) is None
+    result = train_model(cfg, YOLO(cfg.model), data_yaml, work, seed=3, resume=True)
+    assert [r["epoch"] for r in result.curve] == [1, 2]

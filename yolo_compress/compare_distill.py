@@ -238,15 +238,6 @@ def wait_for(names: Sequence[str], poll_s: float = 30.0) -> None:
         time.sleep(poll_s)
 
 
-def _init_mlflow() -> None:
-    # Parallel queued runs racing to create a fresh SQLite store corrupted it (NOTES, MLflow): create it once here.
-    from mlflow.tracking import MlflowClient
-
-    from yolo_compress.tracking import experiment_id, tracking_uri
-
-    experiment_id(MlflowClient(tracking_uri()))
-
-
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--losses", nargs="+", choices=DISTILL_LOSSES, default=list(DISTILL_LOSSES))
@@ -263,7 +254,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     if not args.collect_only:
         _check_committed()
-        _init_mlflow()
         names = queue_grid(args.losses, args.seeds)
         _dvc("queue", "start", "-j", str(args.jobs))
         wait_for(names, args.poll)

@@ -7,6 +7,7 @@ out-of-range values raise `ParamsError` naming the key and the valid choices.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -24,6 +25,12 @@ OPTIMIZERS = ("SGD", "Adam", "AdamW", "auto")
 def _check(ok: bool, key: str, expected: str, value: Any) -> None:
     if not ok:
         raise ParamsError(f"{key}: expected {expected}, got {value!r}")
+
+
+def _valid_device(device: str | int) -> bool:
+    # what Ultralytics' select_device accepts, caught here rather than after the data is loaded
+    return isinstance(device, int) and device >= 0 or str(device) in ("cpu", "mps") or bool(
+        re.fullmatch(r"\d+(,\d+)*", str(device).replace(" ", "")))
 
 
 @dataclass(frozen=True)
@@ -67,9 +74,12 @@ class TrainConfig:
     mosaic: float = 1.0  # (float) mosaic augmentation probability
     close_mosaic: int = 2  # (int) turn mosaic off for the last N epochs
     workers: int = 2  # (int) dataloader worker processes
-    device: str = "cpu"  # (str) 'cpu', a GPU index like '0', or a list like '0,1' (DDP)
+    device: str | int = "cpu"  # (str | int) 'cpu', a GPU index like 0, or GPU indices like '0,1' (Ultralytics DDP)
+    amp: bool = True  # (bool) mixed precision on GPU (Ultralytics turns it off on CPU by itself)
 
     def __post_init__(self) -> None:
+        _check(_valid_device(self.device), "device", "'cpu', 'mps', a GPU index like 0, or GPU indices like '0,1'",
+               self.device)
         _check(self.model.endswith((".yaml", ".yml", ".pt")), "model", "a model .yaml or a local .pt path", self.model)
         _check(self.epochs >= 1, "epochs", "an int >= 1", self.epochs)
         _check(self.imgsz >= 32 and self.imgsz % 32 == 0, "imgsz", "a multiple of 32, >= 32", self.imgsz)
@@ -215,7 +225,7 @@ class BenchmarkConfig:
     repeats: int = 30  # (int) timed runs per model and runtime
     threads: int = 0  # (int) CPU threads for PyTorch and ONNX Runtime; 0 = all cores
     onnx: bool = True  # (bool) also export to ONNX and time ONNX Runtime
-    device: str = "cpu"  # (str) 'cpu', or a GPU index like '0' (timed in addition to the CPU)
+    device: str | int = "cpu"  # (str | int) 'cpu', or a GPU index like 0 (timed in addition to the CPU)
 
     def __post_init__(self) -> None:
         _check_names(self.models, MODEL_NAMES, "models")
@@ -240,6 +250,7 @@ class Params:
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)  # (section) pycocotools scoring
     benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)  # (section) size, FLOPs, latency
     seed: int = 0  # (int) global seed: data generation, initialisation, augmentation
+    resume: bool = False  # (bool) a training stage that was interrupted continues from its last.pt (else restarts)
 
     def __post_init__(self) -> None:
         _check(self.seed >= 0, "seed", "an int >= 0", self.seed)

@@ -6,6 +6,7 @@ import functools
 import logging
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 
@@ -34,7 +35,16 @@ def stage_entrypoint(main: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return main(*args, **kwargs)
         except UserError as err:
-            print(f"error: {err}", file=sys.stderr)
+            print(f"error: {err}{_queued_hint(str(err))}", file=sys.stderr)
             raise SystemExit(2) from None
 
     return wrapper
+
+
+def _queued_hint(message: str) -> str:
+    # `dvc exp run --queue/--temp` runs in a copy that holds only what git or DVC tracks: a file that exists in the
+    # workspace but was never added is "not found" there, which is baffling without this.
+    if "not found" in message and f"{Path('.dvc', 'tmp', 'exps')}" in str(Path.cwd()):
+        return ("; this is a queued DVC experiment, which sees only files tracked by git or DVC: "
+                "`git add` (or `dvc add`) the file, commit, and queue again")
+    return ""

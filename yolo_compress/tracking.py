@@ -16,6 +16,7 @@ from typing import Any
 import mlflow
 import psutil
 import requests
+from filelock import FileLock
 from mlflow.tracking import MlflowClient
 
 from yolo_compress.errors import UserError
@@ -47,25 +48,36 @@ def _check_server(uri: str) -> None:
         ) from None
 
 
-def experiment_id(client: MlflowClient) -> str:
-    """Get or create the experiment; a fresh local store keeps artifacts beside mlflow.db, not in the cwd."""
-    name = os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT)
-    if client.tracking_uri.startswith(("http://", "https://")):
-        _check_server(client.tracking_uri)
+def open_experiment(uri: str) -> tuple[MlflowClient, str]:
+    """A client of the store at `uri` and the experiment's id, created if needed.
+
+    A fresh local SQLite store keeps artifacts beside mlflow.db, not in the cwd.
+    """
+    if uri.startswith(("http://", "https://")):
+        _check_server(uri)
     try:
-        exp = client.get_experiment_by_name(name)
-        if exp is not None:
-            return exp.experiment_id
-        location = None
-        if client.tracking_uri.startswith("sqlite:"):
-            location = (repo_root() / "mlartifacts").as_uri()
-        return client.create_experiment(name, artifact_location=location)
+        if uri.startswith("sqlite:///"):
+            # Parallel queue workers creating a fresh SQLite store at once corrupted it (an alembic race; the client
+            # creates the tables as soon as it is built): whoever comes first creates it while the others wait.
+            with FileLock(f"{uri.removeprefix('sqlite:///')}.lock", timeout=300):
+                client = MlflowClient(uri)
+                return client, _get_or_create(client, (repo_root() / "mlartifacts").as_uri())
+        client = MlflowClient(uri)
+        return client, _get_or_create(client, None)
     except Exception as err:  # noqa: BLE001 - any failure here means the store is unusable; say so before training
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(
-            f"MLflow store {client.tracking_uri} is not usable ({first}); "
+            f"MLflow store {uri} is not usable ({first}); "
             "start the server or unset MLFLOW_TRACKING_URI to use the local SQLite file"
         ) from None
+
+
+def _get_or_create(client: MlflowClient, artifact_location: str | None) -> str:
+    name = os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT)
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    return client.create_experiment(name, artifact_location=artifact_location)
 
 
 def git_commit() -> str:
@@ -119,8 +131,7 @@ def stage_run(stage: str, params: dict[str, Any]) -> Iterator[mlflow.ActiveRun]:
     """
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
-    client = MlflowClient(uri)
-    exp_id = experiment_id(client)
+    client, exp_id = open_experiment(uri)
     exp_name = os.environ.get("DVC_EXP_NAME", "workspace")
     pid = pipeline_id()
     tags = {

@@ -2,27 +2,44 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import os
 import re
 import shutil
 import statistics
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from ultralytics.utils.patches import torch_load
 
+from yolo_compress import files
 from yolo_compress.config import TrainConfig
+from yolo_compress.errors import ParamsError
 from yolo_compress.models import YOLO
 
+log = logging.getLogger(__name__)
+
 EpochHook = Callable[[dict[str, float]], None]
+RUN_KEY, CURVE = "run_key.txt", "curve.json"  # beside weights/ in the trainer's work folder
 
 
 def use_all_cores(trainer: Any) -> None:
     # Ultralytics' select_device caps CPU training at cpu_count - 1 threads: 1 of 2 cores, measured 1.7x slower.
     if trainer.device.type == "cpu":
         torch.set_num_threads(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+
+
+def check_one_device(device: str | int, key: str, what: str) -> None:
+    """Refuse several GPUs for a custom trainer: Ultralytics' DDP launcher rebuilds the trainer in new processes
+    from its plain arguments alone, which would silently drop what the custom trainer adds."""
+    if "," in str(device):
+        raise ParamsError(f"{key}: {what} runs in one process, got devices {device!r} (DDP would drop it); "
+                          f"use one device, e.g. {str(device).split(',')[0]}")
 
 
 def metric_key(name: str) -> str:
@@ -40,6 +57,7 @@ class TrainResult:
     best: Path  # best.pt written by the trainer (EMA weights, fp16, optimizer stripped)
     val: dict[str, float]  # best.pt scored on val by the trainer's final validation
     curve: list[dict[str, float]] = field(default_factory=list)  # one row per epoch
+    resumed_after: int = 0  # epochs done by the interrupted run this one continued (0: trained in one go)
 
     @property
     def seconds_per_epoch(self) -> float:
@@ -52,10 +70,11 @@ class _CurveRecorder:
     The final validation fires on_fit_epoch_end too, but without on_train_epoch_start before it.
     """
 
-    def __init__(self, on_epoch: EpochHook | None) -> None:
-        self.rows: list[dict[str, float]] = []
+    def __init__(self, on_epoch: EpochHook | None, save_to: Path, rows: Sequence[dict[str, float]] = ()) -> None:
+        self.rows: list[dict[str, float]] = list(rows)
         self.in_epoch = False
         self.on_epoch = on_epoch
+        self.save_to = save_to  # kept with last.pt, so a resumed run gets the curve of the epochs before it
 
     def epoch_start(self, trainer: Any) -> None:
         self.in_epoch = True
@@ -71,8 +90,40 @@ class _CurveRecorder:
         row["lr"] = float(trainer.lr.get("lr/pg0", 0.0))
         row["seconds"] = float(trainer.epoch_time or 0.0)
         self.rows.append(row)
+        files.write_json(self.save_to, self.rows)
         if self.on_epoch:
             self.on_epoch(row)
+
+
+def run_key(train_args: dict[str, Any], inputs: Sequence[str | Path]) -> str:
+    """Identity of a training run: its trainer arguments plus the size and mtime of every input file.
+
+    An interrupted run is resumed only under the same key; anything else changed means a clean restart.
+    """
+    digest = hashlib.sha256(json.dumps(train_args, sort_keys=True, default=repr).encode())
+    for root in map(Path, inputs):
+        for f in sorted(root.rglob("*")) if root.is_dir() else [root]:
+            if f.is_file():
+                st = f.stat()
+                digest.update(f"{f.resolve()}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def resumable_epoch(work_dir: Path, key: str, epochs: int) -> int | None:
+    """Epochs done by an interrupted run in `work_dir` that can be continued under `key`, else None.
+
+    A finished run (optimizer stripped), a checkpoint torn by SIGKILL or a run with other inputs is not resumable.
+    """
+    last, saved_key = work_dir / "weights" / "last.pt", work_dir / RUN_KEY
+    if not (last.is_file() and saved_key.is_file()) or saved_key.read_text().strip() != key:
+        return None
+    try:
+        ckpt = torch_load(last, map_location="cpu")
+    except Exception as err:  # noqa: BLE001 - a torn or foreign file of any kind just means: start over
+        log.warning("%s is unreadable (%s): restarting from scratch", last, type(err).__name__)
+        return None
+    done = ckpt.get("epoch", -1) + 1 if isinstance(ckpt, dict) and ckpt.get("optimizer") is not None else 0
+    return done if 0 < done < epochs else None
 
 
 def train_model(
@@ -84,39 +135,47 @@ def train_model(
     on_epoch: EpochHook | None = None,
     trainer: Callable[..., Any] | None = None,
     extra_args: dict[str, Any] | None = None,
+    resume: bool = False,
+    inputs: Sequence[str | Path] = (),
 ) -> TrainResult:
-    """Train `model` on `data_yaml`, saving under `work_dir` (emptied first).
+    """Train `model` on `data_yaml`, saving under `work_dir`.
 
     `trainer` replaces the stock trainer class (e.g. `distill.make_trainer(...)`); `extra_args` are more trainer
-    arguments (e.g. Ultralytics' native `distill_model`/`dis`).
+    arguments (e.g. Ultralytics' native `distill_model`/`dis`). With `resume`, a run in `work_dir` that was
+    interrupted with the same arguments and `inputs` (files or folders) continues from its last.pt; otherwise
+    `work_dir` is emptied and training starts from scratch.
     """
-    shutil.rmtree(work_dir, ignore_errors=True)
-    recorder = _CurveRecorder(on_epoch)
+    args = dict(
+        data=str(data_yaml), epochs=cfg.epochs, imgsz=cfg.imgsz, batch=cfg.batch, lr0=cfg.lr0,
+        optimizer=cfg.optimizer, warmup_epochs=cfg.warmup_epochs, mosaic=cfg.mosaic, close_mosaic=cfg.close_mosaic,
+        workers=cfg.workers, device=cfg.device, amp=cfg.amp, seed=seed, deterministic=True,
+        project=str(work_dir.parent.resolve()), name=work_dir.name, exist_ok=True, plots=True, verbose=False,
+        **(extra_args or {}),
+    )
+    key = run_key({**args, "trainer": repr(trainer), "model": model.model.yaml}, inputs)
+    done = resumable_epoch(work_dir, key, cfg.epochs)
+    if done is not None and resume:
+        log.info("resuming the interrupted run in %s after epoch %d of %d", work_dir, done, cfg.epochs)
+        curve = files.read_json(work_dir / CURVE) if (work_dir / CURVE).is_file() else []
+        rows = [r for r in curve if r["epoch"] <= done]
+        model, args = YOLO(work_dir / "weights" / "last.pt"), {"resume": True, "device": cfg.device}
+    else:
+        if done is not None:
+            log.warning("%s holds a run interrupted after epoch %d; restarting from scratch for a reproducible "
+                        "result (set `resume: true` in params.yaml to continue it instead)", work_dir, done)
+        shutil.rmtree(work_dir, ignore_errors=True)
+        work_dir.mkdir(parents=True)
+        (work_dir / RUN_KEY).write_text(key + "\n")
+        rows = []
+    recorder = _CurveRecorder(on_epoch, work_dir / CURVE, rows)
+    for row in rows:  # this run's tracking gets the whole curve, not just the epochs after the restart
+        if on_epoch:
+            on_epoch(row)
     model.add_callback("on_pretrain_routine_start", use_all_cores)
     model.add_callback("on_train_epoch_start", recorder.epoch_start)
     model.add_callback("on_fit_epoch_end", recorder.fit_epoch_end)
-    model.train(
-        data=str(data_yaml),
-        epochs=cfg.epochs,
-        imgsz=cfg.imgsz,
-        batch=cfg.batch,
-        lr0=cfg.lr0,
-        optimizer=cfg.optimizer,
-        warmup_epochs=cfg.warmup_epochs,
-        mosaic=cfg.mosaic,
-        close_mosaic=cfg.close_mosaic,
-        workers=cfg.workers,
-        device=cfg.device,
-        seed=seed,
-        deterministic=True,
-        project=str(work_dir.parent.resolve()),
-        name=work_dir.name,
-        exist_ok=True,
-        plots=True,
-        verbose=False,
-        trainer=trainer,
-        **(extra_args or {}),
-    )
-    done = model.trainer
-    val = {metric_key(k): float(v) for k, v in done.metrics.items() if k.startswith("metrics/")}
-    return TrainResult(best=Path(done.best), val=val, curve=recorder.rows)
+    model.train(trainer=trainer, **args)
+    done_trainer = model.trainer
+    val = {metric_key(k): float(v) for k, v in done_trainer.metrics.items() if k.startswith("metrics/")}
+    return TrainResult(best=Path(done_trainer.best), val=val, curve=recorder.rows,
+                       resumed_after=done if resume and done is not None else 0)

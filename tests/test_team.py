@@ -1,0 +1,152 @@
+"""Team setups, with the real tools on loopback: an `mlflow server`, a local-folder DVC remote, a parallel queue."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+import yaml
+from mlflow.tracking import MlflowClient
+
+from yolo_compress.compare_distill import PENDING, parse_exp_show, queue_states
+
+from .tiny_pipeline import GIT, STAGES, copy_repo, run
+
+pytestmark = pytest.mark.e2e
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_server(tmp_path: Path) -> Iterator[str]:
+    """`mlflow server` on loopback: SQLite backend, artifacts served through the server (as in the README)."""
+    port = free_port()
+    log = (tmp_path / "server.log").open("w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+         "--artifacts-destination", str(tmp_path / "server-artifacts")],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if requests.get(f"{uri}/health", timeout=2).ok:
+                    break
+            except requests.ConnectionError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"mlflow server did not start:\n{(tmp_path / 'server.log').read_text()[-2000:]}")
+            time.sleep(0.5)
+        yield uri
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+        log.close()
+
+
+def test_whole_pipeline_logs_to_a_shared_mlflow_server(tiny_repo: tuple[Path, dict[str, str]], tmp_path: Path,
+                                                        mlflow_server: str) -> None:
+    root, env = copy_repo(tiny_repo[0], tmp_path / "repo"), tiny_repo[1]
+    local = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    local_exp = local.get_experiment_by_name("yolo-compress").experiment_id
+    local_runs = len(local.search_runs([local_exp]))
+
+    run(["dvc", "repro", "--force"], root, {**env, "MLFLOW_TRACKING_URI": mlflow_server})
+
+    client = MlflowClient(mlflow_server)
+    runs = client.search_runs([client.get_experiment_by_name("yolo-compress").experiment_id])
+    stages = {r.data.tags["dvc.stage"]: r for r in runs if r.data.tags.get("kind") == "stage"}
+    assert set(stages) == STAGES
+    assert len({r.data.tags["mlflow.parentRunId"] for r in stages.values()}) == 1
+    student = stages["train_student"]
+    assert json.loads((root / "metrics/student.json").read_text())["mlflow_run_id"] == student.info.run_id
+    assert {a.path for a in client.list_artifacts(student.info.run_id)} >= {"student.json", "plots"}
+    parent = student.data.tags["mlflow.parentRunId"]
+    assert any(a.path.endswith("summary.md") for a in client.list_artifacts(parent, "report"))
+    assert len(local.search_runs([local_exp])) == local_runs  # nothing went to the repo's own SQLite file
+
+
+def test_local_remote_push_clone_pull_and_metrics_diff(tiny_repo: tuple[Path, dict[str, str]],
+                                                      tmp_path: Path) -> None:
+    root, env = copy_repo(tiny_repo[0], tmp_path / "repo"), tiny_repo[1]
+    run(["dvc", "remote", "add", "-d", "shared", str(tmp_path / "remote")], root, env)
+    run([*GIT, "commit", "-qam", "the team remote"], root, env)
+    tracked = run(["git", "ls-files", "data", "models"], root, env).stdout.split()
+    assert all(Path(f).name in (".gitignore", ".gitkeep") for f in tracked), tracked  # models and data: DVC only
+    run(["dvc", "push"], root, env)
+
+    t0 = time.perf_counter()
+    clone = tmp_path / "clone"
+    run(["git", "clone", "-q", str(root), str(clone)], tmp_path, env)
+    run(["dvc", "pull"], clone, env)
+    status = run(["dvc", "status"], clone, env).stdout
+    print(f"git clone -> dvc pull -> dvc status: {time.perf_counter() - t0:.1f} s")
+    assert "Data and pipelines are up to date" in status
+    assert (clone / "models/pruned.pt").stat().st_size == (root / "models/pruned.pt").stat().st_size
+    assert run(["dvc", "metrics", "diff", "main"], clone, env).stdout.strip() == ""
+
+    # a reviewer's change in the clone shows up key by key against main: dropping a split removes its keys only
+    params = yaml.safe_load((clone / "params.yaml").read_text())
+    params["evaluate"]["splits"] = ["val", "test"]
+    (clone / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run(["dvc", "repro", "evaluate"], clone, env)
+    changed = json.loads(run(["dvc", "metrics", "diff", "main", "--json"], clone, env).stdout)[
+        "metrics/evaluate/student.json"]
+    assert isinstance(changed["test_shift.map50_95"]["old"], float) and changed["test_shift.map50_95"]["new"] is None
+    assert not any(k.startswith(("val.", "test.")) for k in changed)  # scoring is deterministic
+
+
+def wait_for_queue(root: Path, env: dict[str, str], names: list[str], timeout_s: float = 900) -> dict[str, str]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        states = queue_states(run(["dvc", "queue", "status"], root, env).stdout)
+        if not any(states.get(n) in PENDING for n in names):
+            return states
+        if time.monotonic() > deadline:
+            pytest.fail(f"queue still busy after {timeout_s} s: {states}")
+        time.sleep(2)
+
+
+def test_two_parallel_queued_experiments_lose_no_runs(tiny_repo: tuple[Path, dict[str, str]],
+                                                      tmp_path: Path) -> None:
+    root, env = copy_repo(tiny_repo[0], tmp_path / "repo"), tiny_repo[1]
+    (root / "mlflow.db").unlink()  # both workers find no store: the first-creation race must not corrupt it
+    (root / "untracked_teacher.pt").write_bytes((root / "models/teacher.pt").read_bytes())
+
+    names = []
+    for overrides in (["student.seed=1"], ["student.seed=2"], ["distill.teacher=untracked_teacher.pt"]):
+        out = run(["dvc", "exp", "run", "--queue", *[a for o in overrides for a in ("-S", o)], "distill"], root, env)
+        names.append(re.search(r"Queued experiment '([^']+)'", out.stdout).group(1))
+    run(["dvc", "queue", "start", "-j", "2"], root, env)
+    states = wait_for_queue(root, env, names)
+    assert [states.get(n) for n in names] == ["Success", "Success", "Failed"], states
+
+    records, _ = parse_exp_show(json.loads(run(["dvc", "exp", "show", "--json"], root, env).stdout))
+    assert {(r.name, r.seed) for r in records} >= {(names[0], 1), (names[1], 2)}  # both metrics sets arrived
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("yolo-compress").experiment_id])
+    for name, seed in zip(names[:2], (1, 2), strict=True):
+        mine = {r.data.tags["dvc.stage"]: r for r in runs
+                if r.data.tags.get("dvc.exp_name") == name and r.data.tags.get("kind") == "stage"}
+        assert set(mine) == {"train_student", "distill"}, (name, sorted(mine))
+        assert mine["distill"].data.params["seed"] == str(seed)
+        assert "best.map50_95" in mine["distill"].data.metrics
+    # the experiment that needed an untracked file says why, in one line
+    log = run(["dvc", "queue", "logs", names[2]], root, env).stdout
+    assert "untracked_teacher.pt" in log and "sees only files tracked by git or DVC" in log

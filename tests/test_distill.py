@@ -396,3 +396,36 @@ def test_strip_distillation_leaves_plain_student(pair: tuple[nn.Module, nn.Modul
     assert sum(p.numel() for p in s.parameters()) > plain
     strip_distillation(s)
     assert sum(p.numel() for p in s.parameters()) == plain and s.criterion is None
+
+
+class _Stop(KeyboardInterrupt):
+    pass
+
+
+def _stop_in_second_epoch(trainer: Any) -> None:
+    if trainer.epoch == 1:
+        raise _Stop
+
+
+def test_interrupted_distill_stage_run_resumes_to_a_plain_student(tiny_data: Path, teacher_pt: Path,
+                                                                  tmp_path: Path) -> None:
+    from yolo_compress.config import TrainConfig
+    from yolo_compress.models import YOLO
+    from yolo_compress.training import train_model
+
+    cfg = TrainConfig(model="yolo11n.yaml", epochs=2, imgsz=IMGSZ, batch=4, mosaic=0.0, close_mosaic=0, workers=0)
+    trainer = make_trainer(DistillConfig(teacher=str(teacher_pt), loss="cwd"))
+    work = tmp_path / "distill"
+    model = YOLO(cfg.model)
+    model.add_callback("on_train_batch_start", _stop_in_second_epoch)
+    with pytest.raises(_Stop):
+        train_model(cfg, model, tiny_data, work, seed=0, trainer=trainer, inputs=[teacher_pt])
+    assert hasattr(torch_load(work / "weights" / "last.pt", map_location="cpu")["ema"], ADAPTERS)
+
+    resumed = train_model(cfg, YOLO(cfg.model), tiny_data, work, seed=0, trainer=trainer, inputs=[teacher_pt],
+                          resume=True)
+    assert resumed.resumed_after == 1 and [r["epoch"] for r in resumed.curve] == [1, 2]
+    assert all(r["train_dis_loss"] > 0 for r in resumed.curve)
+    student = torch_load(resumed.best, map_location="cpu")["model"]
+    assert not hasattr(student, ADAPTERS)
+    assert sum(p.numel() for p in student.parameters()) == sum(p.numel() for p in build("yolo11n.yaml").parameters())

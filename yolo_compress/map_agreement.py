@@ -60,7 +60,7 @@ def border_share(gt: dict[str, Any]) -> float:
     return touching / max(len(gt["annotations"]), 1)
 
 
-def main_table(models: Sequence[str], split: str, data: Path, imgsz: int) -> str:
+def agreement_table(models: Sequence[str], split: str, data: Path, imgsz: int) -> str:
     view = training_view(data, Path("runs") / "map_agreement" / split, split=split)
     gt = files.read_json(gt_json_for(view))
     lines = [f"# pycocotools vs Ultralytics mAP50-95 ({split}, {len(gt['images'])} images, "
@@ -87,7 +87,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--imgsz", type=int, default=256)
     ap.add_argument("--out", type=Path, default=Path("reports/map_agreement.md"))
     args = ap.parse_args(argv)
-    table = main_table(args.models, args.split, args.data, args.imgsz)
+    table = agreement_table(args.models, args.split, args.data, args.imgsz)
     files.write_text(args.out, table)
     print(table)
 

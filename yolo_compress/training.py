@@ -154,7 +154,8 @@ def train_model(
     )
     key = run_key({**args, "trainer": repr(trainer), "model": model.model.yaml}, inputs)
     done = resumable_epoch(work_dir, key, cfg.epochs)
-    if done is not None and resume:
+    resumed_after = done if resume and done is not None else 0
+    if resumed_after:
         log.info("resuming the interrupted run in %s after epoch %d of %d", work_dir, done, cfg.epochs)
         curve = files.read_json(work_dir / CURVE) if (work_dir / CURVE).is_file() else []
         rows = [r for r in curve if r["epoch"] <= done]
@@ -175,7 +176,6 @@ def train_model(
     model.add_callback("on_train_epoch_start", recorder.epoch_start)
     model.add_callback("on_fit_epoch_end", recorder.fit_epoch_end)
     model.train(trainer=trainer, **args)
-    done_trainer = model.trainer
-    val = {metric_key(k): float(v) for k, v in done_trainer.metrics.items() if k.startswith("metrics/")}
-    return TrainResult(best=Path(done_trainer.best), val=val, curve=recorder.rows,
-                       resumed_after=done if resume and done is not None else 0)
+    trained = model.trainer
+    val = {metric_key(k): float(v) for k, v in trained.metrics.items() if k.startswith("metrics/")}
+    return TrainResult(best=Path(trained.best), val=val, curve=recorder.rows, resumed_after=resumed_after)

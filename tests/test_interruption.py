@@ -22,14 +22,15 @@ from .tiny_pipeline import copy_repo, run
 pytestmark = pytest.mark.e2e
 
 EPOCHS = 4
-LAST = Path("runs/train_student/train/weights/last.pt")
+# Written after last.pt at the end of each epoch: once it exists, the first epoch is wholly saved.
+CURVE = Path("runs/train_student/train/curve.json")
 
 
 def kill_when_first_epoch_is_saved(root: Path, env: dict[str, str], sig: signal.Signals) -> None:
     proc = subprocess.Popen(["dvc", "repro", "train_student"], cwd=root, env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
-    while not (root / LAST).is_file():
+    while not (root / CURVE).is_file():
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
             pytest.fail(f"train_student ended (exit {proc.returncode}) or stalled before saving its first epoch")

@@ -81,6 +81,11 @@ def test_an_interrupted_run_resumes_where_it_stopped_only_when_asked(data_yaml: 
     key = (work / RUN_KEY).read_text().strip()
     assert resumable_epoch(work, key, cfg.epochs) == 1
     assert resumable_epoch(work, "another-key", cfg.epochs) is None  # other params or inputs: never resumed
+    curve = work / "curve.json"
+    saved = curve.read_bytes()
+    curve.unlink()  # as if killed after last.pt was written but before the epoch-end callback saved the curve
+    assert resumable_epoch(work, key, cfg.epochs) is None
+    curve.write_bytes(saved)
 
     seen: list[float] = []
     resumed = train_model(cfg, YOLO(cfg.model), data_yaml, work, seed=3, resume=True,

@@ -123,7 +123,16 @@ def resumable_epoch(work_dir: Path, key: str, epochs: int) -> int | None:
         log.warning("%s is unreadable (%s): restarting from scratch", last, type(err).__name__)
         return None
     done = ckpt.get("epoch", -1) + 1 if isinstance(ckpt, dict) and ckpt.get("optimizer") is not None else 0
-    return done if 0 < done < epochs else None
+    if not 0 < done < epochs:
+        return None
+    # Ultralytics saves last.pt before the epoch-end callback that saves the curve: an interruption in
+    # between leaves a checkpoint whose last epoch has no curve row, and a resumed curve would lack it.
+    curve = files.read_json(work_dir / CURVE) if (work_dir / CURVE).is_file() else []
+    if {r["epoch"] for r in curve} < set(range(1, done + 1)):
+        log.warning("%s lacks the curve of epoch %d (interrupted while saving it): restarting from scratch",
+                    work_dir / CURVE, done)
+        return None
+    return done
 
 
 def train_model(
@@ -157,8 +166,7 @@ def train_model(
     resumed_after = done if resume and done is not None else 0
     if resumed_after:
         log.info("resuming the interrupted run in %s after epoch %d of %d", work_dir, done, cfg.epochs)
-        curve = files.read_json(work_dir / CURVE) if (work_dir / CURVE).is_file() else []
-        rows = [r for r in curve if r["epoch"] <= done]
+        rows = [r for r in files.read_json(work_dir / CURVE) if r["epoch"] <= done]
         model, args = YOLO(work_dir / "weights" / "last.pt"), {"resume": True, "device": cfg.device}
     else:
         if done is not None:

@@ -13,6 +13,7 @@ import pytest
 
 from yolo_compress.compare_distill import (
     Record,
+    active_workers,
     format_table,
     grid_overrides,
     latest_per_run,
@@ -113,6 +114,9 @@ def test_queue_status_text_is_parsed() -> None:
     text = ("Task     Name        Created    Status\n2c0e628  utile-hoot  11:29 AM   Queued\n"
             "ad4da93  ninth-obit  Nov 22, 2026   Failed\n\nWorker status: 0 active, 0 idle\n")
     assert queue_states(text) == {"utile-hoot": "Queued", "ninth-obit": "Failed"}
+    assert active_workers(text) == 0
+    assert active_workers(text.replace("0 active", "2 active")) == 2
+    assert active_workers("Task  Name  Created  Status\n") is None
 
 
 # ---------------------------------------------------------------------------------------------- real dvc, tiny

@@ -227,13 +227,29 @@ def queue_states(status_text: str) -> dict[str, str]:
     return states
 
 
-def wait_for(names: Sequence[str], poll_s: float = 30.0) -> None:
-    """Block until none of `names` is queued or running."""
+def active_workers(status_text: str) -> int | None:
+    """Active worker count from `dvc queue status`'s last line ("Worker status: 0 active, 0 idle"), None if absent."""
+    found = re.search(r"Worker status:\s*(\d+) active", status_text)
+    return int(found.group(1)) if found else None
+
+
+def wait_for(names: Sequence[str], poll_s: float = 30.0, jobs: int = 1) -> None:
+    """Block until none of `names` is queued or running; restart the workers if they vanished with work queued."""
+    stalled = 0  # consecutive polls with work queued and no worker: two in a row, not a worker just starting up
     while True:
-        states = queue_states(_dvc("queue", "status"))
+        text = _dvc("queue", "status")
+        states = queue_states(text)
         pending = [n for n in names if states.get(n) in PENDING]
         if not pending:
             return
+        idle = active_workers(text) == 0 and all(states[n] == "Queued" for n in pending)
+        stalled = stalled + 1 if idle else 0
+        if stalled >= 2:
+            # seen in a long grid: the worker exited with experiments still queued, which would wait forever
+            stalled = 0
+            log.warning("no DVC queue worker is running but %d experiments are queued: starting workers again",
+                        len(pending))
+            _dvc("queue", "start", "-j", str(jobs))
         log.info("%d of %d experiments still queued or running", len(pending), len(names))
         time.sleep(poll_s)
 
@@ -256,7 +272,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         _check_committed()
         names = queue_grid(args.losses, args.seeds)
         _dvc("queue", "start", "-j", str(args.jobs))
-        wait_for(names, args.poll)
+        wait_for(names, args.poll, args.jobs)
     records, skipped = parse_exp_show(json.loads(_dvc("exp", "show", "--json")))
     wanted = [r for r in records if r.loss in args.losses and r.seed in args.seeds]
     if not wanted:

@@ -119,7 +119,7 @@ EVAL_SPLITS = ("val", "test", "test_shift")
 class DistillConfig:
     """`distill:` section. The student trains on the `student:` budget (same epochs, lr, seed), plus a teacher."""
 
-    loss: str = "cwd"  # (str) sl2 (Ultralytics native) | mgd | cwd | logit
+    loss: str = "logit"  # (str) sl2 (Ultralytics native) | mgd | cwd | logit
     teacher: str = ""  # (str) '' = models/teacher.pt from train_teacher, or a local teacher .pt (same task, nc, kpts)
     weight: float | None = None  # (float) global loss weight; null = the loss's default (sl2 6, mgd 1, cwd 10, logit 1)
     schedule: str = "constant"  # (str) weight by global step: constant | cosine (decays to 0) | off_last

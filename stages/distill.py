@@ -18,9 +18,9 @@ import mlflow
 
 from yolo_compress import distill, files
 from yolo_compress.config import load_params, section_dict
-from yolo_compress.dataset import load_summary, training_view
+from yolo_compress.dataset import training_view
 from yolo_compress.errors import stage_entrypoint
-from yolo_compress.models import check_task, dataset_head, load_model, model_size
+from yolo_compress.models import model_size
 from yolo_compress.tracking import stage_run
 from yolo_compress.training import check_one_device, train_model
 
@@ -45,8 +45,6 @@ def main() -> None:
     args = parse_args()
     params = load_params(args.params)
     cfg, dcfg, seed = params.student, params.distill, params.student_seed
-    teacher = Path(dcfg.teacher) if dcfg.teacher else args.teacher
-    teacher_key = "distill.teacher" if dcfg.teacher else "--teacher"
 
     # Every check before the first epoch: a bad input costs seconds, not a training run.
     distill.check_native(dcfg)
@@ -54,11 +52,7 @@ def main() -> None:
         check_one_device(cfg.device, "student.device", f"{dcfg.loss} distillation (a custom trainer)")
     if dcfg.unlabeled:
         distill.unlabeled_images(dcfg.unlabeled)
-    summary = load_summary(args.data)
-    data = dataset_head(summary)
-    model = load_model(cfg.model, "student.model")
-    check_task(model, "student.model", cfg.model, data, args.data)
-    distill.check_teacher(teacher, teacher_key, model, data, str(args.data), cfg.imgsz)
+    model, teacher, data = distill.checked_inputs(cfg, dcfg, args.data, args.teacher)
     student_metrics = files.read_json(args.student_metrics)
     if dcfg.loss == "sl2" and dcfg.fuse_teacher:
         log.info("distill.fuse_teacher does not apply to sl2: Ultralytics' native path runs the teacher as saved")

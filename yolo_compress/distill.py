@@ -35,7 +35,8 @@ from ultralytics.utils import DEFAULT_CFG, RANK
 from ultralytics.utils.patches import imread, torch_load
 from ultralytics.utils.torch_utils import unwrap_model
 
-from yolo_compress.config import DISTILL_LOSSES, DISTILL_SCHEDULES, DistillConfig
+from yolo_compress.config import DISTILL_LOSSES, DISTILL_SCHEDULES, DistillConfig, TrainConfig
+from yolo_compress.dataset import load_summary
 from yolo_compress.distill_losses import (
     LOSSES,
     clone_tree,
@@ -47,7 +48,7 @@ from yolo_compress.distill_losses import (
     take_images,
 )
 from yolo_compress.errors import DatasetError, ModelError, ParamsError
-from yolo_compress.models import ModelInfo, check_same_head, load_model, model_info
+from yolo_compress.models import YOLO, ModelInfo, check_same_head, check_task, dataset_head, load_model, model_info
 
 __all__ = [
     "METHODS",
@@ -59,6 +60,7 @@ __all__ = [
     "build_adapters",
     "check_native",
     "check_pair",
+    "checked_inputs",
     "check_teacher",
     "cwd_loss",
     "distill_layers",
@@ -409,6 +411,18 @@ def check_teacher(teacher: str | Path, key: str, student: Any, data: ModelInfo, 
     if t_strides != s_strides:
         raise ModelError(f"teacher {teacher} head strides {t_strides} differ from student head strides {s_strides}; "
                          "pick a teacher from a family with the same P3-P5 head levels")
+
+
+def checked_inputs(student: TrainConfig, cfg: DistillConfig, data_dir: Path,
+                   pipeline_teacher: Path) -> tuple[YOLO, Path, ModelInfo]:
+    """Before training: the student built from `student.model`, the teacher path (`distill.teacher`, else
+    `pipeline_teacher`) and the dataset's head, both models checked against the prepared dataset in `data_dir`."""
+    teacher, key = (Path(cfg.teacher), "distill.teacher") if cfg.teacher else (pipeline_teacher, "--teacher")
+    data = dataset_head(load_summary(data_dir))
+    model = load_model(student.model, "student.model")
+    check_task(model, "student.model", student.model, data, data_dir)
+    check_teacher(teacher, key, model, data, str(data_dir), student.imgsz)
+    return model, teacher, data
 
 
 def check_native(cfg: DistillConfig) -> None:

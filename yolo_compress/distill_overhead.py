@@ -25,9 +25,9 @@ from typing import Any
 
 from yolo_compress import distill, files
 from yolo_compress.config import DISTILL_LOSSES, load_params
-from yolo_compress.dataset import load_summary, training_view
+from yolo_compress.dataset import training_view
 from yolo_compress.errors import stage_entrypoint
-from yolo_compress.models import check_task, dataset_head, load_model, model_size
+from yolo_compress.models import load_model, model_size
 from yolo_compress.training import train_model
 
 log = logging.getLogger("yolo_compress.distill_overhead")
@@ -100,12 +100,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     # Mosaic stays on, as in most epochs of the real schedule (it is closed only for the last close_mosaic).
     cfg = dataclasses.replace(params.student, epochs=args.epochs, close_mosaic=0)
     dcfg = params.distill
-    teacher = Path(dcfg.teacher) if dcfg.teacher else args.teacher
-    data = dataset_head(load_summary(args.data))
-    student = load_model(cfg.model, "student.model")
-    check_task(student, "student.model", cfg.model, data, args.data)
-    distill.check_teacher(teacher, "distill.teacher" if dcfg.teacher else "--teacher", student, data,
-                          str(args.data), cfg.imgsz)
+    _, teacher, data = distill.checked_inputs(cfg, dcfg, args.data, args.teacher)
 
     methods = [PLAIN, *args.losses]
     loop: dict[str, list[float]] = {m: [] for m in methods}

@@ -26,7 +26,7 @@ from yolo_compress.errors import UserError
 from yolo_compress.files import read_json
 
 __all__ = ["Inputs", "load_inputs", "build_summary", "prune_ratio", "pareto_front", "plot_pareto",
-           "plot_prune_curve"]
+           "plot_prune_curve", "missing_report_keys"]
 
 MACHINE_FILE = "machine.json"
 
@@ -364,3 +364,51 @@ def plot_prune_curve(inp: Inputs, path: str | Path) -> None:
     _save(fig, path)
     _close(fig)
 
+
+# Keys each metrics file must carry for the table and plots above; freshness checks committed metrics against them.
+REQUIRED_KEYS = {
+    "benchmark": (("model", "gflops"), ("model", "params_m"), ("model", "size_mb"), ("torch", "latency_ms_p50")),
+    "prune.json": (("ratio", "gflops_removed"),),
+    "student.json": (("teacher_gap", "map50_95"), ("teacher_gap", "teacher_clearly_better")),
+}
+EVAL_KEYS = ("map50", "map50_95")  # per split of evaluate/<model>.json
+
+
+def missing_report_keys(metrics_dir: str | Path) -> list[str]:
+    """`file: key` for every key the report reads that a metrics file in `metrics_dir` lacks (or cannot parse)."""
+    metrics_dir = Path(metrics_dir)
+    missing: list[str] = []
+
+    def lacks(path: Path, keys_of: Callable[[Any], Iterable[tuple[str, ...]]]) -> None:
+        try:
+            data = read_json(path)
+        except UserError as err:
+            missing.append(str(err).split(";")[0])
+            return
+        for key in keys_of(data):
+            node: Any = data
+            for part in key:
+                node = node.get(part) if isinstance(node, Mapping) else None
+            if isinstance(node, bool) or not isinstance(node, (int, float)):
+                missing.append(f"{path}: {'.'.join(key)}")
+
+    def eval_keys(data: Any) -> list[tuple[str, ...]]:
+        splits = [s for s, v in data.items() if isinstance(v, Mapping)] if isinstance(data, Mapping) else []
+        return [(s, k) for s in splits for k in EVAL_KEYS] if splits else [("<split>", EVAL_KEYS[1])]
+
+    def bench_keys(data: Any) -> tuple[tuple[str, ...], ...]:
+        onnx = isinstance(data, Mapping) and isinstance(data.get("onnx"), Mapping)
+        return REQUIRED_KEYS["benchmark"] + ((("onnx", "latency_ms_p50"),) if onnx else ())
+
+    evals = sorted((metrics_dir / "evaluate").glob("*.json"))
+    if not evals:
+        missing.append(f"{metrics_dir / 'evaluate'}/*.json: no file")
+    for path in evals:
+        lacks(path, eval_keys)
+    for path in sorted((metrics_dir / "benchmark").glob("*.json")):
+        if path.name != MACHINE_FILE:
+            lacks(path, bench_keys)
+    for name in ("prune.json", "student.json"):
+        if (metrics_dir / name).is_file():
+            lacks(metrics_dir / name, lambda _data, n=name: REQUIRED_KEYS[n])
+    return missing

@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from yolo_compress.config import READS_ENV
+
 REPO = Path(__file__).resolve().parents[1]
 TINY = {
     "data": {"image_size": 96, "train_images": 12, "val_images": 6, "test_images": 4, "test_shift_images": 4},
@@ -60,10 +62,15 @@ def make_repo(dst: Path) -> tuple[Path, dict[str, str]]:
     run(["git", "init", "-q", "-b", "main"], dst, env)
     run([*GIT, "add", "-A"], dst, env)
     run([*GIT, "commit", "-qm", "tiny"], dst, env)
-    run(["dvc", "repro"], dst, env)
+    run(["dvc", "repro"], dst, {**env, READS_ENV: str(reads_file(dst))})  # each stage notes the params it read
     run([*GIT, "add", "-A"], dst, env)
     run([*GIT, "commit", "-qm", "tiny pipeline results"], dst, env)  # as a user commits dvc.lock and metrics
     return dst, env
+
+
+def reads_file(repo: Path) -> Path:
+    """Where the first `dvc repro` of a tiny repo left the params keys each stage read (config.READS_ENV)."""
+    return repo.parent / "params_reads.jsonl"
 
 
 def copy_repo(src: Path, dst: Path) -> Path:

@@ -14,14 +14,12 @@ import logging
 import statistics
 from pathlib import Path
 
-import mlflow
-
 from yolo_compress import distill, files
 from yolo_compress.config import load_params, section_dict
 from yolo_compress.dataset import training_view
 from yolo_compress.errors import stage_entrypoint
 from yolo_compress.models import model_size
-from yolo_compress.tracking import stage_run
+from yolo_compress.tracking import log_artifact, log_epoch, log_metrics, stage_run
 from yolo_compress.training import check_one_device, train_model
 
 log = logging.getLogger("yolo_compress.distill")
@@ -63,7 +61,7 @@ def main() -> None:
               "student": section_dict(cfg), "seed": seed}
     with stage_run(STAGE, logged) as run:
         result = train_model(cfg, model, data_yaml, work / "train", seed,
-                             on_epoch=lambda row: mlflow.log_metrics(row, step=int(row["epoch"])),
+                             on_epoch=log_epoch,
                              resume=params.resume, inputs=[args.data, cfg.model, teacher],
                              **distill.training_setup(dcfg, teacher, data.task))
         distill.plain_student_checkpoint(result.best)
@@ -86,17 +84,17 @@ def main() -> None:
             "model": size,
             "mlflow_run_id": run.info.run_id,
         }
-        mlflow.log_metrics({f"best.{k}": v for k, v in result.val.items()})
-        mlflow.log_metrics({f"{k}.{m}": v for k, sec in metrics.items() if k in ("train", "distill", "vs_student")
+        log_metrics({f"best.{k}": v for k, v in result.val.items()})
+        log_metrics({f"{k}.{m}": v for k, sec in metrics.items() if k in ("train", "distill", "vs_student")
                             for m, v in sec.items()})
 
         files.copy_file(result.best, args.out)
         files.write_json(args.plots, result.curve)
         files.write_json(args.metrics, metrics)
-        mlflow.log_artifact(str(args.metrics))
-        mlflow.log_artifact(str(args.plots), artifact_path="plots")  # same file name as the metrics file
+        log_artifact(str(args.metrics))
+        log_artifact(str(args.plots), artifact_path="plots")  # same file name as the metrics file
         for png in sorted((work / "train").glob("*.png")):
-            mlflow.log_artifact(str(png), artifact_path="plots")
+            log_artifact(str(png), artifact_path="plots")
     log.info("distill (%s): val mAP50-95 %.4f (%+.4f vs student) -> %s", dcfg.loss, result.val.get("map50_95", 0.0),
              metrics["vs_student"]["map50_95_gain"], args.out)
 

@@ -12,8 +12,6 @@ import logging
 import time
 from pathlib import Path
 
-import mlflow
-
 from yolo_compress import files, pruning
 from yolo_compress.benchmark import gflops_ultralytics
 from yolo_compress.config import DistillConfig, Params, load_params, section_dict
@@ -23,7 +21,7 @@ from yolo_compress.evaluation import evaluate_split
 from yolo_compress.models import YOLO, check_same_head, dataset_head, load_model, model_info
 from yolo_compress.pruning import count_params
 from yolo_compress.splitfree import unsupported_blocks
-from yolo_compress.tracking import stage_run
+from yolo_compress.tracking import child_run, log_artifact, log_metrics, log_params, set_tag, stage_run
 from yolo_compress.training import check_one_device, use_all_cores
 
 log = logging.getLogger("yolo_compress.prune")
@@ -104,15 +102,15 @@ def main() -> None:
         taylor = cfg.importance == "taylor"
         calib = pruning.calibration_batches(data_yaml, st.imgsz, st.batch, TAYLOR_BATCHES, task) if taylor else []
         for k, ratio in enumerate(ratios, 1):
-            with mlflow.start_run(nested=True, run_name=f"round {k}", experiment_id=run.info.experiment_id):
+            with child_run(f"round {k}"):
                 t0, dst = time.perf_counter(), tmp_rounds / f"round_{k}.pt"
                 info = pruning.prune_finetune_round(
                     current, dst, ratio, work / f"round_{k}", score, importance=cfg.importance, round_to=cfg.round_to,
                     measure=cfg.measure, epochs=cfg.finetune_epochs, calib=calib, meta={"round": k}, **ft)
                 rows.append(row(k, dst, info["map50_95_before"], t0))
                 current = dst
-                mlflow.log_params({"round": k, "ratio": ratio, "channel_ratio": info["channel_ratio"]})
-                mlflow.log_metrics({key: v for key, v in rows[-1].items() if key != "round"})
+                log_params({"round": k, "ratio": ratio, "channel_ratio": info["channel_ratio"]})
+                log_metrics({key: v for key, v in rows[-1].items() if key != "round"})
                 log.info("prune round %(round)d: %(gflops).4f GFLOPs, %(params_m).3fM params, val mAP50-95 "
                          "%(map50_95_before).4f before, %(map50_95_after).4f after fine-tune", rows[-1])
             if base - rows[-1]["map50_95_after"] > cfg.max_map_drop:
@@ -125,7 +123,7 @@ def main() -> None:
                        f"the input's {base:.4f}. Keeping round {keep} as {args.out}"
                        f"{'' if keep < done else ', though it is outside the bound too (no round is inside)'}.")
             log.warning("\n%s\n%s\n%s", "!" * 100, warning, "!" * 100)
-            mlflow.set_tag("warning", warning)
+            set_tag("warning", warning)
         kept, first = rows[keep], rows[0]
         files.copy_file(tmp_rounds / f"round_{keep}.pt", args.out)
         if count_params(YOLO(str(args.out))) != count_params(YOLO(str(tmp_rounds / f"round_{keep}.pt"))):
@@ -140,11 +138,11 @@ def main() -> None:
             "time": {"seconds_total": sum(r["seconds"] for r in rows)},
             "mlflow_run_id": run.info.run_id,
         }
-        mlflow.log_metrics({f"{g}.{k}": v for g, d in metrics.items() if isinstance(d, dict) for k, v in d.items()})
+        log_metrics({f"{g}.{k}": v for g, d in metrics.items() if isinstance(d, dict) for k, v in d.items()})
         files.write_json(args.plots, rows)
         files.write_json(args.metrics, metrics)
-        mlflow.log_artifact(str(args.metrics))
-        mlflow.log_artifact(str(args.plots))
+        log_artifact(str(args.metrics))
+        log_artifact(str(args.plots))
     log.info("prune: %.4f -> %.4f GFLOPs, val mAP50-95 %.4f -> %.4f (round %d) -> %s", first["gflops"],
              kept["gflops"], base, kept["map50_95_after"], keep, args.out)
 

@@ -10,15 +10,13 @@ import argparse
 import logging
 from pathlib import Path
 
-import mlflow
-
 from yolo_compress import files
 from yolo_compress.config import load_params, section_dict
 from yolo_compress.dataset import load_summary, training_view
 from yolo_compress.errors import stage_entrypoint
 from yolo_compress.metrics import teacher_gap
 from yolo_compress.models import check_same_head, check_task, dataset_head, load_model, model_info, model_size
-from yolo_compress.tracking import stage_run
+from yolo_compress.tracking import log_artifact, log_epoch, log_metrics, set_tag, stage_run
 from yolo_compress.training import train_model
 
 log = logging.getLogger("yolo_compress.train")
@@ -59,7 +57,7 @@ def main() -> None:
     logged = {**section_dict(cfg), "seed": seed}
     with stage_run(stage, logged) as run:
         result = train_model(cfg, model, data_yaml, work / "train", seed,
-                             on_epoch=lambda row: mlflow.log_metrics(row, step=int(row["epoch"])),
+                             on_epoch=log_epoch,
                              resume=params.resume, inputs=[args.data, cfg.model])
         metrics = {
             "val": result.val,
@@ -76,17 +74,17 @@ def main() -> None:
                            f"want >= {cfg.min_teacher_gap}). Distilling from it will likely lower accuracy: "
                            "train the teacher longer (teacher.epochs) or pick a stronger teacher.model.")
                 log.warning("\n%s\n%s\n%s", "!" * 100, warning, "!" * 100)
-                mlflow.set_tag("warning", warning)
+                set_tag("warning", warning)
         metrics["mlflow_run_id"] = run.info.run_id
-        mlflow.log_metrics({f"best.{k}": v for k, v in result.val.items()})
+        log_metrics({f"best.{k}": v for k, v in result.val.items()})
 
         files.copy_file(result.best, args.out)
         files.write_json(args.plots, result.curve)
         files.write_json(args.metrics, metrics)
-        mlflow.log_artifact(str(args.metrics))
-        mlflow.log_artifact(str(args.plots))
+        log_artifact(str(args.metrics))
+        log_artifact(str(args.plots))
         for png in sorted((work / "train").glob("*.png")):
-            mlflow.log_artifact(str(png), artifact_path="plots")
+            log_artifact(str(png), artifact_path="plots")
     log.info("%s: val mAP50-95 %.4f -> %s", stage, result.val.get("map50_95", 0.0), args.out)
 
 

@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import requests
 
 from yolo_compress.models import YOLO
 
 from .tiny_pipeline import REPO, make_repo
 
-__all__ = ["REPO"]
+__all__ = ["REPO", "MlflowServer", "free_port"]
 
 
 @pytest.fixture(scope="session")
@@ -42,3 +50,64 @@ def random_model(path: Path, nc: int = 2, pose: bool = False) -> Path:
     model.ckpt = {"train_args": {"task": model.task}}  # else the loader takes the default task, detect
     model.save(path)
     return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class MlflowServer:
+    """`mlflow server` on loopback: SQLite backend, artifacts served through the server (as in the README).
+
+    `stop()` kills it like a crash would; `start()` brings it back on the same port and store.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root, self.port = root, free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout_s: float = 120) -> None:
+        log = (self.root / "server.log").open("a")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
+             "--workers", "1", "--backend-store-uri", f"sqlite:///{self.root / 'server.db'}",
+             "--artifacts-destination", str(self.root / "server-artifacts")],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        log.close()
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                if requests.get(f"{self.uri}/health", timeout=2).ok:
+                    return
+            except requests.ConnectionError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                pytest.fail(f"mlflow server did not start:\n{(self.root / 'server.log').read_text()[-2000:]}")
+            time.sleep(0.5)
+
+    def stop(self, sig: signal.Signals = signal.SIGKILL) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, sig)
+            self.proc.wait(timeout=30)
+
+
+@pytest.fixture
+def restartable_mlflow_server(tmp_path: Path) -> Iterator[MlflowServer]:
+    """A started `MlflowServer` under tmp_path/mlflow-server, stopped at the end."""
+    (tmp_path / "mlflow-server").mkdir()
+    server = MlflowServer(tmp_path / "mlflow-server")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop(signal.SIGTERM)
+
+
+@pytest.fixture
+def mlflow_server(restartable_mlflow_server: MlflowServer) -> str:
+    """The URI of a started `mlflow server` on loopback."""
+    return restartable_mlflow_server.uri

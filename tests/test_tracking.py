@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -10,6 +11,7 @@ import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
+from yolo_compress import mlflow_buffer as buf
 from yolo_compress import tracking
 from yolo_compress.errors import UserError
 
@@ -74,3 +76,60 @@ def test_parallel_first_use_of_a_fresh_sqlite_store_is_safe(tmp_path: Path) -> N
     outs = [(p.communicate(timeout=300), p.returncode) for p in procs]
     assert [rc for _, rc in outs] == [0] * 6, [err[-500:] for (_, err), _ in outs]
     assert len({out.strip() for (out, _), _ in outs}) == 1  # one experiment, seen by all
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_runs_left_running_by_a_gone_process_are_marked_killed_at_the_next_start(isolated_mlflow: str,
+                                                                                 tmp_path: Path) -> None:
+    client, exp = tracking.open_experiment(isolated_mlflow)
+    gone = {buf.HOST: socket.gethostname(), buf.PID: str(_dead_pid()), buf.PID_START: "1.0"}
+    mine = buf.owner_tags()  # a live owner: this test process
+
+    def running(stage: str, owner: dict[str, str], **tags: str) -> str:
+        return client.create_run(exp, tags={"dvc.stage": stage, **owner, **tags}).info.run_id
+
+    pipeline = client.create_run(exp, tags={"kind": "pipeline", **gone}).info.run_id
+    sigkilled = running("train_teacher", gone, **{buf.PARENT: pipeline})
+    its_round = running("train_teacher", gone, **{buf.PARENT: sigkilled})
+    live = running("train_teacher", mine)
+    other_stage = running("train_student", gone)
+    buffered = running("train_teacher", gone)
+    (tmp_path / buf.BUFFER_DIR).mkdir()
+    (tmp_path / buf.BUFFER_DIR / f"{buffered}.jsonl").write_text("")  # its end status waits for `upload`
+
+    with tracking.stage_run("train_teacher", {}):
+        pass
+    status = {r: client.get_run(r).info.status for r in (sigkilled, its_round, pipeline, live, other_stage, buffered)}
+    assert status == {sigkilled: "KILLED", its_round: "KILLED", pipeline: "KILLED", live: "RUNNING",
+                      other_stage: "RUNNING", buffered: "RUNNING"}
+
+
+@pytest.mark.parametrize(("error", "status"), [(ValueError, "FAILED"), (KeyboardInterrupt, "KILLED")])
+def test_a_stage_that_fails_or_is_interrupted_ends_its_runs_so(isolated_mlflow: str, error: type[BaseException],
+                                                               status: str) -> None:
+    with pytest.raises(error), tracking.stage_run("prune", {}) as run, tracking.child_run("round 1") as child:
+        raise error
+    client = MlflowClient(isolated_mlflow)
+    assert client.get_run(run.info.run_id).info.status == status
+    assert client.get_run(child).info.status == status
+    assert client.get_run(child).data.tags[buf.PARENT] == run.info.run_id
+    assert mlflow.active_run() is None
+
+
+def test_sigterm_marks_the_run_killed_and_exits_143(isolated_mlflow: str, tmp_path: Path) -> None:
+    code = ("import sys, time; from yolo_compress import tracking\n"
+            "with tracking.stage_run('train_student', {}) as run:\n"
+            "    print(run.info.run_id, flush=True); time.sleep(120)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "MLFLOW_TRACKING_URI": isolated_mlflow, "DVC_ROOT": str(tmp_path)})
+    run_id = proc.stdout.readline().strip()
+    proc.terminate()
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err[-2000:]
+    assert "Traceback" not in err
+    assert MlflowClient(isolated_mlflow).get_run(run_id).info.status == "KILLED"

@@ -1,5 +1,8 @@
 """Stage evaluate: pycocotools scores of every model on every eval split, one metrics file per model.
 
+The splits are `evaluate.splits`, or every eval split of the prepared data (val, and test / test_shift when it
+has them) when that is null; a listed split the data lacks stops the stage before any model runs.
+
     python stages/evaluate.py --data data/prepared --models-dir models --out-dir metrics/evaluate \
         --predictions-dir reports/predictions
 
@@ -19,7 +22,7 @@ import mlflow
 
 from yolo_compress import files
 from yolo_compress.config import load_params, section_dict
-from yolo_compress.dataset import training_view
+from yolo_compress.dataset import eval_splits, load_summary, training_view
 from yolo_compress.errors import DatasetError, stage_entrypoint
 from yolo_compress.evaluation import evaluate_split_with_predictions, gt_json_for
 from yolo_compress.models import pipeline_models
@@ -38,7 +41,8 @@ def parse_args() -> argparse.Namespace:
 
 
 def check_splits(splits: list[str], data: Path) -> None:
-    """Every split has its yaml and COCO ground truth: fail before the slow part."""
+    """Every split has its yaml and COCO ground truth (a dataset.json edited by hand may claim more): fail before the
+    slow part."""
     for split in splits:
         split_yaml = data / "splits" / f"{split}.yaml"
         if not split_yaml.is_file():
@@ -52,15 +56,17 @@ def main() -> None:
     args = parse_args()
     cfg = load_params(args.params).evaluate
     models = pipeline_models(args.models_dir, cfg.models, "evaluate.models")
-    check_splits(cfg.splits, args.data)
+    # evaluate.splits null: every eval split the prepared data has (a user dataset may lack test or test_shift)
+    splits = eval_splits(cfg.splits, list(load_summary(args.data)["images"]), args.data)
+    check_splits(splits, args.data)
 
     # Ultralytics writes label caches beside the labels: score scratch views, never the DVC-tracked dataset.
-    views = {split: training_view(args.data, Path("runs") / "evaluate" / split, split=split) for split in cfg.splits}
-    with stage_run("evaluate", section_dict(cfg)) as run:
+    views = {split: training_view(args.data, Path("runs") / "evaluate" / split, split=split) for split in splits}
+    with stage_run("evaluate", {**section_dict(cfg), "splits": splits}) as run:
         with files.atomic_dir(args.out_dir) as out_tmp, files.atomic_dir(args.predictions_dir) as pred_tmp:
             for name, pt in models.items():
                 metrics: dict[str, object] = {}
-                for split in cfg.splits:
+                for split in splits:
                     scores, dets = evaluate_split_with_predictions(
                         pt, views[split], cfg.imgsz,
                         conf=cfg.conf, iou=cfg.iou, batch=cfg.batch)

@@ -1,6 +1,10 @@
 """Stage prepare: generate the built-in synthetic dataset (or import and validate yours) into one folder.
 
     python stages/prepare.py --out data/prepared --metrics metrics/prepare.json
+
+Then, before any stage trains, it checks what the later stages will need from this dataset: every model params.yaml
+names (teacher.model, student.model, distill.teacher, prune.model) and an explicit evaluate.splits list. A mistake
+stops the pipeline here with one line instead of in its own stage, an hour of training later.
 """
 
 from __future__ import annotations
@@ -13,8 +17,9 @@ import mlflow
 
 from yolo_compress import files
 from yolo_compress.config import load_params, section_dict
-from yolo_compress.dataset import prepare_dataset
+from yolo_compress.dataset import eval_splits, prepare_dataset
 from yolo_compress.errors import stage_entrypoint
+from yolo_compress.models import check_params_models
 from yolo_compress.tracking import stage_run
 
 log = logging.getLogger("yolo_compress.prepare")
@@ -41,6 +46,8 @@ def main() -> None:
 
     with stage_run("prepare", {**section_dict(params.data), "seed": params.seed}) as run:
         summary = prepare_dataset(params.data, params.seed, args.out)
+        eval_splits(params.evaluate.splits, list(summary["images"]), args.out)
+        check_params_models(params, args.out)
         metrics = {**dataset_metrics(summary), "mlflow_run_id": run.info.run_id}
         files.write_json(args.metrics, metrics)
         mlflow.log_artifact(str(args.metrics))

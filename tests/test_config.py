@@ -36,6 +36,9 @@ def test_repo_params_load_with_documented_types() -> None:
         ("student:\n  model: yolo11n.yaml\n  epochs: 2.5\n", "student.epochs: expected int, got 2.5"),
         ("data:\n  task: segment\n", "data.task: expected one of detect, pose, got 'segment'"),
         ("data:\n  val_images: 0\n", "data.val_images: expected an int >= 1"),
+        ("data:\n  max_unlabeled_share: 1.5\n", "data.max_unlabeled_share: expected a float in [0, 1], got 1.5"),
+        ("evaluate:\n  splits: [val, tset]\n", "evaluate.splits: expected a non-empty list of distinct names from "
+                                               "val, test, test_shift, got ['val', 'tset']"),
         ("student:\n  model: yolo11n.yaml\n  imgsz: 100\n", "student.imgsz: expected a multiple of 32"),
         ("student:\n  model: resnet.onnx\n", "student.model: expected a model .yaml or a local .pt path"),
         ("student:\n  epochs: 3\n", "missing key 'student.model'"),
@@ -62,6 +65,13 @@ def test_ints_are_accepted_for_floats(tmp_path: Path) -> None:
     assert params.student.lr0 == pytest.approx(1e-3)
     params = load_params(write(tmp_path, "teacher:\n  model: yolo11s.yaml\n  warmup_epochs: 2\n"))
     assert isinstance(params.teacher.warmup_epochs, float)
+
+
+def test_evaluate_splits_default_to_the_prepared_data(tmp_path: Path) -> None:
+    """null (the default) means every eval split prepare made; an explicit list is kept as given."""
+    assert load_params(REPO / "params.yaml").evaluate.splits is None
+    assert load_params(write(tmp_path, "evaluate:\n  splits: null\n")).evaluate.splits is None
+    assert load_params(write(tmp_path, "evaluate:\n  splits: [test, val]\n")).evaluate.splits == ["test", "val"]
 
 
 @pytest.mark.parametrize(("stage", "section", "cls"), [

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import io
 import json
@@ -22,6 +23,7 @@ from yolo_compress.dataset import (
     SPLITS,
     LabeledImage,
     coco_gt,
+    eval_splits,
     load_summary,
     prepare_dataset,
     training_view,
@@ -326,6 +328,107 @@ def test_import_pose_and_polygons(tmp_path: Path) -> None:
     (tmp_path / "seg/labels/val/v1.txt").write_text("1 0.1 0.2 0.5 0.2 0.3 0.6\n")  # a segment polygon
     prepare_dataset(DataConfig(source=str(det)), 0, tmp_path / "prepared2")
     assert (tmp_path / "prepared2/labels/val/000001.txt").read_text() == "1 0.300000 0.400000 0.400000 0.400000\n"
+
+
+def labelled_share_dataset(base: Path, n: int, unlabeled: int, image_dir: str = "images") -> Path:
+    """A dataset whose train split has `n` images, the first `unlabeled` of them without a label file."""
+    for split, count in (("train", n), ("val", 2)):
+        for i in range(count):
+            write_image(base / image_dir / split / f"{i}.png", value=20 + 10 * i)
+            if not (split == "train" and i < unlabeled):
+                lbl = base / "labels" / split / f"{i}.txt"
+                lbl.parent.mkdir(parents=True, exist_ok=True)
+                lbl.write_text("0 0.5 0.5 0.2 0.2\n")
+    doc = {"path": ".", "train": f"{image_dir}/train", "val": f"{image_dir}/val", "names": ["thing"]}
+    (base / "data.yaml").write_text(yaml.safe_dump(doc))
+    return base / "data.yaml"
+
+
+def test_dataset_without_labels_names_image_and_label_folders(tmp_path: Path) -> None:
+    data_yaml = labelled_share_dataset(tmp_path / "user", 3, 0)
+    shutil.rmtree(tmp_path / "user/labels")
+    with pytest.raises(DatasetError) as err:
+        prepare_dataset(DataConfig(source=str(data_yaml)), 0, tmp_path / "prepared")
+    msg = str(err.value)
+    assert msg.startswith(f"{data_yaml}: split 'train' has no label files: for the 3 images in "
+                          f"{tmp_path / 'user/images/train'} Ultralytics reads labels from "
+                          f"{tmp_path / 'user/labels/train'}, which does not exist"), msg
+    assert "\n" not in msg and not (tmp_path / "prepared").exists() and not (tmp_path / "prepared.tmp").exists()
+    # images under pics/ (no images/ folder): Ultralytics looks for the .txt beside each image
+    data_yaml = labelled_share_dataset(tmp_path / "pics_user", 3, 0, image_dir="pics")
+    with pytest.raises(DatasetError) as err:
+        prepare_dataset(DataConfig(source=str(data_yaml)), 0, tmp_path / "prepared")
+    pics = tmp_path / "pics_user/pics/train"
+    assert f"in {pics} Ultralytics reads labels from {pics} too, since the image path has no images/ folder" in str(
+        err.value)
+
+
+def test_unlabeled_share_over_the_param_is_refused(tmp_path: Path) -> None:
+    data_yaml = labelled_share_dataset(tmp_path / "user", 5, 3)  # 60% of train has no label file
+    with pytest.raises(DatasetError) as err:
+        prepare_dataset(DataConfig(source=str(data_yaml)), 0, tmp_path / "prepared")
+    first = tmp_path / "user/labels/train/0.txt"
+    assert str(err.value) == (
+        f"{data_yaml}: 3 of 5 images in split 'train' (60%) have no label file (e.g. {first} for "
+        f"{tmp_path / 'user/images/train/0.png'}), above data.max_unlabeled_share 0.5; add the labels, or raise "
+        "data.max_unlabeled_share if those images are meant as background")
+    summary = prepare_dataset(DataConfig(source=str(data_yaml), max_unlabeled_share=0.6), 0, tmp_path / "prepared")
+    assert summary["images"]["train"] == 5 and summary["objects"]["train"] == 2
+
+
+def test_unlabeled_share_under_the_param_imports(tmp_path: Path) -> None:
+    data_yaml = labelled_share_dataset(tmp_path / "user", 5, 2)  # 40%: background images, imported as such
+    summary = prepare_dataset(DataConfig(source=str(data_yaml)), 0, tmp_path / "prepared")
+    assert summary["images"] == {"train": 5, "val": 2} and summary["objects"] == {"train": 3, "val": 2}
+    assert (tmp_path / "prepared/labels/train/000001.txt").read_text() == ""
+
+
+def test_eval_splits_default_to_what_the_data_has() -> None:
+    assert eval_splits(None, ["train", "val", "test"], "data/prepared") == ["val", "test"]
+    assert eval_splits(None, ["test_shift", "val", "train"], "d") == ["val", "test_shift"]  # pipeline order
+    assert eval_splits(["test", "val"], ["train", "val", "test"], "d") == ["test", "val"]
+    with pytest.raises(DatasetError) as err:
+        eval_splits(["val", "test_shift"], ["train", "val", "test"], "data/prepared")
+    assert str(err.value) == ("evaluate.splits lists 'test_shift' that data/prepared does not have (it has val, "
+                              "test); remove it, or set evaluate.splits: null to score every split the data has")
+
+
+# ----------------------------------------------------------------------------------------- params vs dataset
+
+
+def test_params_models_are_checked_against_the_prepared_dataset(tmp_path: Path, detect_root: Path) -> None:
+    from yolo_compress.config import DistillConfig, Params, PruneConfig, StudentConfig, TrainConfig
+    from yolo_compress.errors import ModelError
+    from yolo_compress.models import check_params_models
+
+    from .conftest import random_model
+
+    def error(**sections: object) -> str:
+        with pytest.raises(ModelError) as err:
+            check_params_models(dataclasses.replace(Params(), **sections), detect_root)
+        assert "\n" not in str(err.value)
+        return str(err.value)
+
+    three = random_model(tmp_path / "three.pt", nc=3)
+    six = random_model(tmp_path / "six.pt", nc=6)
+    check_params_models(Params(), detect_root)  # the defaults fit the 6-class detect set
+    # teacher.model / student.model .pt are re-headed by the trainer: another class count is fine-tuning, not a mistake
+    check_params_models(dataclasses.replace(Params(), student=StudentConfig(model=str(three)),
+                                            prune=PruneConfig(model=str(six))), detect_root)
+    assert error(distill=DistillConfig(teacher=str(three))) == (
+        f"distill.teacher {three} has nc 3 but dataset {detect_root} has nc 6; both must be trained on the same "
+        "dataset (same task, classes and keypoints)")
+    assert error(prune=PruneConfig(model=str(three))).startswith(f"prune.model {three} has nc 3 but dataset")
+    assert error(prune=PruneConfig(model="gone.pt")) == (
+        "prune.model: model file gone.pt not found; train it first or fix the path")
+    assert error(teacher=TrainConfig(model="missing/teacher.pt")).startswith("teacher.model: model file missing/")
+    pose = random_model(tmp_path / "pose.pt", nc=6, pose=True)
+    assert error(student=StudentConfig(model=str(pose))) == (
+        f"student.model: {pose} is a pose model but the dataset {detect_root} is detect; pick a detect model (e.g. "
+        "yolo11n.yaml)")
+    assert error(teacher=TrainConfig(model="yolov8n-p6.yaml")).startswith(
+        "teacher.model: yolov8n-p6.yaml has head strides [8, 16, 32, 64] but student.model yolo11n.yaml has [8, 16, "
+        "32]; distillation needs the same head levels")
 
 
 # ------------------------------------------------------------------------------------------------------ views

@@ -118,6 +118,26 @@ def test_a_column_where_every_model_ties_has_no_bold(tmp_path: Path) -> None:
     assert row(md, "pruned")[cols.index("torch p50 ms")] == "**11.0**"  # the other columns still mark theirs
 
 
+def test_splits_come_from_the_files_and_a_model_scored_on_fewer_shows_dashes(tmp_path: Path) -> None:
+    """evaluate.splits defaults to the splits the data has: a dataset without test_shift (or test) gives no column
+    for it, and a model missing a split (scored before a split was added) gets dashes, not an error."""
+    evaluate = {**EVAL, "teacher": {"val": EVAL["teacher"]["val"]}}
+    write_metrics(tmp_path, evaluate=evaluate)
+    md = summary(tmp_path)
+    cols = header(md)
+    assert [c for c in cols if "mAP" in c] == ["val mAP50", "val mAP50-95", "test mAP50", "test mAP50-95"]
+    assert row(md, "teacher")[cols.index("test mAP50-95")] == "–"
+    assert row(md, "teacher")[cols.index("val mAP50-95")] == "**0.600**"
+    assert row(md, "distilled")[cols.index("test mAP50-95")] == "**0.430**"  # best among the models that have it
+    only_val = tmp_path / "only_val"
+    write_metrics(only_val, evaluate={n: {"val": v["val"]} for n, v in EVAL.items()})
+    md = summary(only_val)
+    assert [c for c in header(md) if "mAP" in c] == ["val mAP50", "val mAP50-95"]
+    assert "Distillation** (distilled − student, mAP50-95): val +0.050." in md
+    plot_pareto(load_inputs(only_val / "metrics"), only_val / "pareto.png")
+    assert (only_val / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_missing_onnx_group_shows_the_reason_and_teacher_gap_in_notes(tmp_path: Path) -> None:
     write_metrics(tmp_path)
     md = summary(tmp_path)

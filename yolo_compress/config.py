@@ -47,6 +47,7 @@ class DataConfig:
     val_images: int = 100  # (int) synthetic images in val
     test_images: int = 100  # (int) synthetic images in test
     test_shift_images: int = 100  # (int) synthetic images in test_shift (other backgrounds and scales)
+    max_unlabeled_share: float = 0.5  # (float) your dataset: refuse a split with more images lacking a label file
 
     def __post_init__(self) -> None:
         _check(self.task in TASKS, "task", f"one of {', '.join(TASKS)}", self.task)
@@ -58,6 +59,8 @@ class DataConfig:
         for split in ("train", "val", "test", "test_shift"):
             n = getattr(self, f"{split}_images")
             _check(n >= 1, f"{split}_images", "an int >= 1 (an empty split cannot be trained or scored)", n)
+        _check(0 <= self.max_unlabeled_share <= 1, "max_unlabeled_share", "a float in [0, 1]",
+               self.max_unlabeled_share)
 
 
 @dataclass(frozen=True)
@@ -198,7 +201,7 @@ class EvaluateConfig:
     """`evaluate:` section: pycocotools scoring of every model on every eval split."""
 
     models: list[str] = field(default_factory=lambda: list(MODEL_NAMES))  # (list) models/<name>.pt to score
-    splits: list[str] = field(default_factory=lambda: list(EVAL_SPLITS))  # (list) eval splits
+    splits: list[str] | None = None  # (list) eval splits; null = every eval split the prepared data has
     conf: float = 0.5  # (float) operating point for precision/recall/F1: confidence threshold
     iou: float = 0.5  # (float) operating point: IoU for a true positive
     imgsz: int = 256  # (int) inference image size, a multiple of 32
@@ -206,7 +209,8 @@ class EvaluateConfig:
 
     def __post_init__(self) -> None:
         _check_names(self.models, MODEL_NAMES, "models")
-        _check_names(self.splits, EVAL_SPLITS, "splits")
+        if self.splits is not None:
+            _check_names(self.splits, EVAL_SPLITS, "splits")
         _check(0 <= self.conf < 1, "conf", "a float in [0, 1)", self.conf)
         _check(0 < self.iou < 1, "iou", "a float in (0, 1)", self.iou)
         _check(self.imgsz >= 32 and self.imgsz % 32 == 0, "imgsz", "a multiple of 32, >= 32", self.imgsz)

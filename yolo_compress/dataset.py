@@ -15,6 +15,7 @@ scratch `training_view`, never the prepared root itself (DVC tracks it).
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -34,7 +35,6 @@ from yolo_compress.synthetic import class_names, generate_synthetic, pose_layout
 SPLITS = ("train", "val", "test", "test_shift")
 EVAL_SPLITS = ("val", "test", "test_shift")
 REQUIRED_SPLITS = ("train", "val")
-IMG_FORMATS = ("avif", "bmp", "dng", "heic", "heif", "jp2", "jpeg", "jpg", "mpo", "png", "tif", "tiff", "webp")
 SMALL_AREA, LARGE_AREA = 32**2, 96**2  # COCO size buckets, in pixels of the original image
 MIN_IMAGE_SIDE = 10  # Ultralytics rejects images with a side below 10 pixels
 _EPS = 1e-6  # float slack for normalized coordinates written as 1.0000001
@@ -369,6 +369,19 @@ def load_summary(root: Path) -> dict[str, Any]:
         raise DatasetError(f"{path}:{err.lineno}: not valid JSON ({err.msg}); re-run prepare") from None
 
 
+def eval_splits(requested: Sequence[str] | None, available: Sequence[str], data: str | Path) -> list[str]:
+    """The splits the evaluate stage scores: `requested` (evaluate.splits), or, when None, every eval split of the
+    prepared data at `data` (`available`: its split names). DatasetError names a requested split the data lacks."""
+    have = [s for s in EVAL_SPLITS if s in available]
+    if requested is None:
+        return have
+    for s in requested:
+        if s not in have:
+            raise DatasetError(f"evaluate.splits lists '{s}' that {data} does not have (it has {', '.join(have)}); "
+                               "remove it, or set evaluate.splits: null to score every split the data has")
+    return list(requested)
+
+
 def validate_layout(root: Path) -> dict[str, Any]:
     """Check every image (decoded) and label of a prepared root against dataset.json; return the summary."""
     root = Path(root)
@@ -403,14 +416,53 @@ def validate_layout(root: Path) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------------ user import
 
 
-def img2label_path(img: Path) -> Path:
-    """Ultralytics' label path of an image: the last /images/ becomes /labels/, the suffix .txt."""
-    sa, sb = f"{os.sep}images{os.sep}", f"{os.sep}labels{os.sep}"
-    return Path(sb.join(str(img).rsplit(sa, 1)).rsplit(".", 1)[0] + ".txt")
+@functools.cache
+def _ultralytics_data_utils() -> Any:
+    """`ultralytics.data.utils`: its image formats and image -> label path rule, so an import reads what training
+    reads. Imported late and after yolo_compress.models, which points Ultralytics at the project's settings dir."""
+    import yolo_compress.models  # noqa: F401, I001 - must run before Ultralytics is first imported
+    from ultralytics.data import utils
+
+    return utils
+
+
+def img2label_paths(images: Sequence[Path]) -> list[Path]:
+    """Ultralytics' label path of each image: the last /images/ becomes /labels/, the suffix .txt."""
+    return [Path(p) for p in _ultralytics_data_utils().img2label_paths([str(p) for p in images])]
 
 
 def _is_image(p: str | Path) -> bool:
-    return str(p).rpartition(".")[-1].lower() in IMG_FORMATS
+    return str(p).rpartition(".")[-1].lower() in _ultralytics_data_utils().IMG_FORMATS
+
+
+def check_labels_found(data_yaml: Path, split: str, images: Sequence[Path], labels: Sequence[Path],
+                       max_unlabeled_share: float) -> None:
+    """DatasetError when no image of a user split has a label file (wrong layout: Ultralytics would train on nothing
+    but background), or when more than `max_unlabeled_share` of them lack one. Empty label files count as labels."""
+    missing = [(img, lbl) for img, lbl in zip(images, labels, strict=True) if not lbl.is_file()]
+    if not missing:
+        return
+    img, lbl = missing[0]
+    if len(missing) == len(images):
+        img_dir, lbl_dir = img.parent, lbl.parent
+        if img_dir == lbl_dir:
+            where = f"{lbl_dir} too, since the image path has no images/ folder"
+        elif not lbl_dir.is_dir():
+            where = f"{lbl_dir}, which does not exist"
+        else:
+            where = f"{lbl_dir}, which has no <image name>.txt for any of them"
+        raise DatasetError(
+            f"{data_yaml}: split '{split}' has no label files: for the {len(images)} images in {img_dir} Ultralytics "
+            f"reads labels from {where} (the last /images/ of an image path becomes /labels/); put images under "
+            "images/<split>/ and YOLO .txt labels under labels/<split>/ beside it"
+        )
+    share = len(missing) / len(images)
+    if share > max_unlabeled_share:
+        raise DatasetError(
+            f"{data_yaml}: {len(missing)} of {len(images)} images in split '{split}' ({share:.0%}) have no label file "
+            f"(e.g. {lbl} for {img}), above data.max_unlabeled_share {max_unlabeled_share:g}; add the labels, or "
+            "raise data.max_unlabeled_share if those images are meant as background"
+        )
 
 
 def _list_images(yaml_path: Path, key: str, entry: str, base: Path) -> list[Path]:
@@ -514,10 +566,11 @@ def _dataset_base(data_yaml: Path, data: dict[str, Any]) -> Path:
     return cand
 
 
-def import_user_dataset(data_yaml: Path, root: Path) -> dict[str, Any]:
+def import_user_dataset(data_yaml: Path, root: Path, max_unlabeled_share: float = 0.5) -> dict[str, Any]:
     """Check a user's Ultralytics dataset and copy it into the prepared layout under `root`; return the summary.
 
     train and val are required, test and test_shift optional. Errors name the user's own files (`file:line`).
+    A split where no image has a label file, or more than `max_unlabeled_share` of them lack one, is refused.
     Images become <stem>.png (PNGs are copied byte for byte, other formats re-encoded losslessly from the pixels
     Ultralytics would decode); labels are rewritten canonically (segment polygons become their boxes).
     """
@@ -540,6 +593,9 @@ def import_user_dataset(data_yaml: Path, root: Path) -> dict[str, Any]:
                 raise DatasetError(f"split '{split}' has no images in {base / str(entry)}")
             files += found
         listed[split] = files
+    labels = {split: img2label_paths(files) for split, files in listed.items()}
+    for split, files in listed.items():  # before copying anything: a wrong layout is the likeliest mistake
+        check_labels_found(data_yaml, split, files, labels[split], max_unlabeled_share)
     root = Path(root)
     sources: dict[str, dict[str, str]] = {}
     for split, files in listed.items():
@@ -548,9 +604,8 @@ def import_user_dataset(data_yaml: Path, root: Path) -> dict[str, Any]:
         lbl_dir.mkdir(parents=True, exist_ok=True)
         width = max(6, len(str(len(files))))
         sources[split] = {}
-        for i, img in enumerate(files):
+        for i, (img, lbl) in enumerate(zip(files, labels[split], strict=True)):
             stem = f"{i + 1:0{width}d}"
-            lbl = img2label_path(img)
             rows = parse_label_file(lbl, str(lbl), len(names), kpt_shape, polygons=True) if lbl.is_file() else []
             pixels = _decode(img, str(img))
             if img.suffix.lower() == ".png":
@@ -587,7 +642,7 @@ def prepare_dataset(cfg: DataConfig, seed: int, root: Path) -> dict[str, Any]:
             else:
                 write_metadata(tmp, "detect", class_names(cfg))
         else:
-            summary = import_user_dataset(Path(cfg.source), tmp)
+            summary = import_user_dataset(Path(cfg.source), tmp, cfg.max_unlabeled_share)
             if summary["task"] != cfg.task:
                 why = "has kpt_shape" if summary["task"] == "pose" else "has no kpt_shape"
                 raise DatasetError(

@@ -18,6 +18,7 @@ from ultralytics import YOLO  # noqa: E402
 from ultralytics.utils import SETTINGS  # noqa: E402
 from ultralytics.utils.torch_utils import get_flops  # noqa: E402
 
+from yolo_compress.config import Params  # noqa: E402
 from yolo_compress.errors import ModelError  # noqa: E402
 
 # Stages log to MLflow themselves (one run per stage, no weight uploads); Ultralytics' own mlflow and dvc (dvclive)
@@ -27,7 +28,7 @@ if any(SETTINGS.get(k) for k in _OFF):
     SETTINGS.update({k: False for k in _OFF})
 
 __all__ = ["YOLO", "MADE_BY", "ModelInfo", "dataset_head", "check_task", "load_model", "model_info", "check_same_head",
-           "model_size", "pipeline_models"]
+           "model_size", "pipeline_models", "check_params_models"]
 
 MADE_BY = {"teacher": "train_teacher", "student": "train_student", "distilled": "distill", "pruned": "prune"}
 
@@ -111,3 +112,49 @@ def check_task(model: YOLO, key: str, spec: str | Path, data: ModelInfo, data_pa
         example = "yolo11n-pose.yaml" if data.task == "pose" else "yolo11n.yaml"
         raise ModelError(f"{key}: {spec} is a {model.task} model but the dataset {data_path} is {data.task}; pick a "
                          f"{data.task} model (e.g. {example})")
+
+
+STRIDE_PROBE_IMGSZ = 128  # image side for reading head strides: divisible by every stride Ultralytics builds (8-64)
+
+
+def check_params_models(params: Params, prepared_dir: str | Path) -> None:
+    """Check every model params.yaml names against the prepared dataset, before any training (prepare calls it).
+
+    - teacher.model, student.model: the file exists and loads (a .yaml builds) and its task is the dataset's. Classes
+      and keypoints are not compared: the trainer re-heads a .pt to the dataset (fine-tuning a COCO .pt is normal).
+    - distill.teacher, prune.model (when set) are used as they are: task, classes and keypoints must match the data.
+    - The distillation teacher (distill.teacher, else teacher.model) has the student's head strides, and the model
+      prune starts from (prune.model, else student.model's architecture) has no block torch-pruning cannot follow.
+    Raises ModelError naming the params key; without this each mistake surfaced only in its own stage, hours later.
+    """
+    # late imports: dataset and distill import this module, and distill pulls in the trainers
+    from yolo_compress.dataset import load_summary
+    from yolo_compress.distill import feature_channels
+    from yolo_compress.splitfree import unsupported_blocks
+
+    data = dataset_head(load_summary(prepared_dir))
+    where = f"dataset {prepared_dir}"
+    built = {}
+    for key, spec in (("teacher.model", params.teacher.model), ("student.model", params.student.model)):
+        built[key] = load_model(spec, key)
+        check_task(built[key], key, spec, data, prepared_dir)
+    teacher_key, teacher_spec = "teacher.model", params.teacher.model
+    if params.distill.teacher:
+        teacher_key, teacher_spec = "distill.teacher", params.distill.teacher
+        built[teacher_key] = load_model(teacher_spec, teacher_key)
+        check_same_head(model_info(built[teacher_key]), data, f"{teacher_key} {teacher_spec}", where)
+    t_strides = [s for _, s in feature_channels(built[teacher_key], STRIDE_PROBE_IMGSZ)]
+    s_strides = [s for _, s in feature_channels(built["student.model"], STRIDE_PROBE_IMGSZ)]
+    if t_strides != s_strides:
+        raise ModelError(f"{teacher_key}: {teacher_spec} has head strides {t_strides} but student.model "
+                         f"{params.student.model} has {s_strides}; distillation needs the same head levels, so pick "
+                         "a teacher and a student of one family (e.g. yolo11s and yolo11n)")
+    prune_key, prune_spec = "student.model", params.student.model
+    if params.prune.model:
+        prune_key, prune_spec = "prune.model", params.prune.model
+        built[prune_key] = load_model(prune_spec, prune_key)
+        check_same_head(model_info(built[prune_key]), data, f"{prune_key} {prune_spec}", where)
+    bad = unsupported_blocks(built[prune_key].model)
+    if bad:
+        raise ModelError(f"{prune_key}: {prune_spec} has {', '.join(bad)} blocks, which torch-pruning cannot follow; "
+                         "prune a YOLOv8/11/26 detect or pose model")

@@ -29,8 +29,9 @@ from yolo_compress.benchmark import (
 )
 from yolo_compress.config import BenchmarkConfig, load_params, section_dict
 from yolo_compress.errors import stage_entrypoint
-from yolo_compress.models import pipeline_models
+from yolo_compress.models import pipeline_models, set_checkpoint_trust
 from yolo_compress.tracking import flat, stage_run
+from yolo_compress.training import check_device
 
 log = logging.getLogger("yolo_compress.benchmark")
 
@@ -60,7 +61,10 @@ def gpu_device(cfg: BenchmarkConfig) -> tuple[str | None, str | None]:
 @stage_entrypoint
 def main() -> None:
     args = parse_args()
-    cfg = load_params(args.params).benchmark
+    params = load_params(args.params)
+    cfg = params.benchmark
+    check_device(cfg.device, "benchmark.device")
+    set_checkpoint_trust(params.trust_checkpoints)
     models = pipeline_models(args.models_dir, cfg.models, "benchmark.models")  # fail before the slow part
     threads = cfg.threads or None  # 0 = all cores
     gpu, gpu_skip = gpu_device(cfg)

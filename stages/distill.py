@@ -18,9 +18,9 @@ from yolo_compress import distill, files
 from yolo_compress.config import load_params, section_dict
 from yolo_compress.dataset import training_view
 from yolo_compress.errors import stage_entrypoint
-from yolo_compress.models import model_size
+from yolo_compress.models import model_size, set_checkpoint_trust
 from yolo_compress.tracking import log_artifact, log_epoch, log_metrics, stage_run
-from yolo_compress.training import check_one_device, train_model
+from yolo_compress.training import check_device, check_one_device, train_model
 
 log = logging.getLogger("yolo_compress.distill")
 STAGE = "distill"
@@ -45,6 +45,8 @@ def main() -> None:
     cfg, dcfg, seed = params.student, params.distill, params.student_seed
 
     # Every check before the first epoch: a bad input costs seconds, not a training run.
+    check_device(cfg.device, "student.device")
+    set_checkpoint_trust(params.trust_checkpoints)
     distill.check_native(dcfg)
     if dcfg.loss != "sl2":
         check_one_device(cfg.device, "student.device", f"{dcfg.loss} distillation (a custom trainer)")

@@ -25,7 +25,7 @@ from yolo_compress.config import load_params, section_dict
 from yolo_compress.dataset import eval_splits, load_summary, training_view
 from yolo_compress.errors import DatasetError, stage_entrypoint
 from yolo_compress.evaluation import evaluate_split_with_predictions, gt_json_for
-from yolo_compress.models import pipeline_models
+from yolo_compress.models import pipeline_models, set_checkpoint_trust
 from yolo_compress.tracking import stage_run
 
 log = logging.getLogger("yolo_compress.evaluate")
@@ -54,7 +54,9 @@ def check_splits(splits: list[str], data: Path) -> None:
 @stage_entrypoint
 def main() -> None:
     args = parse_args()
-    cfg = load_params(args.params).evaluate
+    params = load_params(args.params)
+    cfg = params.evaluate
+    set_checkpoint_trust(params.trust_checkpoints)
     models = pipeline_models(args.models_dir, cfg.models, "evaluate.models")
     # evaluate.splits null: every eval split the prepared data has (a user dataset may lack test or test_shift)
     splits = eval_splits(cfg.splits, list(load_summary(args.data)["images"]), args.data)

@@ -18,11 +18,11 @@ from yolo_compress.config import DistillConfig, Params, load_params, section_dic
 from yolo_compress.dataset import load_summary, training_view
 from yolo_compress.errors import ModelError, stage_entrypoint
 from yolo_compress.evaluation import evaluate_split
-from yolo_compress.models import YOLO, check_same_head, dataset_head, load_model, model_info
+from yolo_compress.models import YOLO, check_same_head, dataset_head, load_model, model_info, set_checkpoint_trust
 from yolo_compress.pruning import count_params
 from yolo_compress.splitfree import unsupported_blocks
 from yolo_compress.tracking import child_run, log_artifact, log_metrics, log_params, set_tag, stage_run
-from yolo_compress.training import check_one_device, use_all_cores
+from yolo_compress.training import check_device, check_one_device, use_all_cores
 
 log = logging.getLogger("yolo_compress.prune")
 TAYLOR_BATCHES = 4  # calibration batches for taylor importance: enough to rank channels, cheap next to a fine-tune
@@ -65,6 +65,8 @@ def main() -> None:
     args = parse_args()
     params = load_params(args.params)
     cfg, st = params.prune, params.student
+    check_device(st.device, "student.device")
+    set_checkpoint_trust(params.trust_checkpoints)
     input_pt, task, distill = checked_inputs(args, params)
     check_one_device(st.device, "student.device", "the pruned fine-tune (a custom trainer)")
     ratios = pruning.prune_schedule(cfg.target, cfg.rounds, cfg.schedule)

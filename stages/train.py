@@ -15,9 +15,17 @@ from yolo_compress.config import load_params, section_dict
 from yolo_compress.dataset import load_summary, training_view
 from yolo_compress.errors import stage_entrypoint
 from yolo_compress.metrics import teacher_gap
-from yolo_compress.models import check_same_head, check_task, dataset_head, load_model, model_info, model_size
+from yolo_compress.models import (
+    check_same_head,
+    check_task,
+    dataset_head,
+    load_model,
+    model_info,
+    model_size,
+    set_checkpoint_trust,
+)
 from yolo_compress.tracking import log_artifact, log_epoch, log_metrics, set_tag, stage_run
-from yolo_compress.training import train_model
+from yolo_compress.training import check_device, train_model
 
 log = logging.getLogger("yolo_compress.train")
 
@@ -40,6 +48,8 @@ def main() -> None:
     args = parse_args()
     params = load_params(args.params)
     cfg = getattr(params, args.role)
+    check_device(cfg.device, f"{args.role}.device")
+    set_checkpoint_trust(params.trust_checkpoints)
     stage = f"train_{args.role}"
 
     summary = load_summary(args.data)

@@ -1,46 +1,102 @@
-"""A training stage killed midway under `dvc repro` (Ctrl-C or SIGKILL): nothing torn is left, and a rerun completes.
+"""A training stage killed midway (Ctrl-C, SIGTERM, SIGKILL): one line says so, nothing is torn, a rerun completes.
 
-Both signals go to the whole process group, as a terminal's Ctrl-C or an OOM kill of the job would.
+Signals go to the whole process group, as a terminal's Ctrl-C or an OOM kill of the job would.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 import yaml
 
+from yolo_compress.config import DataConfig
+from yolo_compress.dataset import prepare_dataset
 from yolo_compress.models import YOLO
 
-from .tiny_pipeline import copy_repo, run
-
-pytestmark = pytest.mark.e2e
+from .tiny_pipeline import REPO, copy_repo, run
 
 EPOCHS = 4
 # Written after last.pt at the end of each epoch: once it exists, the first epoch is wholly saved.
 CURVE = Path("runs/train_student/train/curve.json")
+RUN_KEY = CURVE.with_name("run_key.txt")  # written just before the trainer starts
 
 
-def kill_when_first_epoch_is_saved(root: Path, env: dict[str, str], sig: signal.Signals) -> None:
-    proc = subprocess.Popen(["dvc", "repro", "train_student"], cwd=root, env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 300
-    while not (root / CURVE).is_file():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"train_student ended (exit {proc.returncode}) or stalled before saving its first epoch")
-        time.sleep(0.2)
-    os.killpg(proc.pid, sig)
-    try:
-        assert proc.wait(timeout=120) != 0
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+def signal_stage_when(root: Path, ready: Path, sig: signal.Signals) -> subprocess.CompletedProcess:
+    """Run the train_student stage script in `root` (workers 2), send `sig` to its process group once `ready`
+    exists, and return what it did (stdout, stderr, exit code)."""
+    env = {**os.environ, "DVC_STAGE": "train_student"}
+    cmd = [sys.executable, str(REPO / "stages" / "train.py"), "--role", "student", "--data", "data/prepared",
+           "--out", "models/student.pt", "--metrics", "metrics/student.json", "--plots", "plots/train_student.json"]
+    with (root / "out.txt").open("w") as out, (root / "err.txt").open("w") as err:
+        proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=out, stderr=err, start_new_session=True)
+        deadline = time.monotonic() + 180
+        while not (root / ready).is_file():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail(f"train.py exited {proc.returncode} or stalled before {ready}:\n"
+                            f"{(root / 'err.txt').read_text()[-3000:]}")
+            time.sleep(0.1)
+        os.killpg(proc.pid, sig)
+        try:
+            code = proc.wait(timeout=120)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    return subprocess.CompletedProcess(cmd, code, (root / "out.txt").read_text(), (root / "err.txt").read_text())
+
+
+@pytest.mark.parametrize(("sig", "ready", "rerun"), [
+    (signal.SIGINT, CURVE, r"rerun with resume: true to continue from epoch (\d+)"),
+    (signal.SIGTERM, RUN_KEY, r"rerun to start it again"),
+], ids=["ctrl-c-after-an-epoch", "sigterm-before-any-epoch"])
+def test_an_interrupted_stage_says_so_in_one_line(tmp_path: Path, sig: signal.Signals, ready: Path,
+                                                  rerun: str) -> None:
+    """Exit 130 for Ctrl-C, 143 for SIGTERM (what a shell reports), and no traceback: not even the data-loader
+    workers', which get the signal too."""
+    prepare_dataset(DataConfig(image_size=64, train_images=8, val_images=4, test_images=2, test_shift_images=2),
+                    seed=0, root=tmp_path / "data" / "prepared")
+    student = {"model": "yolo11n.yaml", "epochs": 50, "imgsz": 64, "batch": 4, "close_mosaic": 0, "workers": 2}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"student": student}))
+
+    done = signal_stage_when(tmp_path, ready, sig)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 128 + sig, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr and "KeyboardInterrupt" not in done.stderr, done.stderr[-3000:]
+    found = re.fullmatch(f"interrupted; outputs of train_student were not written; {rerun}", lines[-1])
+    assert found, lines[-1]
+    if found.groups():  # the epoch it names is the one a resumed rerun would really start with
+        curve = json.loads((tmp_path / CURVE).read_text())
+        assert int(found.group(1)) == curve[-1]["epoch"] + 1 >= 2
+    assert not any((tmp_path / rel).exists() for rel in ("models/student.pt", "metrics/student.json"))
+
+
+def kill_when_first_epoch_is_saved(root: Path, env: dict[str, str], sig: signal.Signals) -> str:
+    """What `dvc repro train_student` wrote to stderr before `sig` (to its process group) ended it."""
+    with (root.parent / "repro_stderr.txt").open("w+") as err:
+        proc = subprocess.Popen(["dvc", "repro", "train_student"], cwd=root, env=env, start_new_session=True,
+                                stdout=subprocess.DEVNULL, stderr=err)
+        deadline = time.monotonic() + 300
+        while not (root / CURVE).is_file():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail(f"train_student ended (exit {proc.returncode}) or stalled before saving its first epoch")
+            time.sleep(0.2)
+        os.killpg(proc.pid, sig)
+        try:
+            assert proc.wait(timeout=120) != 0
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+        err.seek(0)
+        return err.read()
 
 
 def assert_nothing_torn(root: Path) -> None:
@@ -53,6 +109,7 @@ def assert_nothing_torn(root: Path) -> None:
     assert not list((root / "models").glob(".*.tmp")) and not list((root / "metrics").glob(".*.tmp"))
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(("sig", "resume"), [(signal.SIGINT, True), (signal.SIGKILL, False)],
                          ids=["sigint-resume", "sigkill-restart"])
 def test_killed_training_stage_leaves_no_torn_output_and_a_rerun_completes(
@@ -63,7 +120,10 @@ def test_killed_training_stage_leaves_no_torn_output_and_a_rerun_completes(
     params["resume"] = resume
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
-    kill_when_first_epoch_is_saved(root, env, sig)
+    stderr = kill_when_first_epoch_is_saved(root, env, sig)
+    if sig == signal.SIGINT:  # the stage's one line reaches the terminal through DVC
+        assert re.search(r"^interrupted; outputs of train_student were not written; rerun with resume: true to "
+                         r"continue from epoch \d+$", stderr, re.MULTILINE), stderr[-3000:]
     assert_nothing_torn(root)
     assert "train_student" in run(["dvc", "status", "train_student"], root, env).stdout
 

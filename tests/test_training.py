@@ -1,15 +1,21 @@
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import torch
+import yaml
 
 from yolo_compress.config import DataConfig, TrainConfig
 from yolo_compress.dataset import prepare_dataset, training_view
-from yolo_compress.errors import ModelError
+from yolo_compress.errors import ModelError, ParamsError, interrupted_message, resume_from
 from yolo_compress.metrics import teacher_gap
 from yolo_compress.models import YOLO, load_model
-from yolo_compress.training import RUN_KEY, metric_key, resumable_epoch, train_model
+from yolo_compress.training import RUN_KEY, check_device, device_problem, metric_key, resumable_epoch, train_model
+
+from .conftest import REPO
 
 TINY_DATA = DataConfig(image_size=64, train_images=8, val_images=4, test_images=2, test_shift_images=2)
 
@@ -58,6 +64,33 @@ def test_missing_or_bogus_model_files_are_named(tmp_path: Path) -> None:
         load_model("nosuch.yaml", "student.model")
 
 
+def test_a_device_that_does_not_exist_is_one_line_naming_what_the_machine_has() -> None:
+    assert device_problem("0", "teacher.device", cuda_count=0) == (
+        "teacher.device: '0' asks for CUDA device 0, but this machine has no CUDA device; use teacher.device: cpu")
+    assert device_problem("0,2", "student.device", cuda_count=2) == (
+        "student.device: '0,2' asks for CUDA device 2, but this machine has 2 CUDA devices: 0, 1; use "
+        "student.device: cpu or one of 0, 1")
+    assert device_problem("mps", "benchmark.device", cuda_count=0, mps=False).endswith("use benchmark.device: cpu")
+    for ok in ("cpu", "0", 1, "0,1"):
+        assert device_problem(ok, "teacher.device", cuda_count=2) is None
+    check_device("cpu", "teacher.device")
+    missing = str(torch.cuda.device_count())  # "0" on a machine without CUDA
+    with pytest.raises(ParamsError, match=rf"^teacher.device: '{missing}' asks for CUDA device {missing}, but "):
+        check_device(missing, "teacher.device")
+
+
+def test_the_train_stage_checks_the_device_before_loading_anything(tmp_path: Path) -> None:
+    missing = str(torch.cuda.device_count())
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"teacher": {"model": "yolo11n.yaml", "device": missing}}))
+    out = subprocess.run(  # no dataset at all: the device line must come first
+        [sys.executable, str(REPO / "stages" / "train.py"), "--role", "teacher", "--data", "nowhere", "--out",
+         "t.pt", "--metrics", "t.json", "--plots", "c.json"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2, out.stderr[-3000:]
+    last = out.stderr.strip().splitlines()[-1]
+    assert last == f"error: {device_problem(missing, 'teacher.device', torch.cuda.device_count())}"
+    assert "Traceback" not in out.stderr
+
+
 class Interrupt(KeyboardInterrupt):
     """What Ctrl-C raises, from inside the epoch loop."""
 
@@ -80,6 +113,9 @@ def test_an_interrupted_run_resumes_where_it_stopped_only_when_asked(data_yaml: 
     interrupted_after_first_epoch(cfg, data_yaml, work)
     key = (work / RUN_KEY).read_text().strip()
     assert resumable_epoch(work, key, cfg.epochs) == 1
+    # what the interrupted stage would print (errors.stage_entrypoint)
+    assert interrupted_message("train_student", resume_from()).endswith("rerun with resume: true to continue from "
+                                                                         "epoch 2")
     assert resumable_epoch(work, "another-key", cfg.epochs) is None  # other params or inputs: never resumed
     curve = work / "curve.json"
     saved = curve.read_bytes()

@@ -255,6 +255,7 @@ class Params:
     benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)  # (section) size, FLOPs, latency
     seed: int = 0  # (int) global seed: data generation, initialisation, augmentation
     resume: bool = False  # (bool) a training stage that was interrupted continues from its last.pt (else restarts)
+    trust_checkpoints: bool = False  # (bool) unpickle .pt files fully, running any code they carry (else weights only)
 
     def __post_init__(self) -> None:
         _check(self.seed >= 0, "seed", "an int >= 0", self.seed)

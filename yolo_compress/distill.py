@@ -32,7 +32,7 @@ from ultralytics.models.yolo.pose import PoseTrainer
 from ultralytics.nn.distill_model import DistillationModel
 from ultralytics.nn.tasks import guess_model_task, load_checkpoint
 from ultralytics.utils import DEFAULT_CFG, RANK
-from ultralytics.utils.patches import imread, torch_load
+from ultralytics.utils.patches import imread
 from ultralytics.utils.torch_utils import unwrap_model
 
 from yolo_compress.config import DISTILL_LOSSES, DISTILL_SCHEDULES, DistillConfig, TrainConfig
@@ -48,7 +48,16 @@ from yolo_compress.distill_losses import (
     take_images,
 )
 from yolo_compress.errors import DatasetError, ModelError, ParamsError
-from yolo_compress.models import YOLO, ModelInfo, check_same_head, check_task, dataset_head, load_model, model_info
+from yolo_compress.models import (
+    YOLO,
+    ModelInfo,
+    check_same_head,
+    check_task,
+    dataset_head,
+    load_model,
+    model_info,
+    read_checkpoint,
+)
 
 __all__ = [
     "METHODS",
@@ -183,7 +192,7 @@ def strip_distillation(model: Any) -> nn.Module:
 
 def strip_checkpoint(path: str | Path) -> None:
     """Rewrite an Ultralytics checkpoint so its model/EMA are plain students (no adapters)."""
-    ckpt = torch_load(path, map_location="cpu")
+    ckpt = read_checkpoint(path)
     for key in ("model", "ema"):
         if isinstance(ckpt.get(key), nn.Module):
             strip_distillation(ckpt[key])
@@ -451,7 +460,7 @@ def training_setup(cfg: DistillConfig, teacher: str | Path, task: str) -> dict[s
 def plain_student_checkpoint(path: str | Path) -> None:
     """Rewrite a finished distillation checkpoint in place as a plain student: no adapters, no teacher, no
     DistillationModel wrapper, and no `distill_model`/`dis` training args that would point at the teacher."""
-    ckpt = torch_load(path, map_location="cpu")
+    ckpt = read_checkpoint(path)
     for key in ("model", "ema"):
         if isinstance(ckpt.get(key), DistillationModel):
             ckpt[key]._remove_feature_hooks()  # else the student would pickle upstream's FeatureHooks

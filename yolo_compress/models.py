@@ -7,14 +7,24 @@ integrations off before Ultralytics first reads them.
 from __future__ import annotations
 
 import os
+import pickle
+import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 # Ultralytics reads these at import time: keep its settings file out of the user's home, never go online.
 os.environ.setdefault("YOLO_CONFIG_DIR", str(Path.cwd() / ".ultralytics"))
 os.environ.setdefault("YOLO_OFFLINE", "1")
+# A .pt is a pickle, and unpickling can run any code: load with torch's weights_only unpickler and Ultralytics'
+# allow-list of model classes, in this process and in the processes it starts (DDP). `trust_checkpoints: true` in
+# params.yaml switches full unpickling back on (set_checkpoint_trust).
+os.environ.setdefault("ULTRALYTICS_SAFE_LOAD", "1")
 
+import torch  # noqa: E402
+import ultralytics.nn.tasks as ultralytics_tasks  # noqa: E402
 from ultralytics import YOLO  # noqa: E402
+from ultralytics.nn.tasks import torch_safe_load  # noqa: E402
 from ultralytics.utils import SETTINGS  # noqa: E402
 from ultralytics.utils.torch_utils import get_flops  # noqa: E402
 
@@ -28,7 +38,8 @@ if any(SETTINGS.get(k) for k in _OFF):
     SETTINGS.update({k: False for k in _OFF})
 
 __all__ = ["YOLO", "MADE_BY", "ModelInfo", "dataset_head", "check_task", "load_model", "model_info", "check_same_head",
-           "model_size", "pipeline_models", "check_params_models"]
+           "model_size", "pipeline_models", "check_params_models", "set_checkpoint_trust", "read_checkpoint",
+           "allow_project_classes"]
 
 MADE_BY = {"teacher": "train_teacher", "student": "train_student", "distilled": "distill", "pruned": "prune"}
 
@@ -49,14 +60,67 @@ def load_model(spec: str | Path, key: str) -> YOLO:
     if spec.endswith(".pt"):
         if not Path(spec).is_file():
             raise ModelError(f"{key}: model file {spec} not found; train it first or fix the path")
+        allow_project_classes()
         try:
             return YOLO(spec)
         except Exception as err:  # noqa: BLE001 - Ultralytics raises many types for a bad file
+            _raise_if_refused(err, key, spec)
             raise ModelError(f"{key}: {spec} is not an Ultralytics YOLO checkpoint ({type(err).__name__})") from None
     try:
         return YOLO(spec)
     except FileNotFoundError:
         raise ModelError(f"{key}: model yaml {spec} not found; use e.g. yolo11n.yaml or a local .yaml/.pt") from None
+
+
+# Classes this project pickles into its own checkpoints (yolo_compress.splitfree, in pruned models).
+PROJECT_CLASSES = ("SplitFreeC2f", "SplitFreeC2", "SplitFreeC2PSA", "PSABody")
+
+
+def allow_project_classes() -> None:
+    """Put the module classes of this project's pruned checkpoints on torch's weights_only allow-list (idempotent)."""
+    from yolo_compress import splitfree  # late: splitfree imports this module first
+
+    # While splitfree itself is being imported (it imports this module at its top) its classes do not exist yet;
+    # load_model and read_checkpoint call this again before they load.
+    classes = [getattr(splitfree, name, None) for name in PROJECT_CLASSES]
+    torch.serialization.add_safe_globals([c for c in classes if c is not None])
+
+
+def set_checkpoint_trust(trusted: bool) -> None:
+    """params `trust_checkpoints`: False (default) loads every .pt with the weights_only unpickler; True unpickles
+    fully, which runs whatever code the file carries. Applies to this process and to those it starts."""
+    # Ultralytics reads ULTRALYTICS_SAFE_LOAD into this module global once, at import; set both.
+    ultralytics_tasks.SAFE_LOAD = not trusted
+    os.environ["ULTRALYTICS_SAFE_LOAD"] = "0" if trusted else "1"
+
+
+def _refused_global(err: BaseException) -> str | None:
+    """The pickled global a weights_only load refused somewhere in `err`'s chain, else None."""
+    seen: BaseException | None = err
+    while seen is not None:
+        # only a refused global means "needs full unpickling": a file that is no pickle at all also fails weights_only
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(seen))
+        if isinstance(seen, pickle.UnpicklingError) and found:
+            return found.group(1)
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _raise_if_refused(err: BaseException, key: str, path: str | Path) -> None:
+    name = _refused_global(err)
+    if name is not None:
+        raise ModelError(f"{key}: {path} holds {name}, which only full unpickling can load, and that can run any "
+                         "code; if you trust this file, set `trust_checkpoints: true` in params.yaml") from None
+
+
+def read_checkpoint(path: str | Path, key: str = "checkpoint") -> dict[str, Any]:
+    """The checkpoint dict of a .pt, loaded as Ultralytics loads models (weights_only unless trusted)."""
+    allow_project_classes()
+    try:
+        return torch_safe_load(path)[0]
+    except Exception as err:  # noqa: BLE001 - only a refused global gets its own message
+        _raise_if_refused(err, key, path)
+        raise
 
 
 def model_info(model: YOLO) -> ModelInfo:
@@ -158,3 +222,6 @@ def check_params_models(params: Params, prepared_dir: str | Path) -> None:
     if bad:
         raise ModelError(f"{prune_key}: {prune_spec} has {', '.join(bad)} blocks, which torch-pruning cannot follow; "
                          "prune a YOLOv8/11/26 detect or pose model")
+
+
+allow_project_classes()

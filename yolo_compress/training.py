@@ -15,12 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from ultralytics.utils.patches import torch_load
 
 from yolo_compress import files
 from yolo_compress.config import TrainConfig
-from yolo_compress.errors import ParamsError
-from yolo_compress.models import YOLO
+from yolo_compress.errors import ParamsError, set_resume_hint
+from yolo_compress.models import YOLO, read_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +39,34 @@ def check_one_device(device: str | int, key: str, what: str) -> None:
     if "," in str(device):
         raise ParamsError(f"{key}: {what} runs in one process, got devices {device!r} (DDP would drop it); "
                           f"use one device, e.g. {str(device).split(',')[0]}")
+
+
+def device_problem(device: str | int, key: str, cuda_count: int, mps: bool = False) -> str | None:
+    """Why `device` (params `key`) cannot run on a machine with `cuda_count` CUDA devices (and MPS or not), else None.
+
+    The syntax is checked by config; this checks the devices exist, before any data loads (Ultralytics would fail
+    only after loading the data, with a 30-line traceback).
+    """
+    text = str(device).replace(" ", "").lower()
+    if text == "cpu":
+        return None
+    if text == "mps":
+        return None if mps else f"{key}: {device!r} asks for MPS, which this machine does not have; use {key}: cpu"
+    asked = [int(i) for i in text.split(",") if i]
+    missing = [i for i in asked if i >= cuda_count]
+    if not missing:
+        return None
+    has = (f"{cuda_count} CUDA device{'s' if cuda_count > 1 else ''}: {', '.join(map(str, range(cuda_count)))}"
+           if cuda_count else "no CUDA device")
+    fix = f"use {key}: cpu" + (f" or one of {', '.join(map(str, range(cuda_count)))}" if cuda_count else "")
+    return f"{key}: {device!r} asks for CUDA device {', '.join(map(str, missing))}, but this machine has {has}; {fix}"
+
+
+def check_device(device: str | int, key: str) -> None:
+    """ParamsError (one line: key, value, what this machine has, the fix) when `device` does not exist here."""
+    problem = device_problem(device, key, torch.cuda.device_count(), torch.backends.mps.is_available())
+    if problem:
+        raise ParamsError(problem)
 
 
 def metric_key(name: str) -> str:
@@ -118,7 +145,7 @@ def resumable_epoch(work_dir: Path, key: str, epochs: int) -> int | None:
     if not (last.is_file() and saved_key.is_file()) or saved_key.read_text().strip() != key:
         return None
     try:
-        ckpt = torch_load(last, map_location="cpu")
+        ckpt = read_checkpoint(last, str(last))
     except Exception as err:  # noqa: BLE001 - a torn or foreign file of any kind just means: start over
         log.warning("%s is unreadable (%s): restarting from scratch", last, type(err).__name__)
         return None
@@ -133,6 +160,10 @@ def resumable_epoch(work_dir: Path, key: str, epochs: int) -> int | None:
                     work_dir / CURVE, done)
         return None
     return done
+
+
+def _next_epoch(done: int | None) -> int | None:
+    return done + 1 if done else None
 
 
 def train_model(
@@ -180,10 +211,13 @@ def train_model(
     for row in rows:  # this run's tracking gets the whole curve, not just the epochs after the restart
         if on_epoch:
             on_epoch(row)
+    # An interrupted stage tells the user whether a rerun with `resume: true` can continue this run (errors.py).
+    set_resume_hint(lambda: _next_epoch(resumable_epoch(work_dir, key, cfg.epochs)))
     model.add_callback("on_pretrain_routine_start", use_all_cores)
     model.add_callback("on_train_epoch_start", recorder.epoch_start)
     model.add_callback("on_fit_epoch_end", recorder.fit_epoch_end)
     model.train(trainer=trainer, **args)
+    set_resume_hint(None)  # not in a finally: an interruption must keep the hint for the stage's one line
     trained = model.trainer
     val = {metric_key(k): float(v) for k, v in trained.metrics.items() if k.startswith("metrics/")}
     return TrainResult(best=Path(trained.best), val=val, curve=recorder.rows, resumed_after=resumed_after)

@@ -16,7 +16,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-import mlflow
 import torch
 
 from yolo_compress import files
@@ -30,7 +29,7 @@ from yolo_compress.benchmark import (
 from yolo_compress.config import BenchmarkConfig, load_params, section_dict
 from yolo_compress.errors import stage_entrypoint
 from yolo_compress.models import pipeline_models, set_checkpoint_trust
-from yolo_compress.tracking import flat, stage_run
+from yolo_compress.tracking import flat, log_artifact, log_metrics, set_tag, set_tags, stage_run
 from yolo_compress.training import check_device
 
 log = logging.getLogger("yolo_compress.benchmark")
@@ -74,7 +73,7 @@ def main() -> None:
         notes["gpu"] = gpu_skip
 
     with stage_run("benchmark", section_dict(cfg)) as run:
-        mlflow.set_tags({f"machine.{k}": v for k, v in notes["machine"].items()})
+        set_tags({f"machine.{k}": v for k, v in notes["machine"].items()})
         machine: dict[str, float] = {"threads": threads or default_threads(), "cpu_count": os.cpu_count() or 1}
         machine["matmul_peak_gflops"] = matmul_peak_gflops(threads=threads)
         if gpu:
@@ -105,12 +104,12 @@ def main() -> None:
             notes["mlflow_run_id"] = run.info.run_id
             files.write_json(onnx_tmp / NOTES, notes)
 
-        mlflow.log_metrics({f"{name}.{k}": v for name, groups in grouped.items() for k, v in flat(groups).items()})
-        mlflow.log_metrics({f"machine.{k}": v for k, v in machine.items()})
+        log_metrics({f"{name}.{k}": v for name, groups in grouped.items() for k, v in flat(groups).items()})
+        log_metrics({f"machine.{k}": v for k, v in machine.items()})
         for name, lines in notes["problems"].items():
-            mlflow.set_tag(f"problem.{name}", " | ".join(lines))
+            set_tag(f"problem.{name}", " | ".join(lines))
         for path in sorted(args.out_dir.glob("*.json")) + [args.onnx_dir / NOTES]:
-            mlflow.log_artifact(str(path), artifact_path="metrics")
+            log_artifact(str(path), artifact_path="metrics")
 
 
 if __name__ == "__main__":

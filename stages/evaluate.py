@@ -18,15 +18,13 @@ import json
 import logging
 from pathlib import Path
 
-import mlflow
-
 from yolo_compress import files
 from yolo_compress.config import load_params, section_dict
 from yolo_compress.dataset import eval_splits, load_summary, training_view
 from yolo_compress.errors import DatasetError, stage_entrypoint
 from yolo_compress.evaluation import evaluate_split_with_predictions, gt_json_for
 from yolo_compress.models import pipeline_models, set_checkpoint_trust
-from yolo_compress.tracking import stage_run
+from yolo_compress.tracking import log_artifact, log_metrics, stage_run
 
 log = logging.getLogger("yolo_compress.evaluate")
 
@@ -75,13 +73,13 @@ def main() -> None:
                     metrics[split] = scores
                     # compact: at conf 0.001 a split has up to 300 detections per image
                     (pred_tmp / f"{name}_{split}.json").write_text(json.dumps(dets, separators=(",", ":")))
-                    mlflow.log_metrics({f"{name}.{split}.{k}": v for k, v in scores.items()})
+                    log_metrics({f"{name}.{split}.{k}": v for k, v in scores.items()})
                     log.info("%s on %s: mAP50-95 %.4f  mAP50 %.4f  F1 %.3f", name, split, scores["map50_95"],
                              scores["map50"], scores["f1"])
                 metrics["mlflow_run_id"] = run.info.run_id
                 files.write_json(out_tmp / f"{name}.json", metrics)
         for name in cfg.models:
-            mlflow.log_artifact(str(args.out_dir / f"{name}.json"), artifact_path="metrics")
+            log_artifact(str(args.out_dir / f"{name}.json"), artifact_path="metrics")
 
 
 if __name__ == "__main__":

@@ -13,14 +13,12 @@ import argparse
 import logging
 from pathlib import Path
 
-import mlflow
-
 from yolo_compress import files
 from yolo_compress.config import load_params, section_dict
 from yolo_compress.dataset import eval_splits, prepare_dataset
 from yolo_compress.errors import stage_entrypoint
-from yolo_compress.models import check_params_models
-from yolo_compress.tracking import stage_run
+from yolo_compress.models import check_params_models, set_checkpoint_trust
+from yolo_compress.tracking import log_artifact, stage_run
 
 log = logging.getLogger("yolo_compress.prepare")
 
@@ -43,6 +41,7 @@ def main() -> None:
     ap.add_argument("--metrics", type=Path, required=True)
     args = ap.parse_args()
     params = load_params(args.params)
+    set_checkpoint_trust(params.trust_checkpoints)  # prepare loads the .pt files params names, to check them
 
     with stage_run("prepare", {**section_dict(params.data), "seed": params.seed}) as run:
         summary = prepare_dataset(params.data, params.seed, args.out)
@@ -50,8 +49,8 @@ def main() -> None:
         check_params_models(params, args.out)
         metrics = {**dataset_metrics(summary), "mlflow_run_id": run.info.run_id}
         files.write_json(args.metrics, metrics)
-        mlflow.log_artifact(str(args.metrics))
-        mlflow.log_artifact(str(args.out / "dataset.json"))
+        log_artifact(str(args.metrics))
+        log_artifact(str(args.out / "dataset.json"))
     log.info("prepare: %s dataset with %s images -> %s", summary["task"], summary["images"], args.out)
 
 

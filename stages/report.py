@@ -13,12 +13,10 @@ import argparse
 import logging
 from pathlib import Path
 
-import mlflow
-
 from yolo_compress import files
 from yolo_compress.errors import stage_entrypoint
 from yolo_compress.report import build_summary, load_inputs, plot_pareto, plot_prune_curve
-from yolo_compress.tracking import log_artifacts_to_parent, stage_run
+from yolo_compress.tracking import log_artifact, log_artifacts_to_parent, stage_run
 
 log = logging.getLogger("yolo_compress.report")
 
@@ -47,7 +45,7 @@ def main() -> None:
     outputs = [args.out, args.pareto, args.prune_curve]
     with stage_run("report", {}):
         for path in outputs:
-            mlflow.log_artifact(str(path), artifact_path="report")
+            log_artifact(str(path), artifact_path="report")
         parent = log_artifacts_to_parent(outputs, artifact_path="report")
         if parent:
             log.info("report also logged to the pipeline run %s", parent)

@@ -6,7 +6,10 @@ out-of-range values raise `ParamsError` naming the key and the valid choices.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
+import json
+import os
 import re
 import types
 import typing
@@ -33,8 +36,39 @@ def _valid_device(device: str | int) -> bool:
         re.fullmatch(r"\d+(,\d+)*", str(device).replace(" ", "")))
 
 
+# YOLO_COMPRESS_PARAMS_READS=<file>: each process appends the params keys it read, one JSON line per process
+# ({"stage": $DVC_STAGE, "reads": [...]}); tests/test_params_deps.py compares them with the params dvc.yaml lists.
+READS_ENV = "YOLO_COMPRESS_PARAMS_READS"
+_reads: set[str] | None = None
+
+
+class _Section:
+    """Base of the params dataclasses: records `section.key` reads while READS_ENV is set (no cost otherwise)."""
+
+    def __getattribute__(self, name: str) -> Any:
+        if _reads is not None and not name.startswith("_") and name in type(self).__dataclass_fields__:
+            section = object.__getattribute__(self, "__dict__").get("_section")  # None: a copy (dataclasses.replace)
+            if section is not None and not isinstance(object.__getattribute__(self, name), _Section):
+                _reads.add(f"{section}.{name}" if section else name)
+        return object.__getattribute__(self, name)
+
+
+def _trace_reads() -> None:
+    global _reads
+    if _reads is not None or not os.environ.get(READS_ENV):
+        return
+    _reads = set()
+    out = Path(os.environ[READS_ENV])
+
+    def dump() -> None:
+        with out.open("a") as f:  # one short line per process: appends do not interleave
+            f.write(json.dumps({"stage": os.environ.get("DVC_STAGE", ""), "reads": sorted(_reads)}) + "\n")
+
+    atexit.register(dump)
+
+
 @dataclass(frozen=True)
-class DataConfig:
+class DataConfig(_Section):
     """`data:` section, read by the prepare stage."""
 
     source: str = "synthetic"  # (str) 'synthetic', or a path to your own Ultralytics dataset yaml
@@ -64,7 +98,7 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(_Section):
     """`teacher:` and `student:` sections, read by the train stage of that role."""
 
     model: str  # (str) Ultralytics model yaml (built from scratch, e.g. yolo11n.yaml) or a local .pt file
@@ -119,7 +153,7 @@ EVAL_SPLITS = ("val", "test", "test_shift")
 
 
 @dataclass(frozen=True)
-class DistillConfig:
+class DistillConfig(_Section):
     """`distill:` section. The student trains on the `student:` budget (same epochs, lr, seed), plus a teacher."""
 
     loss: str = "logit"  # (str) sl2 (Ultralytics native) | mgd | cwd | logit
@@ -157,7 +191,7 @@ class DistillConfig:
 
 
 @dataclass(frozen=True)
-class PruneConfig:
+class PruneConfig(_Section):
     """`prune:` section: iterative prune + fine-tune rounds on the distilled student (or `model`)."""
 
     model: str = ""  # (str) '' = models/distilled.pt from distill, or a local YOLO .pt to prune
@@ -197,7 +231,7 @@ def _check_names(values: list[str], valid: tuple[str, ...], key: str) -> None:
 
 
 @dataclass(frozen=True)
-class EvaluateConfig:
+class EvaluateConfig(_Section):
     """`evaluate:` section: pycocotools scoring of every model on every eval split."""
 
     models: list[str] = field(default_factory=lambda: list(MODEL_NAMES))  # (list) models/<name>.pt to score
@@ -218,7 +252,7 @@ class EvaluateConfig:
 
 
 @dataclass(frozen=True)
-class BenchmarkConfig:
+class BenchmarkConfig(_Section):
     """`benchmark:` section: size, FLOPs and latency of every model, measured side by side in one run."""
 
     models: list[str] = field(default_factory=lambda: list(MODEL_NAMES))  # (list) models/<name>.pt to measure
@@ -243,7 +277,7 @@ class BenchmarkConfig:
 
 
 @dataclass(frozen=True)
-class Params:
+class Params(_Section):
     """All of params.yaml."""
 
     data: DataConfig = field(default_factory=DataConfig)  # (section) dataset for prepare
@@ -314,7 +348,11 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     if missing:
         raise ParamsError(f"missing key '{prefix}{missing[0]}'")
     try:
-        return cls(**kwargs)
+        built = cls(**kwargs)
+        for name, value in [("", built), *((f"{prefix}{n}", getattr(built, n)) for n in fields)]:
+            if isinstance(value, _Section) and "_section" not in value.__dict__:  # sections left at their defaults
+                object.__setattr__(value, "_section", name or prefix.rstrip("."))
+        return built
     except ParamsError as err:
         msg = str(err)
         # Section validators name their own keys; prepend the section so the key is complete.
@@ -332,6 +370,7 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         mark = getattr(err, "problem_mark", None)
         line = f":{mark.line + 1}" if mark else ""
         raise ParamsError(f"{path}{line}: not valid YAML ({getattr(err, 'problem', err)})") from None
+    _trace_reads()
     try:
         return _build(Params, raw, "")
     except ParamsError as err:

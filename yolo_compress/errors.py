@@ -37,7 +37,7 @@ class Terminated(KeyboardInterrupt):
 
 
 EXIT_INTERRUPTED = 128 + signal.SIGINT  # 130: what a shell reports for a Ctrl-C'd command
-EXIT_TERMINATED = 128 + signal.SIGTERM  # 143; tracking.stage_run also exits with it on SIGTERM
+EXIT_TERMINATED = 128 + signal.SIGTERM  # 143
 
 # () -> epoch a rerun with `resume: true` would continue from, or None when nothing is resumable. Set by the
 # training code while it trains; read only when the stage is interrupted.
@@ -62,7 +62,7 @@ def stage_name() -> str:
     return os.environ.get("DVC_STAGE") or Path(sys.argv[0]).stem
 
 
-def _sigterm_handler(owner: int) -> Callable[[int, Any], None]:
+def sigterm_handler(owner: int) -> Callable[[int, Any], None]:
     def handler(signum: int, frame: Any) -> None:
         if os.getpid() != owner:  # a forked data-loader worker inherited this handler: die as the signal says
             signal.signal(signum, signal.SIG_DFL)
@@ -98,7 +98,7 @@ def stage_entrypoint(main: Callable[..., Any]) -> Callable[..., Any]:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
         # SIGTERM (a job scheduler, `kill`, a lost terminal) unwinds like Ctrl-C: context managers close the MLflow
         # run and atomic writes drop their temp files, instead of the process dying mid-way.
-        signal.signal(signal.SIGTERM, _sigterm_handler(os.getpid()))
+        signal.signal(signal.SIGTERM, sigterm_handler(os.getpid()))
         try:
             return main(*args, **kwargs)
         except UserError as err:
@@ -107,10 +107,6 @@ def stage_entrypoint(main: Callable[..., Any]) -> Callable[..., Any]:
         except KeyboardInterrupt as err:
             _say_interrupted()
             raise SystemExit(EXIT_TERMINATED if isinstance(err, Terminated) else EXIT_INTERRUPTED) from None
-        except SystemExit as err:
-            if err.code == EXIT_TERMINATED:  # tracking.stage_run's own SIGTERM handler ends the stage this way
-                _say_interrupted()
-            raise
 
     return wrapper
 

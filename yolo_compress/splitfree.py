@@ -160,3 +160,7 @@ def make_split_free(model: nn.Module) -> nn.Module:
 def unsupported_blocks(model: nn.Module) -> list[str]:
     """Names of the blocks in `model` that split tensors in a way torch-pruning cannot follow (sorted, unique)."""
     return sorted({type(m).__name__ for m in model.modules() if type(m).__name__ in _UNSUPPORTED})
+
+
+# Pruned checkpoints hold these classes: a process that imports this module can load them with weights_only.
+yolo_compress.models.allow_project_classes()

@@ -29,7 +29,7 @@ from filelock import FileLock
 from mlflow.tracking import MlflowClient
 
 from yolo_compress import mlflow_buffer as buf
-from yolo_compress.errors import UserError, stage_entrypoint
+from yolo_compress.errors import UserError, sigterm_handler, stage_entrypoint
 
 log = logging.getLogger(__name__)
 
@@ -165,30 +165,10 @@ def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-class Terminated(BaseException):
-    """SIGTERM, raised in the stage's main thread so that its run is marked KILLED on the way out."""
-
-
-def _raise_on_sigterm() -> Any:
-    """Turn SIGTERM into `Terminated` in this process (not in forked data-loader workers); the old handler."""
-    if threading.current_thread() is not threading.main_thread():
-        return None
-    owner = os.getpid()
-
-    def handler(signum: int, frame: Any) -> None:
-        if os.getpid() != owner:  # a forked worker inherited this handler: die as the signal says
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-            return
-        raise Terminated
-
-    return signal.signal(signal.SIGTERM, handler)
-
-
 def _end_status(err: BaseException | None) -> str:
     if err is None or (isinstance(err, SystemExit) and not err.code):
         return "FINISHED"
-    return "KILLED" if isinstance(err, (KeyboardInterrupt, Terminated)) else "FAILED"
+    return "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"  # errors.Terminated (SIGTERM) is one too
 
 
 def _end_fluent_run(run_id: str, status: str) -> None:
@@ -254,19 +234,21 @@ def stage_run(stage: str, params: dict[str, Any]) -> Iterator[mlflow.ActiveRun]:
     session.stack.append(run_id)
     global _session
     outer, _session = _session, session
-    old_handler, err = _raise_on_sigterm(), None
+    # SIGTERM arrives as errors.Terminated (installed by errors.stage_entrypoint, which every stage runs under)
+    installed, err = None, None
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) in (
+            signal.SIG_DFL, None):
+        installed = signal.signal(signal.SIGTERM, sigterm_handler(os.getpid()))
     try:
         log_params(flat(params))
         log.info("MLflow run %s (%s) in %s", run_id, stage, uri)
         yield run
     except BaseException as exc:
         err = exc
-        if isinstance(exc, Terminated):
-            raise SystemExit(128 + signal.SIGTERM) from None  # killed, as the shell would report it; no traceback
         raise
     finally:
-        if old_handler is not None:
-            signal.signal(signal.SIGTERM, old_handler)
+        if installed is not None:
+            signal.signal(signal.SIGTERM, installed)
         status = _end_status(err)
         session.finish(run_id, status)
         if parent:

@@ -21,7 +21,6 @@ os.environ.setdefault("YOLO_OFFLINE", "1")
 # params.yaml switches full unpickling back on (set_checkpoint_trust).
 os.environ.setdefault("ULTRALYTICS_SAFE_LOAD", "1")
 
-import torch  # noqa: E402
 import ultralytics.nn.tasks as ultralytics_tasks  # noqa: E402
 from ultralytics import YOLO  # noqa: E402
 from ultralytics.nn.tasks import torch_safe_load  # noqa: E402
@@ -72,18 +71,9 @@ def load_model(spec: str | Path, key: str) -> YOLO:
         raise ModelError(f"{key}: model yaml {spec} not found; use e.g. yolo11n.yaml or a local .yaml/.pt") from None
 
 
-# Classes this project pickles into its own checkpoints (yolo_compress.splitfree, in pruned models).
-PROJECT_CLASSES = ("SplitFreeC2f", "SplitFreeC2", "SplitFreeC2PSA", "PSABody")
-
-
 def allow_project_classes() -> None:
-    """Put the module classes of this project's pruned checkpoints on torch's weights_only allow-list (idempotent)."""
-    from yolo_compress import splitfree  # late: splitfree imports this module first
-
-    # While splitfree itself is being imported (it imports this module at its top) its classes do not exist yet;
-    # load_model and read_checkpoint call this again before they load.
-    classes = [getattr(splitfree, name, None) for name in PROJECT_CLASSES]
-    torch.serialization.add_safe_globals([c for c in classes if c is not None])
+    """Put the module classes of this project's pruned checkpoints on torch's weights_only allow-list."""
+    from yolo_compress import splitfree  # noqa: F401 - late (splitfree imports this module); registers on import
 
 
 def set_checkpoint_trust(trusted: bool) -> None:

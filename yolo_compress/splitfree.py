@@ -162,5 +162,5 @@ def unsupported_blocks(model: nn.Module) -> list[str]:
     return sorted({type(m).__name__ for m in model.modules() if type(m).__name__ in _UNSUPPORTED})
 
 
-# Pruned checkpoints hold these classes: a process that imports this module can load them with weights_only.
-yolo_compress.models.allow_project_classes()
+# Pruned checkpoints hold these classes: once this module is imported, torch's weights_only unpickler accepts them.
+torch.serialization.add_safe_globals([SplitFreeC2f, SplitFreeC2, SplitFreeC2PSA, PSABody])

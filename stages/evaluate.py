@@ -3,12 +3,17 @@
 The splits are `evaluate.splits`, or every eval split of the prepared data (val, and test / test_shift when it
 has them) when that is null; a listed split the data lacks stops the stage before any model runs.
 
-    python stages/evaluate.py --data data/prepared --models-dir models --out-dir metrics/evaluate \
-        --predictions-dir reports/predictions
+    python stages/evaluate.py --data data/prepared --models-dir models --export-dir models/export \
+        --out-dir metrics/evaluate --predictions-dir reports/predictions
 
 Writes `<out-dir>/<model>.json` = {<split>: {map50_95, map50, ..., f1, ultralytics_map50_95, ...}, mlflow_run_id}
 (numbers only, two levels, so `dvc metrics diff` shows e.g. `test.map50_95` per file) and the COCO detections
 behind each score as `<predictions-dir>/<model>_<split>.json`. Both folders are replaced whole, never half-written.
+
+Every file the export stage made (`<export-dir>/<model>_<format>.onnx`, run through ONNX Runtime by Ultralytics) is
+scored the same way into `<out-dir>/<model>_<format>.json`, with `map50_95_lost` / `map50_lost` per split: its
+PyTorch checkpoint's score minus the file's (when the checkpoint is in evaluate.models). A file ONNX Runtime cannot
+run costs only its own row: one warning line.
 """
 
 from __future__ import annotations
@@ -21,8 +26,9 @@ from pathlib import Path
 from yolo_compress import files
 from yolo_compress.config import load_params, section_dict
 from yolo_compress.dataset import eval_splits, load_summary, training_view
-from yolo_compress.errors import DatasetError, stage_entrypoint
-from yolo_compress.evaluation import evaluate_split_with_predictions, gt_json_for
+from yolo_compress.errors import DatasetError, UserError, stage_entrypoint
+from yolo_compress.evaluation import evaluate_split_with_predictions, gt_json_for, map_lost
+from yolo_compress.export import exported_files
 from yolo_compress.models import pipeline_models, set_checkpoint_trust
 from yolo_compress.tracking import log_artifact, log_metrics, stage_run
 
@@ -33,6 +39,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--data", type=Path, required=True, help="prepared dataset folder")
     ap.add_argument("--models-dir", type=Path, required=True, help="folder of <name>.pt")
+    ap.add_argument("--export-dir", type=Path, help="the export stage's <model>_<format>.onnx files (optional)")
     ap.add_argument("--out-dir", type=Path, required=True, help="metrics folder, one <model>.json each")
     ap.add_argument("--predictions-dir", type=Path, required=True, help="COCO detections, <model>_<split>.json")
     return ap.parse_args()
@@ -62,13 +69,16 @@ def main() -> None:
 
     # Ultralytics writes label caches beside the labels: score scratch views, never the DVC-tracked dataset.
     views = {split: training_view(args.data, Path("runs") / "evaluate" / split, split=split) for split in splits}
+    shipped = exported_files(args.export_dir) if args.export_dir and args.export_dir.is_dir() else {}
     with stage_run("evaluate", {**section_dict(cfg), "splits": splits}) as run:
         with files.atomic_dir(args.out_dir) as out_tmp, files.atomic_dir(args.predictions_dir) as pred_tmp:
-            for name, pt in models.items():
-                metrics: dict[str, object] = {}
+            scored: dict[str, dict[str, dict[str, float]]] = {}
+
+            def score(name: str, model: Path, imgsz: int) -> dict[str, dict[str, float]]:
+                metrics: dict[str, dict[str, float]] = {}
                 for split in splits:
                     scores, dets = evaluate_split_with_predictions(
-                        pt, views[split], cfg.imgsz,
+                        model, views[split], imgsz,
                         conf=cfg.conf, iou=cfg.iou, batch=cfg.batch)
                     metrics[split] = scores
                     # compact: at conf 0.001 a split has up to 300 detections per image
@@ -76,11 +86,24 @@ def main() -> None:
                     log_metrics({f"{name}.{split}.{k}": v for k, v in scores.items()})
                     log.info("%s on %s: mAP50-95 %.4f  mAP50 %.4f  F1 %.3f", name, split, scores["map50_95"],
                              scores["map50"], scores["f1"])
-                metrics["mlflow_run_id"] = run.info.run_id
-                files.write_json(out_tmp / f"{name}.json", metrics)
-        for name in cfg.models:
-            log_artifact(str(args.out_dir / f"{name}.json"), artifact_path="metrics")
+                return metrics
 
+            for name, pt in models.items():
+                scored[name] = score(name, pt, cfg.imgsz)
+                files.write_json(out_tmp / f"{name}.json", {**scored[name], "mlflow_run_id": run.info.run_id})
+            for key, (onnx_path, meta) in shipped.items():
+                try:
+                    metrics = score(key, onnx_path, int(meta["imgsz"]))  # the graph's fixed input size
+                except Exception as err:  # noqa: BLE001 - ORT and Ultralytics' backend raise many types
+                    reason = str(err) if isinstance(err, UserError) else " ".join(str(err).split())[:200]
+                    log.warning("%s: not scored: ONNX Runtime could not run %s (%s); rerun `dvc repro export`",
+                                key, onnx_path, reason or type(err).__name__)
+                    continue
+                for split, lost in map_lost(scored.get(meta["model"], {}), metrics).items():
+                    metrics[split].update(lost)
+                files.write_json(out_tmp / f"{key}.json", {**metrics, "mlflow_run_id": run.info.run_id})
+        for path in sorted(args.out_dir.glob("*.json")):
+            log_artifact(str(path), artifact_path="metrics")
 
 if __name__ == "__main__":
     main()

@@ -14,7 +14,17 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from yolo_compress.errors import UserError
-from yolo_compress.report import build_summary, load_inputs, pareto_front, plot_pareto, plot_prune_curve, prune_ratio
+from yolo_compress.report import (
+    _pareto_points,
+    build_summary,
+    load_inputs,
+    missing_report_keys,
+    pareto_front,
+    plot_pareto,
+    plot_prune_curve,
+    prune_ratio,
+    recommend,
+)
 from yolo_compress.tracking import log_artifacts_to_parent
 
 from .conftest import REPO
@@ -211,7 +221,8 @@ def test_report_stage_writes_every_output_and_logs_its_run(tmp_path: Path, store
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     write_metrics(tmp_path)
     monkeypatch.chdir(tmp_path)  # the header names the input paths as given: relative, like dvc.yaml's
-    cmd = [sys.executable, str(REPO / "stages/report.py"), "--metrics-dir", "metrics", "--prune-plots",
+    cmd = [sys.executable, str(REPO / "stages/report.py"), "--params", str(REPO / "params.yaml"), "--metrics-dir",
+           "metrics", "--prune-plots",
            "prune_plots.json", "--benchmark-notes", "notes.json", "--out", "reports/summary.md", "--pareto",
            "reports/pareto.png", "--prune-curve", "reports/prune.png"]
     proc = subprocess.run(cmd, env={**os.environ, "MLFLOW_TRACKING_URI": store}, capture_output=True, text=True)
@@ -232,11 +243,77 @@ def test_report_stage_without_evaluate_metrics_fails_in_one_line(tmp_path: Path,
     stage = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(stage)
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "argv", ["report.py", "--metrics-dir", "nowhere", "--out", "s.md", "--pareto", "p.png",
-                                      "--prune-curve", "c.png"])
+    monkeypatch.setattr(sys, "argv", ["report.py", "--params", str(REPO / "params.yaml"), "--metrics-dir", "nowhere",
+                                      "--out", "s.md", "--pareto", "p.png", "--prune-curve", "c.png"])
     with pytest.raises(SystemExit) as info:
         stage.main()
     assert info.value.code == 2
     assert capsys.readouterr().err.strip().splitlines() == [
         "error: nowhere/evaluate: no evaluate metrics (<model>.json); run `dvc repro evaluate` first"]
     assert not list(tmp_path.iterdir())  # nothing written
+
+
+SHIPPED = {  # row -> test mAP50-95, ONNX p50 ms, flagged
+    "student_fp32": (0.39, 12.0, 0),
+    "student_int8": (0.38, 7.0, 0),
+    "pruned_fp32": (0.41, 6.0, 0),
+    "pruned_int8": (0.405, 3.0, 1),  # fastest, but its timing spread was over the bound
+    "distilled_int8": (0.40, 4.0, 0),
+}
+
+
+def write_shipped(root: Path, shipped: dict = SHIPPED) -> None:
+    """Evaluate and benchmark files of shipped ONNX rows, as the stages write them, beside write_metrics' ones."""
+    m = root / "metrics"
+    for name, (acc, lat, flagged) in shipped.items():
+        doc = {"val": {"map50_95": acc + 0.01, "map50": 0.6}, "test": {"map50_95": acc, "map50": 0.6,
+                                                                         "map50_95_lost": 0.43 - acc}}
+        (m / "evaluate" / f"{name}.json").write_text(json.dumps(doc))
+        onnx = {"latency_ms_p50": lat, "speedup_vs_student_fp32": 12.0 / lat, "speedup_spread": 0.5 if flagged else 0.1,
+                "flagged": flagged}
+        (m / "benchmark" / f"{name}.json").write_text(json.dumps(
+            {"model": {"gflops": 1.0, "params_m": 2.0, "size_mb": 3.0}, "onnx": onnx}))
+
+
+def test_shipped_files_are_rows_the_fastest_within_the_bound_is_recommended_and_flagged_rows_greyed(
+        tmp_path: Path) -> None:
+    write_metrics(tmp_path)
+    write_shipped(tmp_path)
+    inp = load_inputs(tmp_path / "metrics", tmp_path / "prune_plots.json", tmp_path / "notes.json")
+    md = build_summary(inp, max_map_drop=0.03)
+    models = [li.split(" | ")[0][2:] for li in md.splitlines() if li.startswith("| ") and not li.startswith("| model")]
+    assert models[:8] == ["teacher", "student", "student_fp32", "student_int8", "distilled", "distilled_int8",
+                          "pruned", "pruned_fp32"]
+    cols = header(md)
+    flagged = row(md, "pruned_int8")
+    assert flagged[cols.index("ONNX p50 ms")] == "*3.0*"  # greyed out, never bold
+    assert row(md, "distilled_int8")[cols.index("ONNX p50 ms")] == "**4.0**"  # best among the trusted rows
+    assert "timing too noisy" in flagged[cols.index("notes")]
+    assert row(md, "student_int8")[cols.index("test mAP50-95 lost vs .pt")] == "0.050"
+    # distilled test 0.43: within 0.03 are pruned_fp32 (0.41) and distilled_int8 (0.40); pruned_int8 is flagged
+    assert recommend(inp, 0.03)[0] == "distilled_int8"
+    line = recommend(inp, 0.03)[1]
+    assert "`distilled_int8.onnx`" in line and "4.0 ms" in line and "3.00× vs student_fp32" in line
+    assert "below the bound: student_fp32 (0.390), student_int8 (0.380)" in line
+    assert "timing flagged: pruned_int8" in line
+    assert line in md
+    assert recommend(inp, 0.025)[0] == "pruned_fp32"  # distilled_int8 (0.40) is now 0.03 below
+    assert recommend(inp, 0.001)[0] is None and "no shipped file is within" in recommend(inp, 0.001)[1]
+    pts, runtime, split = _pareto_points(inp)
+    assert runtime == "onnx" and split == "test" and set(pts) == set(SHIPPED)  # one point per model x format
+    plot_pareto(inp, tmp_path / "pareto.png")
+    assert (tmp_path / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_missing_report_keys_asks_each_row_for_its_own_runtime_and_flag(tmp_path: Path) -> None:
+    write_metrics(tmp_path)
+    write_shipped(tmp_path, {"pruned_int8": SHIPPED["pruned_int8"]})
+    m = tmp_path / "metrics"
+    missing = missing_report_keys(m)
+    # write_metrics' PyTorch rows predate the interleaved benchmark: they have no torch.flagged
+    assert f"{m}/benchmark/student.json: torch.flagged" in missing
+    assert not any("pruned_int8" in line for line in missing)
+    doc = json.loads((m / "benchmark" / "pruned_int8.json").read_text())
+    del doc["onnx"]["flagged"]
+    (m / "benchmark" / "pruned_int8.json").write_text(json.dumps(doc))
+    assert f"{m}/benchmark/pruned_int8.json: onnx.flagged" in missing_report_keys(m)

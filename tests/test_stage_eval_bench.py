@@ -1,4 +1,4 @@
-"""stages/evaluate.py and stages/benchmark.py run for real on a tiny dataset and two untrained yolo11n models."""
+"""stages/export.py, evaluate.py and benchmark.py run for real on a tiny dataset and two untrained yolo11n models."""
 
 from __future__ import annotations
 
@@ -15,27 +15,32 @@ import pytest
 import yaml
 
 from yolo_compress import files
-from yolo_compress.benchmark import grouped_metrics
+from yolo_compress.benchmark import grouped_metrics, interleaved_summary
 from yolo_compress.config import DataConfig
 from yolo_compress.dataset import prepare_dataset
 
 from .conftest import REPO, random_model
 
 MODELS = ["student", "pruned"]
+SHIPPED = [f"{m}_{f}" for m in MODELS for f in ("fp32", "int8")]
 TINY_DATA = {"image_size": 64, "train_images": 1, "val_images": 3, "test_images": 1, "test_shift_images": 1}
 PARAMS = {
+    "export": {"models": MODELS, "formats": ["fp32", "int8"], "imgsz": 64, "calib_images": 1},
     "evaluate": {"models": MODELS, "splits": ["val"], "imgsz": 64, "batch": 4},
     # one thread: on 2 shared cores two OpenMP threads are several times slower, not faster
     "benchmark": {"models": MODELS, "baseline": "student", "imgsz": 64, "batch": 2, "warmup": 1, "repeats": 3,
-                  "threads": 1},
+                  "rounds": 3, "threads": 1},
 }
 
 
 def stage_cmd(name: str) -> list[str]:
     args = {
-        "evaluate": ["--data", "data/prepared", "--models-dir", "models", "--out-dir", "metrics/evaluate",
-                     "--predictions-dir", "reports/predictions"],
-        "benchmark": ["--models-dir", "models", "--onnx-dir", "models/onnx", "--out-dir", "metrics/benchmark"],
+        "export": ["--data", "data/prepared", "--models-dir", "models", "--out-dir", "models/export", "--metrics",
+                   "metrics/export.json"],
+        "evaluate": ["--data", "data/prepared", "--models-dir", "models", "--export-dir", "models/export",
+                     "--out-dir", "metrics/evaluate", "--predictions-dir", "reports/predictions"],
+        "benchmark": ["--models-dir", "models", "--export-dir", "models/export", "--out-dir", "metrics/benchmark",
+                      "--notes", "reports/benchmark_notes.json"],
     }[name]
     return [sys.executable, str(REPO / "stages" / f"{name}.py"), *args]
 
@@ -52,11 +57,15 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for section, values in PARAMS.items():
         params[section].update(values)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}", "DVC_ROOT": str(root)}
-    for stage in ("evaluate", "benchmark"):
+    env = stage_env(root)
+    for stage in ("export", "evaluate", "benchmark"):
         proc = subprocess.run(stage_cmd(stage), cwd=root, env=env, capture_output=True, text=True)
         assert proc.returncode == 0, f"{stage}: {proc.stderr[-3000:]}"
     return root
+
+
+def stage_env(root: Path) -> dict[str, str]:
+    return {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}", "DVC_ROOT": str(root)}
 
 
 def read(root: Path, rel: str) -> dict:
@@ -73,10 +82,10 @@ def assert_dvc_metrics_shape(doc: dict) -> None:
             assert all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in section.values()), key
 
 
-def test_evaluate_writes_one_metrics_file_per_model_and_the_predictions(work: Path) -> None:
-    assert sorted(p.name for p in (work / "metrics/evaluate").iterdir()) == ["pruned.json", "student.json"]
+def test_evaluate_writes_one_metrics_file_per_model_and_shipped_file_and_the_predictions(work: Path) -> None:
+    assert sorted(p.stem for p in (work / "metrics/evaluate").iterdir()) == sorted(MODELS + SHIPPED)
     gt = read(work, "data/prepared/splits/val.json")
-    for name in MODELS:
+    for name in MODELS + SHIPPED:
         doc = read(work, f"metrics/evaluate/{name}.json")
         assert_dvc_metrics_shape(doc)
         assert set(doc) == {"val", "mlflow_run_id"}
@@ -88,32 +97,64 @@ def test_evaluate_writes_one_metrics_file_per_model_and_the_predictions(work: Pa
         dets = read(work, f"reports/predictions/{name}_val.json")
         assert isinstance(dets, list) and dets  # an untrained model still emits low-score boxes at conf 0.001
         assert {d["image_id"] for d in dets} <= {im["id"] for im in gt["images"]}
-    assert sorted(p.name for p in (work / "reports/predictions").iterdir()) == ["pruned_val.json", "student_val.json"]
+    assert sorted(p.name for p in (work / "reports/predictions").iterdir()) == sorted(
+        f"{n}_val.json" for n in MODELS + SHIPPED)
+    for name in SHIPPED:  # the accuracy a shipped file lost against its own checkpoint, on the same split
+        val, pt_val = read(work, f"metrics/evaluate/{name}.json")["val"], read(
+            work, f"metrics/evaluate/{name.split('_')[0]}.json")["val"]
+        assert val["map50_95_lost"] == pytest.approx(pt_val["map50_95"] - val["map50_95"])
+        assert val["map50_lost"] == pytest.approx(pt_val["map50"] - val["map50"])
 
 
-def test_benchmark_writes_grouped_metrics_machine_file_onnx_and_notes(work: Path) -> None:
-    assert sorted(p.name for p in (work / "metrics/benchmark").iterdir()) == ["machine.json", "pruned.json",
-                                                                           "student.json"]
-    rows = {name: read(work, f"metrics/benchmark/{name}.json") for name in MODELS}
+def test_benchmark_times_checkpoints_and_shipped_files_side_by_side(work: Path) -> None:
+    assert sorted(p.stem for p in (work / "metrics/benchmark").iterdir()) == sorted(["machine", *MODELS, *SHIPPED])
+    rows = {name: read(work, f"metrics/benchmark/{name}.json") for name in MODELS + SHIPPED}
     for name, doc in rows.items():
         assert_dvc_metrics_shape(doc)
-        assert set(doc) == {"model", "torch", "onnx", "mlflow_run_id"}
-        assert 2.0 < doc["model"]["params_m"] < 3.0 and doc["model"]["gflops"] > 0 and doc["model"]["size_mb"] > 1
-        for rt in ("torch", "onnx"):
-            g = doc[rt]
-            assert 0 < g["latency_ms_p50"] <= g["latency_ms_p90"]
-            assert g["throughput_img_per_s"] > 0 and g["throughput_batch"] == 2 and g["threads"] == 1
-            assert 0 < g["peak_fraction"] and g["gflops_per_s"] > 0
-        assert doc["onnx"]["size_mb"] > 1
-        assert (work / "models/onnx" / f"{name}.onnx").is_file()
-    for rt in ("torch", "onnx"):
-        assert rows["student"][rt]["speedup_vs_student"] == pytest.approx(1.0)
-        ratio = rows["student"][rt]["latency_ms_p50"] / rows["pruned"][rt]["latency_ms_p50"]
-        assert rows["pruned"][rt]["speedup_vs_student"] == pytest.approx(ratio)
+        rt = "onnx" if name in SHIPPED else "torch"
+        assert set(doc) == {"model", rt, "mlflow_run_id"}
+        assert 0.8 < doc["model"]["params_m"] < 3.0 and doc["model"]["gflops"] > 0 and doc["model"]["size_mb"] > 0.3
+        g = doc[rt]
+        assert 0 < g["latency_ms_p50"] <= g["latency_ms_p90"] and g["rounds"] == 3
+        assert g["throughput_img_per_s"] > 0 and g["threads"] == 1 and g["flagged"] in (0, 1)
+        assert g["throughput_batch"] == (2 if rt == "torch" else 1)  # an exported graph's batch is fixed at 1
+        assert 0 < g["peak_fraction"] and g["gflops_per_s"] > 0
+        base = "student" if rt == "torch" else "student_fp32"
+        assert g["speedup_min"] <= g[f"speedup_vs_{base}"] <= g["speedup_max"]
+    assert rows["student"]["torch"]["speedup_vs_student"] == 1.0
+    assert rows["student_fp32"]["onnx"]["speedup_vs_student_fp32"] == 1.0
+    assert rows["pruned_int8"]["model"]["size_mb"] < rows["pruned_fp32"]["model"]["size_mb"]
     machine = read(work, "metrics/benchmark/machine.json")
     assert machine["threads"] == 1 and machine["cpu_count"] >= 1 and machine["matmul_peak_gflops"] > 0
-    notes = read(work, "models/onnx/notes.json")
+    assert machine["load_1m_before"] >= 0 and machine["load_1m_after"] >= 0 and machine["int8_vnni"] in (0, 1)
+    notes = read(work, "reports/benchmark_notes.json")
     assert notes["problems"] == {} and notes["machine"]["cpu_model"] and notes["machine"]["torch"]
+
+
+def test_speedup_is_the_median_of_per_round_ratios_and_a_wide_spread_is_flagged() -> None:
+    # seconds per round: the machine slows down in round 2 for everyone (ratios unchanged), then b wobbles
+    samples = {"a": [[0.010] * 3, [0.020] * 3, [0.010] * 3], "b": [[0.005] * 3, [0.010] * 3, [0.004] * 3]}
+    out = interleaved_summary(samples, {"a": "a", "b": "a"}, max_spread=0.3)
+    assert out["b"]["speedup_vs_a"] == pytest.approx(2.0)  # rounds: 2.0, 2.0, 2.5
+    assert (out["b"]["speedup_min"], out["b"]["speedup_max"]) == pytest.approx((2.0, 2.5))
+    assert out["b"]["speedup_spread"] == pytest.approx(0.25) and out["b"]["flagged"] == 0
+    assert out["a"]["latency_spread"] == pytest.approx(1.0) and out["a"]["flagged"] == 1  # its own p50s moved 2x
+    assert interleaved_summary(samples, {"b": "a"}, max_spread=0.2)["b"]["flagged"] == 1
+
+
+def test_a_shipped_file_onnx_runtime_cannot_load_costs_only_its_row(work: Path, tmp_path: Path) -> None:
+    root = tmp_path / "w"
+    for rel in ("data", "models", "params.yaml"):
+        (shutil.copytree if (work / rel).is_dir() else shutil.copy)(work / rel, root / rel)
+    (root / "models/export/pruned_int8.onnx").write_bytes(b"truncated")
+    for stage in ("evaluate", "benchmark"):
+        proc = subprocess.run(stage_cmd(stage), cwd=root, env=stage_env(root), capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        lines = [line for line in proc.stderr.splitlines() if "pruned_int8" in line and "WARNING" in line]
+        assert len(lines) == 1 and "ONNX Runtime" in lines[0] and "rerun `dvc repro export`" in lines[0], lines
+        assert sorted(p.stem for p in (root / f"metrics/{stage}").iterdir() if p.stem != "machine") == sorted(
+            MODELS + [s for s in SHIPPED if s != "pruned_int8"])
+    assert list(read(root, "reports/benchmark_notes.json")["problems"]) == ["pruned_int8"]
 
 
 def test_an_onnx_failure_keeps_the_torch_numbers_and_drops_only_that_group() -> None:

@@ -21,10 +21,12 @@ TINY = {
     "teacher": {"model": "yolo11n.yaml", "epochs": 2, "imgsz": 96, "batch": 4, "close_mosaic": 1},
     "student": {"model": "yolo11n.yaml", "epochs": 1, "imgsz": 96, "batch": 4, "close_mosaic": 0},
     "prune": {"rounds": 2, "target": 0.5, "finetune_epochs": 1},
+    "export": {"imgsz": 96, "calib_images": 4},
     "evaluate": {"imgsz": 96, "batch": 4},
-    "benchmark": {"imgsz": 96, "batch": 2, "warmup": 1, "repeats": 3},
+    "benchmark": {"imgsz": 96, "batch": 2, "warmup": 1, "repeats": 3, "rounds": 3},
 }
-STAGES = {"prepare", "train_teacher", "train_student", "distill", "prune", "evaluate", "benchmark", "report"}
+STAGES = {"prepare", "train_teacher", "train_student", "distill", "prune", "export", "evaluate", "benchmark",
+          "report"}
 MODELS = ("teacher", "student", "distilled", "pruned")
 GIT = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
 

@@ -12,15 +12,18 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import importlib.util
 import logging
 import os
 import platform
 import shutil
+import statistics
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -110,25 +113,29 @@ def file_size_mb(path: str | Path) -> float:
 # -------------------------------------------------------------------------------------------------------- ONNX
 
 
-def _export(src: Path, imgsz: int, batch: int, opset: int) -> Path:
+def _export(src: Path, imgsz: int, batch: int, opset: int, simplify: bool) -> Path:
     import onnx
 
-    # simplify needs onnxslim, which Ultralytics would try to pip-install
-    made = YOLO(str(src)).export(format="onnx", imgsz=imgsz, batch=batch, opset=opset, simplify=False, dynamic=False,
-                                 device="cpu", verbose=False)
+    made = YOLO(str(src)).export(format="onnx", imgsz=imgsz, batch=batch, opset=opset, simplify=simplify,
+                                 dynamic=False, device="cpu", verbose=False)
     onnx.checker.check_model(str(made))
     return Path(made)
 
 
-def export_onnx(model_pt: str | Path, imgsz: int, out_path: str | Path, batch: int = 1, opset: int = OPSET) -> Path:
+def export_onnx(model_pt: str | Path, imgsz: int, out_path: str | Path, batch: int = 1, opset: int = OPSET,
+                simplify: bool = False) -> Path:
     """Export a .pt to ONNX at a fixed input shape (batch, 3, imgsz, imgsz), offline, written atomically.
 
     Ultralytics' exporter writes next to the .pt, so it runs on a copy in a temp folder beside `out_path`.
-    Raises OnnxExportError (one line) when the model cannot be exported.
+    Raises OnnxExportError (one line) when the model cannot be exported. `simplify` needs onnxslim installed
+    (Ultralytics would otherwise try to pip-install it): checked first, one line.
     """
     model_pt, out_path = Path(model_pt), Path(out_path)
     if not model_pt.is_file():
         raise ModelError(f"{model_pt}: model file not found; train it first or fix the path")
+    if simplify and importlib.util.find_spec("onnxslim") is None:
+        raise OnnxExportError(f"{model_pt}: ONNX export with simplify needs onnxslim; `pip install onnxslim` or set "
+                              "export.simplify: false")
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.", dir=out_path.parent))
     try:
@@ -136,7 +143,7 @@ def export_onnx(model_pt: str | Path, imgsz: int, out_path: str | Path, batch: i
         shutil.copyfile(model_pt, src)
         try:
             with _torch_threads(torch.get_num_threads()):  # the exporter resets torch's thread count
-                made = _export(src, imgsz, batch, opset)
+                made = _export(src, imgsz, batch, opset, simplify)
         except Exception as err:  # noqa: BLE001 - torch.onnx, onnx and Ultralytics raise many types
             reason = " ".join(str(err).split())[:300] or type(err).__name__
             raise OnnxExportError(f"{model_pt}: ONNX export failed: {reason}") from err
@@ -354,6 +361,18 @@ def throughput(
     return {"throughput_img_per_s": lat["throughput_img_per_s"], "throughput_batch": batch}
 
 
+def model_metrics(model_pt: str | Path, imgsz: int) -> dict[str, float]:
+    """Size and FLOPs of a checkpoint: params as saved, GFLOPs (Ultralytics and fvcore) of the fused model, file MB."""
+    model = _inference_copy(model_pt)
+    return {
+        "params_m": param_count(model_pt) / 1e6,  # as trained and saved (Conv and BN apart), like model_size()
+        "gflops": gflops_ultralytics(model, imgsz),
+        "gflops_fvcore": gflops_fvcore(model, imgsz),
+        "size_mb": file_size_mb(model_pt),
+        "imgsz": imgsz,
+    }
+
+
 @dataclass
 class Benchmark:
     """One model's numbers (flat, numbers only: a DVC metrics section) and what could not be measured."""
@@ -445,3 +464,154 @@ def grouped_metrics(results: Mapping[str, Mapping[str, float]], baseline: str) -
         out[name] = groups
     return out
 
+
+
+# ---------------------------------------------------------------------------------------- interleaved timing
+
+Timer = Callable[[], float]
+
+
+def torch_timer(model: ModelLike, imgsz: int, device: str = "cpu") -> Timer:
+    """One batch-1 forward of a fused fp32 eval copy per call, returning its seconds (run under inference_mode)."""
+    m = _inference_copy(model, device)
+    x = torch.rand(1, 3, imgsz, imgsz, device=device)
+
+    def once() -> float:
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            m(x)
+            _sync(device)
+            return time.perf_counter() - t0
+
+    return once
+
+
+def onnx_session(onnx_path: str | Path, threads: int | None = None, device: str = "cpu") -> Any:
+    """An ONNX Runtime session as the benchmark times it; ModelError (one line) when ORT cannot load the file.
+
+    Its worker threads do not spin-wait between runs: the models alternate, and a spinning pool of the model just
+    timed would steal the cores of the next one.
+    """
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads or default_threads()
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3  # errors only
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    providers = ["CPUExecutionProvider"]
+    if device.startswith("cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
+        providers.insert(0, "CUDAExecutionProvider")
+    try:
+        return ort.InferenceSession(str(onnx_path), opts, providers=providers)
+    except Exception as err:  # noqa: BLE001 - ORT raises its own exception types for a bad file
+        reason = " ".join(str(err).split())[:200] or type(err).__name__
+        raise ModelError(f"ONNX Runtime cannot load {onnx_path}: {reason}; rerun `dvc repro export`") from None
+
+
+def onnx_timer(onnx_path: str | Path, threads: int | None = None, device: str = "cpu") -> Timer:
+    """One run of an exported file at its fixed input shape per call, returning its seconds."""
+    sess = onnx_session(onnx_path, threads, device)
+    inp = sess.get_inputs()[0]
+    shape = [d if isinstance(d, int) else 1 for d in inp.shape]
+    x = np.random.default_rng(0).random(shape, dtype=np.float32)
+
+    def once() -> float:
+        t0 = time.perf_counter()
+        sess.run(None, {inp.name: x})
+        return time.perf_counter() - t0
+
+    return once
+
+
+def interleaved(timers: Mapping[str, Timer], rounds: int, repeats: int,
+                warmup: int = 5) -> dict[str, list[list[float]]]:
+    """Seconds per row and round: each round times every row `repeats` times, rows in an order rotated per round
+    (distill_overhead.rotated), so drift in the machine's load hits every row alike. Warm-up runs are untimed."""
+    from yolo_compress.distill_overhead import rotated
+
+    names = list(timers)
+    for name in names:
+        for _ in range(warmup):
+            timers[name]()
+    samples: dict[str, list[list[float]]] = {n: [] for n in names}
+    for r in range(rounds):
+        for name in rotated(names, r):
+            samples[name].append([timers[name]() for _ in range(repeats)])
+    return samples
+
+
+def _rel_spread(values: Sequence[float]) -> float:
+    mid = statistics.median(values)
+    return (max(values) - min(values)) / mid if mid > 0 else 0.0
+
+
+def interleaved_summary(samples: Mapping[str, Sequence[Sequence[float]]], baselines: Mapping[str, str],
+                        max_spread: float) -> dict[str, dict[str, float]]:
+    """Per row: latency p50/p90/mean over all rounds, batch-1 throughput, the spread of its per-round p50s and, for
+    a row with a baseline, `speedup_vs_<baseline>` = median over rounds of baseline p50 / row p50 in the same round
+    (distill_overhead.round_ratios), with its min, max and relative spread. `flagged` is 1 when the spread (of the
+    speedup; of the latency for a row without a baseline) exceeds `max_spread`."""
+    from yolo_compress.distill_overhead import round_ratios
+
+    p50s = {n: [float(np.percentile(r, 50)) for r in rounds] for n, rounds in samples.items()}
+    out: dict[str, dict[str, float]] = {}
+    for name, rounds in samples.items():
+        ms = np.concatenate([np.asarray(r, float) for r in rounds]) * 1e3
+        p50 = float(np.percentile(ms, 50))
+        row = {"latency_ms_p50": p50, "latency_ms_p90": float(np.percentile(ms, 90)),
+               "latency_ms_mean": float(ms.mean()), "throughput_img_per_s": 1e3 / p50, "rounds": len(rounds),
+               "latency_spread": _rel_spread(p50s[name])}
+        spread = row["latency_spread"]
+        base = baselines.get(name)
+        if base is not None and base in samples:
+            # row time / baseline time per round, inverted: a speedup > 1 means faster than the baseline
+            ups = [1 / r for r in round_ratios({name: p50s[name], base: p50s[base]}, base)[name]]
+            row.update({f"speedup_vs_{base}": statistics.median(ups), "speedup_min": min(ups),
+                        "speedup_max": max(ups), "speedup_spread": _rel_spread(ups)})
+            spread = row["speedup_spread"] if name != base else spread
+        row["flagged"] = int(spread > max_spread)
+        out[name] = row
+    return out
+
+
+def timed_side_by_side(timers: Mapping[str, Timer], baselines: Mapping[str, str], rounds: int, repeats: int,
+                       warmup: int, max_spread: float, threads: int | None = None) -> dict[str, dict[str, float]]:
+    """`interleaved` + `interleaved_summary`, and one retry for the flagged rows: they are timed again, interleaved
+    with their baselines, and keep the second measurement (`retried` = 1); a row still over the bound stays flagged.
+    `threads`: torch's intra-op threads meanwhile (None: default_threads(); ONNX sessions carry their own)."""
+    with _torch_threads(threads):
+        return _timed_side_by_side(timers, baselines, rounds, repeats, warmup, max_spread)
+
+
+def _timed_side_by_side(timers: Mapping[str, Timer], baselines: Mapping[str, str], rounds: int, repeats: int,
+                        warmup: int, max_spread: float) -> dict[str, dict[str, float]]:
+    samples = interleaved(timers, rounds, repeats, warmup)
+    summary = interleaved_summary(samples, baselines, max_spread)
+    flagged = [n for n, row in summary.items() if row["flagged"]]
+    if flagged:
+        again = list(dict.fromkeys([*flagged, *(baselines[n] for n in flagged if n in baselines)]))
+        logging.getLogger(__name__).warning("timing spread over %.2f for %s: timing them again", max_spread,
+                                            ", ".join(flagged))
+        samples.update(interleaved({n: timers[n] for n in again}, rounds, repeats, warmup))
+        summary = interleaved_summary(samples, baselines, max_spread)
+        for n in again:
+            summary[n]["retried"] = 1
+    for row in summary.values():
+        row.setdefault("retried", 0)
+    return summary
+
+
+def load_average() -> float:
+    """The machine's 1-minute load average (0.0 where the OS has none): recorded before and after the timings."""
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+
+
+def cpu_has_vnni() -> bool:
+    """Whether the CPU has the int8 dot-product instructions (AVX512-VNNI or AVX-VNNI) ORT's INT8 kernels use."""
+    with contextlib.suppress(OSError):
+        flags = Path("/proc/cpuinfo").read_text()
+        return "avx512_vnni" in flags or "avx_vnni" in flags
+    return False

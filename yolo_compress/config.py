@@ -150,6 +150,7 @@ PRUNE_SCHEDULES = ("geometric", "linear")
 PRUNE_MEASURES = ("flops", "params")
 MODEL_NAMES = ("teacher", "student", "distilled", "pruned")
 EVAL_SPLITS = ("val", "test", "test_shift")
+EXPORT_FORMATS = ("fp32", "int8", "fp16")
 
 
 @dataclass(frozen=True)
@@ -252,6 +253,26 @@ class EvaluateConfig(_Section):
 
 
 @dataclass(frozen=True)
+class ExportConfig(_Section):
+    """`export:` section: the files a user ships (ONNX FP32, INT8 by static quantization, FP16) of some models."""
+
+    models: list[str] = field(default_factory=lambda: ["student", "pruned"])  # (list) models/<name>.pt to export
+    formats: list[str] = field(default_factory=lambda: ["fp32", "int8"])  # (list) fp32 | int8 | fp16
+    imgsz: int = 256  # (int) fixed input side of the exported graphs, a multiple of 32
+    opset: int = 17  # (int) ONNX opset (fixed, so an upgrade does not silently change the graph)
+    simplify: bool = False  # (bool) run onnxslim on the FP32 graph (needs `pip install onnxslim`)
+    calib_images: int = 64  # (int) int8: training images that calibrate the activation ranges
+
+    def __post_init__(self) -> None:
+        _check_names(self.models, MODEL_NAMES, "models")
+        _check_names(self.formats, EXPORT_FORMATS, "formats")
+        _check(self.imgsz >= 32 and self.imgsz % 32 == 0, "imgsz", "a multiple of 32, >= 32", self.imgsz)
+        _check(13 <= self.opset <= 21, "opset", "an int in [13, 21]", self.opset)
+        _check(self.calib_images >= 1, "calib_images", "an int >= 1 (training images for int8 calibration)",
+               self.calib_images)
+
+
+@dataclass(frozen=True)
 class BenchmarkConfig(_Section):
     """`benchmark:` section: size, FLOPs and latency of every model, measured side by side in one run."""
 
@@ -260,9 +281,11 @@ class BenchmarkConfig(_Section):
     imgsz: int = 256  # (int) input size, a multiple of 32
     batch: int = 8  # (int) batch for the throughput measurement (latency is always batch 1)
     warmup: int = 5  # (int) untimed runs before timing
-    repeats: int = 30  # (int) timed runs per model and runtime
+    repeats: int = 10  # (int) timed runs per model in each round
+    rounds: int = 5  # (int) rounds; the models alternate within each (order rotated), speedup = median over rounds
+    max_spread: float = 0.3  # (float) flag a row whose speedup (max - min) / median over rounds is above this
     threads: int = 0  # (int) CPU threads for PyTorch and ONNX Runtime; 0 = all cores
-    onnx: bool = True  # (bool) also export to ONNX and time ONNX Runtime
+    onnx: bool = True  # (bool) also time the exported ONNX files (models/export/) with ONNX Runtime
     device: str | int = "cpu"  # (str | int) 'cpu', or a GPU index like 0 (timed in addition to the CPU)
 
     def __post_init__(self) -> None:
@@ -273,7 +296,20 @@ class BenchmarkConfig(_Section):
         _check(self.batch >= 1, "batch", "an int >= 1", self.batch)
         _check(self.warmup >= 0, "warmup", "an int >= 0", self.warmup)
         _check(self.repeats >= 3, "repeats", "an int >= 3 (p90 needs a few samples)", self.repeats)
+        _check(self.rounds >= 1, "rounds", "an int >= 1", self.rounds)
+        _check(self.max_spread > 0, "max_spread", "a float > 0", self.max_spread)
         _check(self.threads >= 0, "threads", "an int >= 0 (0 = all cores)", self.threads)
+
+
+@dataclass(frozen=True)
+class ReportConfig(_Section):
+    """`report:` section: which shipped file the report recommends."""
+
+    max_map_drop: float = 0.015  # (float) recommend the fastest file whose test mAP50-95 is within this of distilled
+
+    def __post_init__(self) -> None:
+        _check(0 <= self.max_map_drop <= 1, "max_map_drop", "a float in [0, 1] (mAP50-95 points / 100)",
+               self.max_map_drop)
 
 
 @dataclass(frozen=True)
@@ -290,6 +326,8 @@ class Params(_Section):
     seed: int = 0  # (int) global seed: data generation, initialisation, augmentation
     resume: bool = False  # (bool) a training stage that was interrupted continues from its last.pt (else restarts)
     trust_checkpoints: bool = False  # (bool) unpickle .pt files fully, running any code they carry (else weights only)
+    export: ExportConfig = field(default_factory=ExportConfig)  # (section) shipped ONNX files
+    report: ReportConfig = field(default_factory=ReportConfig)  # (section) the summary's recommendation
 
     def __post_init__(self) -> None:
         _check(self.seed >= 0, "seed", "an int >= 0", self.seed)

@@ -19,7 +19,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -54,9 +54,14 @@ def rotated(methods: Sequence[str], round_index: int) -> list[str]:
     return [*methods[k:], *methods[:k]]
 
 
-def ratios(times: dict[str, list[float]]) -> dict[str, float]:
-    """Median over rounds of each method's seconds divided by plain training's seconds of the same round."""
-    return {m: statistics.median(t / p for t, p in zip(ts, times[PLAIN], strict=True)) for m, ts in times.items()}
+def round_ratios(times: Mapping[str, Sequence[float]], base: str = PLAIN) -> dict[str, list[float]]:
+    """Per method, its time in each round divided by `base`'s time in the same round (one ratio per round)."""
+    return {m: [t / p for t, p in zip(ts, times[base], strict=True)] for m, ts in times.items()}
+
+
+def ratios(times: Mapping[str, Sequence[float]], base: str = PLAIN) -> dict[str, float]:
+    """Median over rounds of each method's seconds divided by `base`'s seconds of the same round."""
+    return {m: statistics.median(r) for m, r in round_ratios(times, base).items()}
 
 
 def format_table(loop: dict[str, list[float]], epoch: dict[str, list[float]], gflops_ratio: float,

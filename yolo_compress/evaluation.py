@@ -28,6 +28,8 @@ from yolo_compress.models import YOLO, load_model
 
 __all__ = [
     "BOX_KEYS",
+    "onnx_task",
+    "map_lost",
     "KPT_KEYS",
     "ULTRALYTICS_OKS_AREA_SCALE",
     "gt_json_for",
@@ -82,6 +84,25 @@ def _validator_capturing(base: type, sink: Detections) -> type:
     return _Capture
 
 
+def onnx_task(onnx_path: str | Path) -> str:
+    """The task Ultralytics' exporter wrote into an ONNX file's metadata (YOLO(x.onnx) needs it given)."""
+    import onnx
+
+    try:
+        meta = {p.key: p.value for p in onnx.load(str(onnx_path), load_external_data=False).metadata_props}
+    except Exception as err:  # noqa: BLE001 - onnx raises DecodeError and others for a broken file
+        raise ModelError(f"{onnx_path}: not a readable ONNX file ({type(err).__name__}); rerun `dvc repro export`") \
+            from None
+    return meta.get("task", "detect")
+
+
+def _load_scored(model_path: str | Path) -> YOLO:
+    """A .pt/.yaml through load_model; an exported .onnx through ONNX Runtime (Ultralytics' AutoBackend)."""
+    if str(model_path).endswith(".onnx"):
+        return YOLO(str(model_path), task=onnx_task(model_path))
+    return load_model(model_path, "model")
+
+
 def val_predictions(
     model_pt: str | Path,
     split_yaml: str | Path,
@@ -95,9 +116,10 @@ def val_predictions(
     """One Ultralytics val pass: its COCO predictions (as in predictions.json) and its own mAPs.
 
     The split yaml scores the split through its `split` key (`val`). Ultralytics' keys: `map50_95`, `map50`, plus
-    `pose_map50_95`, `pose_map50` for pose models.
+    `pose_map50_95`, `pose_map50` for pose models. `model_pt` may be an exported .onnx (fixed batch 1: Ultralytics
+    then validates one image at a time, letterboxed to `imgsz` as the graph expects).
     """
-    model = load_model(model_pt, "model")
+    model = _load_scored(model_pt)
     sink: Detections = []
     validator = _validator_capturing(model.task_map[model.task]["validator"], sink)
     with tempfile.TemporaryDirectory(prefix="yc-val-") as tmp:  # val always writes a run folder; keep it out of cwd
@@ -354,3 +376,14 @@ def evaluate_split_with_predictions(
     if "pose_map50_95" in out and "pose_map50_95" in ultra:
         out["pose_map50_95_minus_ultralytics"] = out["pose_map50_95"] - ultra["pose_map50_95"]
     return out, dets
+
+
+def map_lost(pytorch: dict[str, dict[str, float]], shipped: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    """Per split, `map50_95_lost` and `map50_lost`: the PyTorch checkpoint's score minus the shipped file's (> 0:
+    the export lost accuracy), for the splits and keys both have."""
+    out: dict[str, dict[str, float]] = {}
+    for split, scores in shipped.items():
+        base = pytorch.get(split)
+        if isinstance(scores, dict) and isinstance(base, dict):
+            out[split] = {f"{k}_lost": base[k] - scores[k] for k in ("map50_95", "map50") if k in base and k in scores}
+    return out

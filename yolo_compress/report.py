@@ -6,12 +6,18 @@ give byte-identical markdown.
 
 Inputs (paths relative to the metrics folder unless given):
   evaluate/<model>.json   {<split>: {map50_95, map50, ...}}                       required
-  benchmark/<model>.json  {model: {gflops, params_m, size_mb}, torch: {...}, onnx: {...}, gpu: {...}}
-  benchmark/machine.json  {threads, matmul_peak_gflops, ...}
+  evaluate/<model>_<fmt>.json  the same for a shipped file (export stage), plus `<split>.map50_95_lost`
+  benchmark/<model>.json  {model: {gflops, params_m, size_mb}, torch: {...}, gpu: {...}}; PyTorch rows
+  benchmark/<model>_<fmt>.json  {model: {...}, onnx: {latency_ms_p50, speedup_vs_<baseline>_fp32, flagged, ...}}
+  benchmark/machine.json  {threads, matmul_peak_gflops, load_1m_before, int8_vnni, ...}
   prune.json              the prune ratio: `ratio.gflops_removed`
   student.json            `teacher_gap` {map50_95, teacher_clearly_better}
   plots/prune.json        per-round records, e.g. {round, gflops, map50_95_after}
-  models/onnx/notes.json  the benchmark's strings: machine info and per-model problems
+  reports/benchmark_notes.json  the benchmark's strings: machine info, per-row problems, flagged rows
+  models/export/notes.json      the export stage's per-model problems
+
+A row the benchmark flagged (its speedup's spread over the rounds was above `benchmark.max_spread`, after one retry)
+is greyed out: its latencies are in italics, never bold, grey in the Pareto plot, and never recommended.
 """
 
 from __future__ import annotations
@@ -21,11 +27,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from yolo_compress.config import EVAL_SPLITS, MODEL_NAMES
+from yolo_compress.config import EVAL_SPLITS, EXPORT_FORMATS, MODEL_NAMES
 from yolo_compress.errors import UserError
 from yolo_compress.files import read_json
 
-__all__ = ["Inputs", "load_inputs", "build_summary", "prune_ratio", "pareto_front", "plot_pareto",
+__all__ = ["Inputs", "load_inputs", "build_summary", "recommend", "prune_ratio", "pareto_front", "plot_pareto",
            "plot_prune_curve", "missing_report_keys"]
 
 MACHINE_FILE = "machine.json"
@@ -39,6 +45,7 @@ class Inputs:
     benchmark: dict[str, dict[str, Any]] = field(default_factory=dict)
     machine: dict[str, Any] = field(default_factory=dict)
     notes: dict[str, Any] = field(default_factory=dict)
+    export_notes: dict[str, Any] = field(default_factory=dict)
     prune: dict[str, Any] | None = None
     prune_rounds: list[dict[str, Any]] | None = None
     student: dict[str, Any] | None = None
@@ -47,13 +54,15 @@ class Inputs:
 
 
 def _model_order(names: Iterable[str]) -> list[str]:
-    """Pipeline order (teacher, student, distilled, pruned), then any other names sorted."""
+    """Pipeline order (teacher, student, distilled, pruned), each followed by its shipped files (`<model>_<fmt>`, in
+    EXPORT_FORMATS order), then any other names sorted."""
     names = set(names)
-    return [n for n in MODEL_NAMES if n in names] + sorted(names - set(MODEL_NAMES))
+    order = [f for m in MODEL_NAMES for f in (m, *(f"{m}_{fmt}" for fmt in EXPORT_FORMATS))]
+    return [n for n in order if n in names] + sorted(names - set(order))
 
 
 def load_inputs(metrics_dir: str | Path, prune_plots: str | Path | None = None,
-                benchmark_notes: str | Path | None = None) -> Inputs:
+                benchmark_notes: str | Path | None = None, export_notes: str | Path | None = None) -> Inputs:
     """Read every input that exists; UserError when there is no evaluate metrics folder (nothing to report)."""
     metrics_dir = Path(metrics_dir)
     eval_dir = metrics_dir / "evaluate"
@@ -80,6 +89,8 @@ def load_inputs(metrics_dir: str | Path, prune_plots: str | Path | None = None,
         return read_json(path)
 
     inp.notes = optional(Path(benchmark_notes) if benchmark_notes else None, "benchmark notes") or {}
+    if export_notes is not None:
+        inp.export_notes = optional(Path(export_notes), "export problems") or {}
     inp.prune = optional(metrics_dir / "prune.json", "prune ratio")
     rounds = optional(Path(prune_plots) if prune_plots else None, "prune rounds")
     inp.prune_rounds = rounds if isinstance(rounds, list) else None
@@ -112,11 +123,23 @@ class _Column:
     digits: int
     better: str = ""  # "high" / "low": the best value is bold; "" leaves the column unmarked
     suffix: str = ""
+    timing: bool = False  # a latency or speedup: greyed out (italics, never bold) on a flagged row
 
 
 def _group(inp: Inputs, name: str, group: str, key: str) -> float | None:
     v = inp.benchmark.get(name, {}).get(group, {}).get(key)
     return float(v) if isinstance(v, (int, float)) else None
+
+
+def _flagged(inp: Inputs, name: str) -> bool:
+    """The benchmark flagged this row's timing as too noisy to trust (spread over benchmark.max_spread)."""
+    return any(_group(inp, name, rt, "flagged") for rt in ("torch", "onnx"))
+
+
+def _shipped(inp: Inputs) -> list[str]:
+    """Rows of shipped files (the export stage's `<model>_<fmt>`): timed on ONNX Runtime only, in model order."""
+    return [n for n in _model_order(inp.benchmark)
+            if _group(inp, n, "onnx", "latency_ms_p50") is not None and "torch" not in inp.benchmark[n]]
 
 
 def _eval(inp: Inputs, name: str, split: str, key: str) -> float | None:
@@ -143,21 +166,28 @@ def _columns(inp: Inputs) -> list[_Column]:
     for split in _splits(inp):
         cols.append(_Column(f"{split} mAP50", lambda n, s=split: _eval(inp, n, s, "map50"), 3, "high"))
         cols.append(_Column(f"{split} mAP50-95", lambda n, s=split: _eval(inp, n, s, "map50_95"), 3, "high"))
+    if any(_eval(inp, n, "test", "map50_95_lost") is not None for n in inp.evaluate):
+        cols.append(_Column("test mAP50-95 lost vs .pt", lambda n: _eval(inp, n, "test", "map50_95_lost"), 3))
     if inp.benchmark:
         cols += [
             _Column("GFLOPs", lambda n: _group(inp, n, "model", "gflops"), 2, "low"),
             _Column("params (M)", lambda n: _group(inp, n, "model", "params_m"), 2, "low"),
             _Column("size MB", lambda n: _group(inp, n, "model", "size_mb"), 2, "low"),
-            _Column("torch p50 ms", lambda n: _group(inp, n, "torch", "latency_ms_p50"), 1, "low"),
-            _Column("ONNX p50 ms", lambda n: _group(inp, n, "onnx", "latency_ms_p50"), 1, "low"),
+            _Column("torch p50 ms", lambda n: _group(inp, n, "torch", "latency_ms_p50"), 1, "low", timing=True),
+            _Column("ONNX p50 ms", lambda n: _group(inp, n, "onnx", "latency_ms_p50"), 1, "low", timing=True),
         ]
         if any("gpu" in g for g in inp.benchmark.values()):
-            cols.append(_Column("GPU p50 ms", lambda n: _group(inp, n, "gpu", "latency_ms_p50"), 2, "low"))
+            cols.append(_Column("GPU p50 ms", lambda n: _group(inp, n, "gpu", "latency_ms_p50"), 2, "low", timing=True))
         base = _baseline(inp)
         if base:
             key = f"speedup_vs_{base}"
-            cols.append(_Column(f"torch speedup vs {base}", lambda n: _group(inp, n, "torch", key), 2, "high", "×"))
-            cols.append(_Column(f"ONNX speedup vs {base}", lambda n: _group(inp, n, "onnx", key), 2, "high", "×"))
+            cols.append(_Column(f"torch speedup vs {base}", lambda n: _group(inp, n, "torch", key), 2, "high", "×",
+                                timing=True))
+            onnx_key = f"{key}_fp32" if any(_group(inp, n, "onnx", f"{key}_fp32") for n in inp.benchmark) else key
+            cols.append(_Column(f"ONNX speedup vs {onnx_key[len('speedup_vs_'):]}",
+                                lambda n: _group(inp, n, "onnx", onnx_key), 2, "high", "×", timing=True))
+            cols.append(_Column("ONNX speedup spread", lambda n: _group(inp, n, "onnx", "speedup_spread"), 2,
+                                timing=True))
     ratio = prune_ratio(inp.prune)
     cols.append(_Column("prune ratio", lambda n: ratio * 100 if n == "pruned" and ratio is not None else None, 1,
                         suffix="%"))
@@ -166,6 +196,9 @@ def _columns(inp: Inputs) -> list[_Column]:
 
 def _notes(inp: Inputs, name: str) -> list[str]:
     notes = [str(p) for p in inp.notes.get("problems", {}).get(name, [])]
+    notes += [f"export: {p}" for p in inp.export_notes.get("problems", {}).get(name, [])]
+    if _flagged(inp, name):
+        notes.append("timing too noisy (spread over benchmark.max_spread after a retry): greyed out")
     if inp.benchmark and name not in inp.benchmark:
         notes.append("not benchmarked")
     if name not in inp.evaluate:
@@ -186,12 +219,13 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
 
 
 def _model_table(inp: Inputs) -> list[str]:
-    models = _model_order(set(inp.evaluate) | set(inp.benchmark))
+    models = _model_order(set(inp.evaluate) | set(inp.benchmark) | set(inp.export_notes.get("problems", {})))
     cols = _columns(inp)
     shown = {c.title: {m: (None if c.value(m) is None else round(c.value(m), c.digits)) for m in models} for c in cols}
+    grey = {m for m in models if _flagged(inp, m)}
     best: dict[str, float | None] = {}
     for c in cols:  # compare what is shown: two values that print the same are both best or neither
-        vals = [v for v in shown[c.title].values() if v is not None]
+        vals = [v for m, v in shown[c.title].items() if v is not None and not (c.timing and m in grey)]
         # all equal (or one value): nothing stands out, so nothing is bold
         best[c.title] = (max(vals) if c.better == "high" else min(vals)) if c.better and len(set(vals)) >= 2 else None
     rows = []
@@ -200,7 +234,10 @@ def _model_table(inp: Inputs) -> list[str]:
         for c in cols:
             v = shown[c.title][m]
             text = _fmt(v, c.digits, c.suffix)
-            row.append(f"**{text}**" if v is not None and v == best[c.title] else text)
+            if v is not None and c.timing and m in grey:
+                row.append(f"*{text}*")
+            else:
+                row.append(f"**{text}**" if v is not None and v == best[c.title] else text)
         row.append(_cell("; ".join(_notes(inp, m))))
         rows.append(row)
     return _table(["model", *(c.title for c in cols), "notes"], rows)
@@ -248,13 +285,51 @@ def _machine_line(inp: Inputs) -> str | None:
     return ("Timings on " + ", ".join(parts) + ". Latencies compare only within one benchmark run.") if parts else None
 
 
-def build_summary(inp: Inputs) -> str:
-    """The whole summary.md: header naming the sources, model table (best per column in bold), notes, rounds."""
+def recommend(inp: Inputs, max_map_drop: float) -> tuple[str | None, str]:
+    """(the recommended shipped file's row name or None, one markdown line saying which and why).
+
+    The fastest shipped file (ONNX p50) whose test mAP50-95 (val when the data has no test split) is at most
+    `max_map_drop` below the distilled PyTorch model's; rows with flagged timings are not candidates.
+    """
+    split = "test" if "test" in _splits(inp) else "val"
+    ref = _eval(inp, "distilled", split, "map50_95")
+    if ref is None:
+        return None, f"**Recommended file**: none; needs the distilled model's {split} mAP50-95 (evaluate metrics)."
+    shipped = [n for n in _shipped(inp) if _eval(inp, n, split, "map50_95") is not None]
+    if not shipped:
+        return None, f"**Recommended file**: none; no shipped file has both an ONNX latency and a {split} score."
+    noisy = [n for n in shipped if _flagged(inp, n)]
+    low = [n for n in shipped if n not in noisy and _eval(inp, n, split, "map50_95") < ref - max_map_drop - 1e-12]
+    ok = [n for n in shipped if n not in noisy and n not in low]
+    why = []
+    if low:
+        why.append("below the bound: " + ", ".join(f"{n} ({_eval(inp, n, split, 'map50_95'):.3f})" for n in low))
+    if noisy:
+        why.append("timing flagged: " + ", ".join(noisy))
+    excluded = f" Excluded: {'; '.join(why)}." if why else ""
+    bound = f"within `report.max_map_drop` = {max_map_drop} of the distilled PyTorch model ({split} {ref:.3f})"
+    if not ok:
+        return None, f"**Recommended file**: none; no shipped file is {bound}.{excluded}"
+    best = min(ok, key=lambda n: (_group(inp, n, "onnx", "latency_ms_p50"), n))
+    lat, acc = _group(inp, best, "onnx", "latency_ms_p50"), _eval(inp, best, split, "map50_95")
+    ups = [f"{v:.2f}× vs {k[len('speedup_vs_'):]}" for k, v in sorted(inp.benchmark[best].get("onnx", {}).items())
+           if k.startswith("speedup_vs_")]
+    return best, (f"**Recommended file**: `{best}.onnx`, the fastest shipped file (ONNX Runtime p50 {lat:.1f} ms"
+                  f"{', ' + ups[0] if ups else ''}) whose {split} mAP50-95 ({acc:.3f}, {acc - ref:+.3f}) is {bound}."
+                  f"{excluded}")
+
+
+def build_summary(inp: Inputs, max_map_drop: float = 0.015) -> str:
+    """The whole summary.md: header naming the sources, model table (best per column in bold), the recommended
+    shipped file (`recommend`), notes, rounds."""
     out = ["# Compression summary", "",
            "Generated by `stages/report.py` (`dvc repro report`) from "
            + ", ".join(f"`{s}`" for s in inp.sources) + "; do not edit by hand.", ""]
     out += _model_table(inp)
-    out += ["", "Bold: best value in its column (higher mAP and speedup, lower size, FLOPs and latency)."]
+    out += ["", "Bold: best value in its column (higher mAP and speedup, lower size, FLOPs and latency). Rows "
+            "`<model>_<format>` are the shipped ONNX files; italics: timing flagged as too noisy."]
+    if _shipped(inp):
+        out += ["", recommend(inp, max_map_drop)[1]]
     line = _machine_line(inp)
     if line:
         out += ["", line]
@@ -283,10 +358,13 @@ def pareto_front(points: Mapping[str, tuple[float, float]]) -> list[str]:
 
 
 def _pareto_points(inp: Inputs) -> tuple[dict[str, tuple[float, float]], str, str]:
+    """The shipped files (one point per model x format, ONNX latency) when there are any, else the PyTorch rows."""
     splits = _splits(inp)
-    split = "val" if "val" in splits else (splits[0] if splits else "val")
-    models = [m for m in _model_order(inp.benchmark) if _eval(inp, m, split, "map50_95") is not None]
-    runtime = "onnx" if models and all(_group(inp, m, "onnx", "latency_ms_p50") for m in models) else "torch"
+    split = "test" if "test" in splits else (splits[0] if splits else "val")
+    shipped = [m for m in _shipped(inp) if _eval(inp, m, split, "map50_95") is not None]
+    models = shipped or [m for m in _model_order(inp.benchmark) if _eval(inp, m, split, "map50_95") is not None]
+    runtime = "onnx" if shipped or (models and all(_group(inp, m, "onnx", "latency_ms_p50") for m in models)) \
+        else "torch"
     pts = {m: (_group(inp, m, runtime, "latency_ms_p50"), _eval(inp, m, split, "map50_95")) for m in models}
     return {m: p for m, p in pts.items() if p[0] is not None}, runtime, split  # type: ignore[misc]
 
@@ -319,16 +397,19 @@ def _placeholder(ax: Any, text: str) -> None:
 
 
 def plot_pareto(inp: Inputs, path: str | Path) -> None:
-    """mAP50-95 vs batch-1 latency p50 (ONNX if every model has it, else torch), labelled, with the Pareto front."""
+    """Test mAP50-95 vs batch-1 latency p50 of the shipped files (ONNX Runtime; PyTorch rows when nothing was
+    exported), labelled, with the Pareto front of the rows whose timing is trusted (flagged rows are grey)."""
     pts, runtime, split = _pareto_points(inp)
     fig, ax = _figure()
     if not pts:
         _placeholder(ax, "no model has both evaluate and benchmark metrics")
     else:
         for name, (lat, acc) in pts.items():
-            ax.scatter([lat], [acc], s=40)
-            ax.annotate(name, (lat, acc), textcoords="offset points", xytext=(5, 5))
-        front = pareto_front(pts)
+            grey = _flagged(inp, name)
+            ax.scatter([lat], [acc], s=40, **({"color": "lightgrey"} if grey else {}))
+            ax.annotate(name + (" (noisy)" if grey else ""), (lat, acc), textcoords="offset points", xytext=(5, 5),
+                        color="grey" if grey else "black")
+        front = pareto_front({n: p for n, p in pts.items() if not _flagged(inp, n)} or pts)
         ax.step([pts[n][0] for n in front], [pts[n][1] for n in front], where="post", color="grey", ls="--",
                 label="Pareto front")
         ax.set_xlabel(f"{'ONNX Runtime' if runtime == 'onnx' else 'PyTorch'} latency p50, batch 1 (ms)")
@@ -367,7 +448,7 @@ def plot_prune_curve(inp: Inputs, path: str | Path) -> None:
 
 # Keys each metrics file must carry for the table and plots above; freshness checks committed metrics against them.
 REQUIRED_KEYS = {
-    "benchmark": (("model", "gflops"), ("model", "params_m"), ("model", "size_mb"), ("torch", "latency_ms_p50")),
+    "benchmark": (("model", "gflops"), ("model", "params_m"), ("model", "size_mb")),
     "prune.json": (("ratio", "gflops_removed"),),
     "student.json": (("teacher_gap", "map50_95"), ("teacher_gap", "teacher_clearly_better")),
 }
@@ -397,8 +478,10 @@ def missing_report_keys(metrics_dir: str | Path) -> list[str]:
         return [(s, k) for s in splits for k in EVAL_KEYS] if splits else [("<split>", EVAL_KEYS[1])]
 
     def bench_keys(data: Any) -> tuple[tuple[str, ...], ...]:
-        onnx = isinstance(data, Mapping) and isinstance(data.get("onnx"), Mapping)
-        return REQUIRED_KEYS["benchmark"] + ((("onnx", "latency_ms_p50"),) if onnx else ())
+        # a PyTorch row has a torch group, a shipped file an onnx group (with its flag); one of them at least
+        groups = [rt for rt in ("torch", "onnx") if isinstance(data, Mapping) and isinstance(data.get(rt), Mapping)]
+        timing = tuple((rt, k) for rt in groups or ["torch"] for k in ("latency_ms_p50", "flagged"))
+        return REQUIRED_KEYS["benchmark"] + timing
 
     evals = sorted((metrics_dir / "evaluate").glob("*.json"))
     if not evals:

@@ -1,0 +1,181 @@
+"""The export stage on tiny models: ONNX FP32 and INT8 files, their sidecars, pruned shapes, and bad input rows."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from yolo_compress.models import YOLO  # first: isolates Ultralytics' settings
+
+# isort: split
+from ultralytics.nn.tasks import DetectionModel
+
+from yolo_compress.benchmark import _inference_copy, onnx_timer
+from yolo_compress.config import DataConfig
+from yolo_compress.dataset import prepare_dataset
+from yolo_compress.errors import ModelError
+from yolo_compress.export import SIDECAR_KEYS, ExportError, calibration_images, check_loads, exported_files
+from yolo_compress.pruning import prune_round, save_pruned
+
+from .conftest import REPO
+
+TINY_DATA = {"image_size": 64, "train_images": 3, "val_images": 2, "test_images": 1, "test_shift_images": 1}
+EXPORT = {"models": ["student", "pruned"], "formats": ["fp32", "int8"], "imgsz": 64, "calib_images": 3}
+CMD = [sys.executable, str(REPO / "stages" / "export.py"), "--data", "data/prepared", "--models-dir", "models",
+       "--out-dir", "models/export", "--metrics", "metrics/export.json"]
+
+
+def busy_model(path: Path, nc: int = 6) -> Path:
+    """A random yolo11n whose detections differ from box to box: a fresh model's identical BNs and its head's bias
+    init give every anchor the same whole-image box at a score near 0; random BN statistics and sharper head convs
+    (what training would do) give varied boxes and scores, so FP32 and INT8 detections can be told apart."""
+    from .test_pruning import randomize_bn
+
+    model = YOLO("yolo11n.yaml")
+    model.model = DetectionModel("yolo11n.yaml", nc=nc, verbose=False)
+    randomize_bn(model.model)
+    head = model.model.model[-1]
+    for seq in (*head.cv2, *head.cv3):
+        seq[-1].bias.data.zero_()
+        seq[-1].weight.data *= 20
+    model.model.names = {i: f"c{i}" for i in range(nc)}
+    model.ckpt = {"train_args": {"task": "detect"}}
+    model.save(path)
+    return path
+
+
+def pruned_model(path: Path, nc: int = 6) -> tuple[Path, int]:
+    """yolo11n pruned once at channel ratio 0.5, saved as the prune stage saves it; and its fused parameter count."""
+    model = DetectionModel("yolo11n.yaml", nc=nc, verbose=False)
+    model.names = {i: f"c{i}" for i in range(nc)}
+    prune_round(model, torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0)), 0.5, "l2",
+                target="channels")
+    save_pruned(model, path)
+    return path, sum(p.numel() for p in _inference_copy(path).parameters())
+
+
+def run_export(root: Path, **export: object) -> subprocess.CompletedProcess:
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["export"].update({**EXPORT, **export})
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}", "DVC_ROOT": str(root)}
+    return subprocess.run(CMD, cwd=root, env=env, capture_output=True, text=True)
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A repo-like folder (data/prepared, a random student, a pruned model) after one export stage run."""
+    root = tmp_path_factory.mktemp("export")
+    prepare_dataset(DataConfig(**TINY_DATA), 0, root / "data" / "prepared")
+    (root / "models").mkdir()
+    busy_model(root / "models" / "student.pt")
+    _, pruned_params = pruned_model(root / "models" / "pruned.pt")
+    proc = run_export(root)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return {"root": root, "pruned_params": pruned_params, "stderr": proc.stderr}
+
+
+def onnx_params(path: Path) -> int:
+    import onnx
+
+    return sum(int(np.prod(t.dims)) for t in onnx.load(str(path)).graph.initializer)
+
+
+def test_export_writes_fp32_and_a_smaller_int8_with_sidecars_and_metrics(work: dict) -> None:
+    root = work["root"]
+    shipped = exported_files(root / "models/export")
+    assert sorted(shipped) == ["pruned_fp32", "pruned_int8", "student_fp32", "student_int8"]
+    for name in ("student", "pruned"):
+        fp32, int8 = (shipped[f"{name}_{fmt}"][0].stat().st_size for fmt in ("fp32", "int8"))
+        assert int8 < 0.5 * fp32  # int8 weights: about a quarter, plus scales and the float head decode
+    side = shipped["pruned_int8"][1]
+    assert set(SIDECAR_KEYS) <= set(side)
+    assert side["format"] == "int8" and side["calib_images"] == 3 and side["opset"] == 17 and side["imgsz"] == 64
+    assert side["source_md5"] == __import__("hashlib").md5((root / "models/pruned.pt").read_bytes()).hexdigest()
+    assert shipped["pruned_fp32"][1]["calib_images"] == 0
+    metrics = json.loads((root / "metrics/export.json").read_text())
+    assert set(metrics) == {"student_fp32", "student_int8", "pruned_fp32", "pruned_int8", "mlflow_run_id"}
+    for key, group in metrics.items():
+        if key != "mlflow_run_id":  # dvc metrics: numbers only, two levels
+            assert set(group) == {"size_mb", "seconds"} and group["size_mb"] > 0 and group["seconds"] > 0
+    assert json.loads((root / "models/export/notes.json").read_text())["problems"] == {}
+
+
+def test_pruned_model_exports_with_its_pruned_shapes(work: dict, tmp_path: Path) -> None:
+    """The ONNX file carries the pruned widths (not the full-width yolo11n the checkpoint's yaml describes)."""
+    root = work["root"]
+    pruned, student = onnx_params(root / "models/export/pruned_fp32.onnx"), onnx_params(
+        root / "models/export/student_fp32.onnx")
+    # initializers = the fused convs (BN folded in) plus a few small constants of the head's decoding
+    assert pruned == pytest.approx(work["pruned_params"], rel=0.02)
+    assert pruned < 0.6 * student
+
+
+def test_int8_detections_overlap_the_fp32_ones_on_a_fixed_image(work: dict) -> None:
+    root = work["root"]
+    image = sorted((root / "data/prepared/images/val").glob("*.png"))[0]
+
+    def detect(fmt: str) -> tuple[np.ndarray, np.ndarray]:
+        model = YOLO(str(root / f"models/export/student_{fmt}.onnx"), task="detect")  # as a user runs the file
+        r = model.predict(str(image), imgsz=64, conf=0.25, verbose=False)[0]
+        return r.boxes.xyxy.numpy(), r.boxes.cls.numpy()
+
+    (b32, c32), (b8, c8) = detect("fp32"), detect("int8")
+    assert len(b32) >= 5 and len(b8) >= 5
+    from ultralytics.utils.metrics import box_iou
+
+    iou = box_iou(torch.as_tensor(b32), torch.as_tensor(b8)).numpy()
+    same_class = c32[:, None] == c8[None]
+    matched = ((iou >= 0.7) & same_class).any(1)
+    assert matched.mean() >= 0.8, f"only {matched.sum()}/{len(matched)} FP32 boxes have an INT8 twin"
+
+
+def test_bad_rows_are_one_line_each_and_keep_the_other_rows(work: dict, tmp_path: Path) -> None:
+    root = tmp_path / "w"
+    root.mkdir()
+    (root / "data").symlink_to(work["root"] / "data")
+    (root / "models").mkdir()
+    (root / "models/student.pt").symlink_to(work["root"] / "models/student.pt")
+    # no pruned.pt, and more calibration images than the 3 training images
+    proc = run_export(root, calib_images=4)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    warnings = [line for line in proc.stderr.splitlines() if line.startswith("WARNING yolo_compress.export")]
+    assert warnings == [
+        "WARNING yolo_compress.export: pruned: export.models lists 'pruned' but models/pruned.pt does not exist; "
+        "make it with `dvc repro prune` or remove 'pruned' from export.models",
+        "WARNING yolo_compress.export: student: int8: export.calib_images is 4 but data/prepared/images/train holds "
+        "3 training images; set it between 1 and 3"]
+    assert sorted(exported_files(root / "models/export")) == ["student_fp32"]
+    notes = json.loads((root / "models/export/notes.json").read_text())["problems"]
+    assert sorted(notes) == ["pruned", "student"]
+
+
+@pytest.mark.parametrize(("export", "needle"), [
+    ({"formats": ["fp32", "int4"]}, "export.formats: expected a non-empty list of distinct names from fp32, int8, "
+                                    "fp16, got ['fp32', 'int4']"),
+    ({"calib_images": 0}, "export.calib_images: expected an int >= 1 (training images for int8 calibration), got 0"),
+])
+def test_bad_params_stop_the_stage_with_one_line(export: dict, needle: str, tmp_path: Path) -> None:
+    proc = run_export(tmp_path, **export)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"error: params.yaml: {needle}"]
+
+
+def test_a_file_onnx_runtime_cannot_load_is_one_line(tmp_path: Path) -> None:
+    bad = tmp_path / "student_int8.onnx"
+    bad.write_bytes(b"not an onnx graph")
+    with pytest.raises(ExportError, match=r"^ONNX Runtime cannot load .*student_int8\.onnx: ") as info:
+        check_loads(bad)
+    assert "\n" not in str(info.value)
+    with pytest.raises(ModelError, match=r"^ONNX Runtime cannot load .*rerun `dvc repro export`$"):
+        onnx_timer(bad)
+    with pytest.raises(ExportError, match="export.calib_images is 0 but .* holds 0 training images"):
+        calibration_images(tmp_path / "none", 0)

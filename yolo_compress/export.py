@@ -219,6 +219,8 @@ def export_model(name: str, model_pt: str | Path, cfg: ExportConfig, out_dir: st
                 elif fmt == "int8":
                     if isinstance(calib, ExportError):
                         raise calib
+                    if not calib:
+                        raise ExportError("no calibration images given; set export.calib_images >= 1")
                     quantize_int8(fp32, dst, calib, cfg.imgsz)
                     extra = {"calib_images": len(calib), "calib_first": calib[0].name, "calib_method": "minmax",
                              "quant_format": "QDQ", "per_channel": True}

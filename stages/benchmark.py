@@ -133,10 +133,20 @@ def main() -> None:
             log.info("%s (%s): p50 %.1f ms%s", name, runtime[name], s["latency_ms_p50"],
                      "  FLAGGED: spread over benchmark.max_spread" if s["flagged"] else "")
         if gpu:
+            import onnxruntime as ort
+
+            # without ORT's CUDA provider an ONNX "GPU" timing would silently be a CPU one
+            ort_gpu = "CUDAExecutionProvider" in ort.get_available_providers()
+            if not ort_gpu and shipped:
+                notes["gpu_onnx"] = "onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu): ONNX files " \
+                                    "not timed on the GPU"
             for name in summary:
-                lat = (latency_torch(models[name], cfg.imgsz, 1, cfg.warmup, cfg.repeats, device=gpu)
-                       if runtime[name] == "torch" else
-                       latency_onnx(shipped[name][0], 1, cfg.warmup, cfg.repeats, threads, device=gpu))
+                if runtime[name] == "torch":
+                    lat = latency_torch(models[name], cfg.imgsz, 1, cfg.warmup, cfg.repeats, device=gpu)
+                elif ort_gpu:
+                    lat = latency_onnx(shipped[name][0], 1, cfg.warmup, cfg.repeats, threads, device=gpu)
+                else:
+                    continue
                 rows[name]["gpu"] = {k: v for k, v in lat.items() if k != "batch"}
         machine["flagged_rows"] = len(notes["flagged"])
 

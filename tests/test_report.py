@@ -298,6 +298,10 @@ def test_shipped_files_are_rows_the_fastest_within_the_bound_is_recommended_and_
     assert "timing flagged: pruned_int8" in line
     assert line in md
     assert recommend(inp, 0.025)[0] == "pruned_fp32"  # distilled_int8 (0.40) is now 0.03 below
+    assert "INT8 vs FP32 of pruned: 2.00× faster (ONNX Runtime p50 6.0 → 3.0 ms), test mAP50-95 -0.005" in md
+    assert "INT8 vs FP32 of student: 1.71× faster" in md and "This CPU" not in md  # machine.json without the flag
+    inp.machine["int8_vnni"] = 0
+    assert "This CPU lacks VNNI (AVX512-VNNI / AVX-VNNI)" in build_summary(inp, 0.03)
     assert recommend(inp, 0.001)[0] is None and "no shipped file is within" in recommend(inp, 0.001)[1]
     pts, runtime, split = _pareto_points(inp)
     assert runtime == "onnx" and split == "test" and set(pts) == set(SHIPPED)  # one point per model x format

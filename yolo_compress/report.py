@@ -285,6 +285,27 @@ def _machine_line(inp: Inputs) -> str | None:
     return ("Timings on " + ", ".join(parts) + ". Latencies compare only within one benchmark run.") if parts else None
 
 
+def _int8_lines(inp: Inputs) -> list[str]:
+    """Per model with both files: INT8 against its own FP32 (p50 ratio, test accuracy); whether the CPU has VNNI."""
+    lines = []
+    for model in MODEL_NAMES:
+        fp32, int8 = f"{model}_fp32", f"{model}_int8"
+        p32, p8 = _group(inp, fp32, "onnx", "latency_ms_p50"), _group(inp, int8, "onnx", "latency_ms_p50")
+        if p32 is None or p8 is None:
+            continue
+        split = "test" if "test" in _splits(inp) else "val"
+        a32, a8 = _eval(inp, fp32, split, "map50_95"), _eval(inp, int8, split, "map50_95")
+        acc = f", {split} mAP50-95 {a8 - a32:+.3f} ({a32:.3f} → {a8:.3f})" if a32 is not None and a8 is not None else ""
+        lines.append(f"INT8 vs FP32 of {model}: {p32 / p8:.2f}× faster (ONNX Runtime p50 {p32:.1f} → {p8:.1f} ms)"
+                     f"{acc}.")
+    vnni = inp.machine.get("int8_vnni")
+    if lines and vnni is not None:
+        lines.append("This CPU has VNNI (int8 dot products), which ONNX Runtime's INT8 kernels use." if vnni else
+                     "This CPU lacks VNNI (AVX512-VNNI / AVX-VNNI): ONNX Runtime's INT8 kernels fall back to slower "
+                     "int8 arithmetic, so INT8 may not beat FP32 here.")
+    return lines
+
+
 def recommend(inp: Inputs, max_map_drop: float) -> tuple[str | None, str]:
     """(the recommended shipped file's row name or None, one markdown line saying which and why).
 
@@ -330,6 +351,9 @@ def build_summary(inp: Inputs, max_map_drop: float = 0.015) -> str:
             "`<model>_<format>` are the shipped ONNX files; italics: timing flagged as too noisy."]
     if _shipped(inp):
         out += ["", recommend(inp, max_map_drop)[1]]
+        int8 = _int8_lines(inp)
+        if int8:
+            out += ["", " ".join(int8)]
     line = _machine_line(inp)
     if line:
         out += ["", line]

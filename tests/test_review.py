@@ -28,7 +28,8 @@ import matplotlib.pyplot as plt
 p = yaml.safe_load(open("params.yaml"))["toy"]
 json.dump({"test": {"map50_95": p["map"], "map50": p["map"] + 0.2}}, open("metrics/evaluate/student.json", "w"))
 json.dump({"model": {"gflops": p["gflops"], "params_m": 1.0, "size_mb": 2.0},
-           "torch": {"latency_ms_p50": p["latency"]}, "onnx": {"latency_ms_p50": p["latency"]}},
+           "torch": {"latency_ms_p50": p["latency"], "flagged": 0},
+           "onnx": {"latency_ms_p50": p["latency"], "flagged": 0}},
           open("metrics/benchmark/student.json", "w"))
 json.dump([{"round": r, "gflops": p["gflops"] / (r + 1)} for r in range(p["rounds"])], open("plots/prune.json", "w"))
 plt.plot([1, 2], [p["map"], p["map"]]); plt.savefig("reports/pareto.png")

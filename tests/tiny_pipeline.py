@@ -40,7 +40,9 @@ def run(cmd: list[str], cwd: Path, env: dict[str, str], check: bool = True) -> s
 
 def clean_env() -> dict[str, str]:
     """This environment without the test session's MLflow/DVC settings, with this venv's tools on PATH."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_", "PYTEST_"))}
+    # ULTRALYTICS_SAFE_LOAD: set by yolo_compress.models in this process; a user's plain `YOLO(path)` has not got it
+    leaked = ("MLFLOW_", "DVC_", "PYTEST_", "ULTRALYTICS_SAFE_LOAD")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(leaked)}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
     return env
 

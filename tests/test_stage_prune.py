@@ -41,7 +41,8 @@ def env(root: Path) -> dict[str, str]:
 
     Set here, not inherited: module fixtures run before conftest's per-test MLflow isolation.
     """
-    return {**os.environ, "MLFLOW_TRACKING_URI": store(root), "DVC_ROOT": str(root), "YOLO_OFFLINE": "1",
+    user = {k: v for k, v in os.environ.items() if k != "ULTRALYTICS_SAFE_LOAD"}  # set by yolo_compress.models here
+    return {**user, "MLFLOW_TRACKING_URI": store(root), "DVC_ROOT": str(root), "YOLO_OFFLINE": "1",
             "YOLO_CONFIG_DIR": str(root / ".ultralytics")}
 
 

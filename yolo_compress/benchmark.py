@@ -21,7 +21,6 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,14 +28,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from yolo_compress.errors import ModelError, UserError
+from yolo_compress.errors import ModelError
 from yolo_compress.models import YOLO, load_model
 
 __all__ = [
     "OPSET",
     "OnnxExportError",
     "default_threads",
-    "Benchmark",
     "param_count",
     "gflops_fvcore",
     "gflops_ultralytics",
@@ -46,9 +44,7 @@ __all__ = [
     "latency_onnx",
     "matmul_peak_gflops",
     "machine_info",
-    "speedups",
     "throughput",
-    "benchmark_model",
 ]
 
 OPSET = 17  # fixed so an upgrade of torch or Ultralytics does not silently change the exported graph
@@ -311,53 +307,16 @@ def machine_info() -> dict[str, str]:
 # ------------------------------------------------------------------------------------------------------ summary
 
 
-def speedups(rows: Mapping[str, Mapping[str, float]], baseline: str = "student") -> dict[str, dict[str, float]]:
-    """Per model, baseline latency / model latency for every `<prefix>latency_ms_p50` both rows have.
+def throughput(model: ModelLike, imgsz: int, batch: int, warmup: int = 5, repeats: int = 30,
+               threads: int | None = None, device: str = "cpu") -> dict[str, float]:
+    """PyTorch images per second at `batch`: {throughput_img_per_s, throughput_batch}. (An exported ONNX file's batch
+    is fixed at export, 1, so its throughput comes from the batch-1 latency.)
 
-    `rows` maps a model name to its benchmark metrics (e.g. `torch_latency_ms_p50`, `onnx_latency_ms_p50`); the
-    result maps it to e.g. `{"torch_speedup": 1.8, "onnx_speedup": 2.0}` (> 1: faster than the baseline).
-    """
-    if baseline not in rows:
-        raise UserError(f"speedups: baseline {baseline!r} is not among the benchmarked models ({', '.join(rows)}); "
-                        "benchmark it in the same run")
-    base = rows[baseline]
-    out: dict[str, dict[str, float]] = {}
-    for name, row in rows.items():
-        out[name] = {
-            key.replace("latency_ms_p50", "speedup"): base[key] / row[key]
-            for key in row
-            if key.endswith("latency_ms_p50") and key in base and row[key] > 0
-        }
-    return out
-
-
-def throughput(
-    runtime: str,
-    model: ModelLike,
-    imgsz: int,
-    batch: int,
-    warmup: int = 5,
-    repeats: int = 30,
-    threads: int | None = None,
-    device: str = "cpu",
-) -> dict[str, float]:
-    """Images per second at `batch` for `runtime` "torch" or "onnx": {throughput_img_per_s, throughput_batch}.
-
-    It times about as many images as a latency run of `repeats` (at least 3 batches), so a batch of 8 does not
-    make the benchmark 8x longer. ONNX needs a graph exported for that batch: it is exported to a temp file
-    (`model` must then be a .pt path) and dropped afterwards; the kept .onnx stays the batch-1 one.
+    It times about as many images as a latency run of `repeats` (at least 3 batches), so a batch of 8 does not make
+    the benchmark 8x longer.
     """
     reps, warm = max(3, -(-repeats // batch)), -(-warmup // batch)
-    if runtime == "torch":
-        lat = latency_torch(model, imgsz, batch, warm, reps, threads, device)
-    elif runtime == "onnx":
-        if not isinstance(model, (str, Path)):
-            raise TypeError("throughput('onnx', ...) needs the .pt path to export")
-        with tempfile.TemporaryDirectory(prefix="yc-onnx-b") as tmp:
-            onnx_file = export_onnx(model, imgsz, Path(tmp) / f"b{batch}.onnx", batch=batch)
-            lat = latency_onnx(onnx_file, batch, warm, reps, threads, device)
-    else:
-        raise ValueError(f"runtime must be 'torch' or 'onnx', got {runtime!r}")
+    lat = latency_torch(model, imgsz, batch, warm, reps, threads, device)
     return {"throughput_img_per_s": lat["throughput_img_per_s"], "throughput_batch": batch}
 
 
@@ -371,99 +330,6 @@ def model_metrics(model_pt: str | Path, imgsz: int) -> dict[str, float]:
         "size_mb": file_size_mb(model_pt),
         "imgsz": imgsz,
     }
-
-
-@dataclass
-class Benchmark:
-    """One model's numbers (flat, numbers only: a DVC metrics section) and what could not be measured."""
-
-    metrics: dict[str, float]
-    problems: list[str] = field(default_factory=list)  # one line each, e.g. "ONNX export failed: ..."
-
-
-def benchmark_model(
-    model_pt: str | Path,
-    imgsz: int,
-    onnx_path: str | Path | None = None,
-    batch: int = 1,
-    warmup: int = 5,
-    repeats: int = 30,
-    threads: int | None = None,
-    peak_gflops: float | None = None,
-    device: str = "cpu",
-    throughput_batch: int | None = None,
-) -> Benchmark:
-    """Size, FLOPs and latency of one checkpoint; ONNX is exported to `onnx_path` and timed unless it is None.
-
-    Parameters are counted on the checkpoint as saved; FLOPs and latency on the fused model that is deployed.
-
-    With `peak_gflops` (from matmul_peak_gflops), `<runtime>_gflops_per_s` and `<runtime>_peak_fraction` say how
-    much of the machine each runtime achieves at the latency batch. An ONNX failure is recorded in `problems`, not
-    raised.
-
-    With `throughput_batch`, `<runtime>_throughput_img_per_s` is measured at that batch instead of derived from the
-    latency run (`<runtime>_throughput_batch` says which); see `throughput`.
-    """
-    model = _inference_copy(model_pt, device)
-    gflops = gflops_ultralytics(model, imgsz)
-    metrics: dict[str, float] = {
-        "params_m": param_count(model_pt) / 1e6,  # as trained and saved (Conv and BN apart), like model_size()
-        "gflops": gflops,
-        "gflops_fvcore": gflops_fvcore(model, imgsz),
-        "size_mb": file_size_mb(model_pt),
-        "imgsz": imgsz,
-    }
-    runs = {"torch": latency_torch(model, imgsz, batch, warmup, repeats, threads, device)}
-    if throughput_batch:
-        runs["torch"].update(throughput("torch", model, imgsz, throughput_batch, warmup, repeats, threads, device))
-    problems: list[str] = []
-    if onnx_path is not None:
-        try:
-            onnx_file = export_onnx(model_pt, imgsz, onnx_path, batch=batch)
-            metrics["onnx_size_mb"] = file_size_mb(onnx_file)
-            runs["onnx"] = latency_onnx(onnx_file, batch, warmup, repeats, threads, device)
-            if throughput_batch:
-                runs["onnx"].update(throughput("onnx", model_pt, imgsz, throughput_batch, warmup, repeats, threads,
-                                               device))
-        except OnnxExportError as err:
-            problems.append(str(err))
-            logging.getLogger(__name__).warning("%s", err)
-    for rt, lat in runs.items():
-        metrics.update({f"{rt}_{k}": v for k, v in lat.items()})
-        if peak_gflops:
-            achieved = gflops * batch / (lat["latency_ms_p50"] / 1e3)
-            metrics[f"{rt}_gflops_per_s"] = achieved
-            metrics[f"{rt}_peak_fraction"] = achieved / peak_gflops
-    return Benchmark(metrics=metrics, problems=problems)
-
-
-RUNTIMES = ("torch", "onnx", "gpu")
-_MODEL_KEYS = ("params_m", "gflops", "gflops_fvcore", "size_mb", "imgsz")
-_DROPPED = ("batch",)  # latency is always measured at batch 1; the throughput batch has its own key
-
-
-def grouped_metrics(results: Mapping[str, Mapping[str, float]], baseline: str) -> dict[str, dict[str, dict]]:
-    """Per model, the flat `benchmark_model` metrics as DVC-friendly groups, with speedups vs `baseline`.
-
-    `results` maps a model name to flat metrics whose runtime keys are prefixed `torch_`, `onnx_` or `gpu_` (a
-    missing prefix means that runtime was not measured, e.g. a failed ONNX export). The result maps it to
-    `{"model": {params_m, gflops, ...}, "torch": {latency_ms_p50, ..., speedup_vs_<baseline>}, "onnx": {...,
-    size_mb}}`: two levels, numbers only; a runtime without numbers has no group.
-    """
-    ups = speedups(results, baseline)
-    out: dict[str, dict[str, dict]] = {}
-    for name, flat in results.items():
-        groups: dict[str, dict] = {"model": {k: flat[k] for k in _MODEL_KEYS if k in flat}}
-        for rt in RUNTIMES:
-            group = {k[len(rt) + 1:]: v for k, v in flat.items() if k.startswith(f"{rt}_")}
-            group = {k: v for k, v in group.items() if k not in _DROPPED}
-            if f"{rt}_speedup" in ups[name]:
-                group[f"speedup_vs_{baseline}"] = ups[name][f"{rt}_speedup"]
-            if group:
-                groups[rt] = group
-        out[name] = groups
-    return out
-
 
 
 # ---------------------------------------------------------------------------------------- interleaved timing
@@ -583,22 +449,17 @@ def timed_side_by_side(timers: Mapping[str, Timer], baselines: Mapping[str, str]
     with their baselines, and keep the second measurement (`retried` = 1); a row still over the bound stays flagged.
     `threads`: torch's intra-op threads meanwhile (None: default_threads(); ONNX sessions carry their own)."""
     with _torch_threads(threads):
-        return _timed_side_by_side(timers, baselines, rounds, repeats, warmup, max_spread)
-
-
-def _timed_side_by_side(timers: Mapping[str, Timer], baselines: Mapping[str, str], rounds: int, repeats: int,
-                        warmup: int, max_spread: float) -> dict[str, dict[str, float]]:
-    samples = interleaved(timers, rounds, repeats, warmup)
-    summary = interleaved_summary(samples, baselines, max_spread)
-    flagged = [n for n, row in summary.items() if row["flagged"]]
-    if flagged:
-        again = list(dict.fromkeys([*flagged, *(baselines[n] for n in flagged if n in baselines)]))
-        logging.getLogger(__name__).warning("timing spread over %.2f for %s: timing them again", max_spread,
-                                            ", ".join(flagged))
-        samples.update(interleaved({n: timers[n] for n in again}, rounds, repeats, warmup))
+        samples = interleaved(timers, rounds, repeats, warmup)
         summary = interleaved_summary(samples, baselines, max_spread)
-        for n in again:
-            summary[n]["retried"] = 1
+        flagged = [n for n, row in summary.items() if row["flagged"]]
+        if flagged:
+            again = list(dict.fromkeys([*flagged, *(baselines[n] for n in flagged if n in baselines)]))
+            logging.getLogger(__name__).warning("timing spread over %.2f for %s: timing them again", max_spread,
+                                                ", ".join(flagged))
+            samples.update(interleaved({n: timers[n] for n in again}, rounds, repeats, warmup))
+            summary = interleaved_summary(samples, baselines, max_spread)
+            for n in again:
+                summary[n]["retried"] = 1
     for row in summary.values():
         row.setdefault("retried", 0)
     return summary

@@ -125,7 +125,7 @@ def main() -> None:
             group["gflops_per_s"] = rows[name]["model"]["gflops"] / (s["latency_ms_p50"] / 1e3)
             group["peak_fraction"] = group["gflops_per_s"] / machine["matmul_peak_gflops"]
             if runtime[name] == "torch":  # PyTorch also at the throughput batch (an ONNX file's batch is fixed at 1)
-                group.update(throughput("torch", models[name], cfg.imgsz, cfg.batch, cfg.warmup, cfg.repeats,
+                group.update(throughput(models[name], cfg.imgsz, cfg.batch, cfg.warmup, cfg.repeats,
                                         threads))
             rows[name][runtime[name]] = group
             if s["flagged"]:

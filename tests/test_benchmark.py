@@ -12,19 +12,15 @@ import torch
 from yolo_compress.benchmark import (
     OnnxExportError,
     _inference_copy,
-    benchmark_model,
     export_onnx,
     file_size_mb,
     gflops_fvcore,
     gflops_ultralytics,
     latency_onnx,
     latency_torch,
-    machine_info,
-    matmul_peak_gflops,
     param_count,
-    speedups,
 )
-from yolo_compress.errors import ModelError, UserError
+from yolo_compress.errors import ModelError
 from yolo_compress.models import YOLO
 
 IMGSZ = 64
@@ -98,53 +94,3 @@ def test_latencies_are_sane(model_pt: Path, tmp_path: Path) -> None:
     assert lo["threads"] == 1 and 0 < lo["latency_ms_p50"] <= lo["latency_ms_p90"]
     with pytest.raises(ValueError, match="batch 2"):
         latency_onnx(onnx_file, batch=1)
-
-
-def test_benchmark_has_every_key_with_sane_values(model_pt: Path, tmp_path: Path) -> None:
-    peak = matmul_peak_gflops(seconds=0.2, n=256, threads=1)
-    assert peak > 0
-    res = benchmark_model(model_pt, IMGSZ, onnx_path=tmp_path / "n.onnx", warmup=1, repeats=5, threads=1,
-                          peak_gflops=peak)
-    m = res.metrics
-    assert res.problems == []
-    expected = {"params_m", "gflops", "gflops_fvcore", "size_mb", "imgsz", "onnx_size_mb"} | {
-        f"{rt}_{k}" for rt in ("torch", "onnx") for k in (
-            "latency_ms_p50", "latency_ms_p90", "latency_ms_mean", "throughput_img_per_s", "batch", "threads",
-            "gflops_per_s", "peak_fraction")
-    }
-    assert set(m) == expected
-    assert all(isinstance(v, (int, float)) and np.isfinite(v) and v > 0 for v in m.values())  # DVC: numbers only
-    assert m["params_m"] == pytest.approx(param_count(model_pt) / 1e6)
-    assert abs(m["gflops_fvcore"] - m["gflops"]) / m["gflops"] < 0.3
-    for rt in ("torch", "onnx"):
-        assert m[f"{rt}_latency_ms_p90"] >= m[f"{rt}_latency_ms_p50"]
-        assert m[f"{rt}_gflops_per_s"] == pytest.approx(m["gflops"] / (m[f"{rt}_latency_ms_p50"] / 1e3))
-    info = machine_info()
-    assert info["cpu_model"] and int(info["cpu_count"]) >= 1
-
-
-def test_benchmark_records_an_onnx_failure_and_keeps_the_torch_numbers(model_pt: Path, tmp_path: Path,
-                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    import yolo_compress.benchmark as bm
-
-    def fail(*args: object, **kwargs: object) -> Path:
-        raise OnnxExportError("n.pt: ONNX export failed: unsupported op")
-
-    monkeypatch.setattr(bm, "export_onnx", fail)
-    res = benchmark_model(model_pt, IMGSZ, onnx_path=tmp_path / "n.onnx", warmup=0, repeats=2, threads=1)
-    assert res.problems == ["n.pt: ONNX export failed: unsupported op"]
-    assert "torch_latency_ms_p50" in res.metrics and not any(k.startswith("onnx_") for k in res.metrics)
-
-
-def test_speedups_are_baseline_over_model_latency() -> None:
-    rows = {
-        "student": {"torch_latency_ms_p50": 40.0, "onnx_latency_ms_p50": 20.0, "gflops": 1.0},
-        "pruned": {"torch_latency_ms_p50": 20.0, "onnx_latency_ms_p50": 16.0},
-        "no_onnx": {"torch_latency_ms_p50": 80.0},
-    }
-    out = speedups(rows, baseline="student")
-    assert out["student"] == {"torch_speedup": 1.0, "onnx_speedup": 1.0}
-    assert out["pruned"] == {"torch_speedup": 2.0, "onnx_speedup": 1.25}
-    assert out["no_onnx"] == {"torch_speedup": 0.5}
-    with pytest.raises(UserError, match="baseline 'teacher' is not among the benchmarked models"):
-        speedups(rows, baseline="teacher")

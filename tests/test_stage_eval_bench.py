@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from yolo_compress import files
-from yolo_compress.benchmark import grouped_metrics, interleaved_summary
+from yolo_compress.benchmark import interleaved_summary
 from yolo_compress.config import DataConfig
 from yolo_compress.dataset import prepare_dataset
 
@@ -155,16 +155,6 @@ def test_a_shipped_file_onnx_runtime_cannot_load_costs_only_its_row(work: Path, 
         assert sorted(p.stem for p in (root / f"metrics/{stage}").iterdir() if p.stem != "machine") == sorted(
             MODELS + [s for s in SHIPPED if s != "pruned_int8"])
     assert list(read(root, "reports/benchmark_notes.json")["problems"]) == ["pruned_int8"]
-
-
-def test_an_onnx_failure_keeps_the_torch_numbers_and_drops_only_that_group() -> None:
-    flat = {"params_m": 2.6, "gflops": 1.0, "torch_latency_ms_p50": 20.0, "torch_batch": 1,
-            "onnx_latency_ms_p50": 10.0, "onnx_size_mb": 10.0}
-    broken = {"params_m": 1.2, "gflops": 0.5, "torch_latency_ms_p50": 10.0, "torch_batch": 1}
-    out = grouped_metrics({"student": flat, "pruned": broken}, "student")
-    assert out["pruned"] == {"model": {"params_m": 1.2, "gflops": 0.5},
-                             "torch": {"latency_ms_p50": 10.0, "speedup_vs_student": 2.0}}
-    assert out["student"]["onnx"] == {"latency_ms_p50": 10.0, "size_mb": 10.0, "speedup_vs_student": 1.0}
 
 
 def load_stage(name: str) -> ModuleType:

@@ -57,7 +57,8 @@ def test_whole_sections_for_the_stages_that_own_them() -> None:
     listed = listed_params()
     for stage, section in (("prepare", "data"), ("train_teacher", "teacher"), ("train_student", "student"),
                            ("distill", "student"), ("distill", "distill"), ("prune", "prune"),
-                           ("evaluate", "evaluate"), ("benchmark", "benchmark")):
+                           ("export", "export"), ("evaluate", "evaluate"), ("benchmark", "benchmark"),
+                           ("report", "report")):
         assert section in listed[stage], (stage, section)
 
 

@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from ruamel.yaml import YAML
+from ruamel.yaml.error import YAMLError
 
 from yolo_compress.errors import UserError
 from yolo_compress.report import missing_report_keys
@@ -42,11 +44,12 @@ class Freshness:
 
 
 def _read_yaml(path: Path) -> Any:
+    # YAML 1.2 as DVC reads it (ruamel): dvc.lock writes 2e-05, which PyYAML's YAML 1.1 would read as a string
     try:
-        return yaml.safe_load(path.read_text()) or {}
+        return YAML(typ="safe", pure=True).load(path.read_text()) or {}
     except FileNotFoundError:
         raise UserError(f"{path}: not found") from None
-    except yaml.YAMLError as err:
+    except YAMLError as err:
         raise UserError(f"{path}: not valid YAML ({getattr(err, 'problem', err)})") from None
 
 
@@ -89,9 +92,24 @@ def _md5(path: Path) -> str | None:
 
 
 def _fmt(value: Any) -> str:
+    if value is _ABSENT:
+        return value
     text = yaml.safe_dump(value, default_flow_style=True, width=1_000).strip()
     text = text.removesuffix("...").strip()
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+def changes(key: str, old: Any, new: Any) -> list[str]:
+    """`key: old -> new` for each leaf that differs; a whole section is compared key by key (a typo shows as new)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [c for k in [*old, *(k for k in new if k not in old)]
+                for c in changes(f"{key}.{k}", old.get(k, _ABSENT), new.get(k, _ABSENT))]
+    if old == new:
+        return []
+    return [f"{key}: {_fmt(old)} -> {_fmt(new)}"]
+
+
+_ABSENT = "(absent)"
 
 
 def check(root: str | Path = ".") -> Freshness:
@@ -126,8 +144,7 @@ def check(root: str | Path = ".") -> Freshness:
                     now = dotted(current, key)
                 except KeyError:
                     now = None
-                if now != recorded[file][key]:
-                    why.append(f"{key}: {_fmt(recorded[file][key])} -> {_fmt(now)}")
+                why += changes(key, recorded[file][key], now)
         if why:
             result.stale[stage] = why
         changed = [d["path"] for d in locked.get("deps", []) if d["path"] in tracked and "md5" in d

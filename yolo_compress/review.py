@@ -27,8 +27,10 @@ from yolo_compress.errors import UserError
 from yolo_compress.freshness import check, describe_code_changes
 
 # (file glob, dotted key, label): the rows a reviewer reads first, in this order.
+# Shipped files (export stage) have rows of their own, e.g. `metrics/evaluate/pruned_int8.json`.
 HEADLINE = (
     ("metrics/evaluate/*.json", "test.map50_95", "test mAP50-95"),
+    ("metrics/evaluate/*.json", "test.map50_95_lost", "test mAP50-95 lost by export"),
     ("metrics/benchmark/*.json", "model.gflops", "GFLOPs"),
     ("metrics/benchmark/*.json", "onnx.latency_ms_p50", "ONNX latency p50 (ms)"),
     ("metrics/distill.json", "vs_student.map50_95_gain", "distillation gain (mAP50-95)"),

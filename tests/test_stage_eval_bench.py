@@ -137,9 +137,9 @@ def test_speedup_is_the_median_of_per_round_ratios_and_a_wide_spread_is_flagged(
     out = interleaved_summary(samples, {"a": "a", "b": "a"}, max_spread=0.3)
     assert out["b"]["speedup_vs_a"] == pytest.approx(2.0)  # rounds: 2.0, 2.0, 2.5
     assert (out["b"]["speedup_min"], out["b"]["speedup_max"]) == pytest.approx((2.0, 2.5))
-    assert out["b"]["speedup_spread"] == pytest.approx(0.25) and out["b"]["flagged"] == 0
-    assert out["a"]["latency_spread"] == pytest.approx(1.0) and out["a"]["flagged"] == 1  # its own p50s moved 2x
-    assert interleaved_summary(samples, {"b": "a"}, max_spread=0.2)["b"]["flagged"] == 1
+    assert out["b"]["speedup_spread"] == pytest.approx(0.125) and out["b"]["flagged"] == 0  # IQR 2.0-2.25 / 2.0
+    assert out["a"]["latency_spread"] == pytest.approx(0.5) and out["a"]["flagged"] == 1  # its p50s: 10, 20, 10 ms
+    assert interleaved_summary(samples, {"b": "a"}, max_spread=0.1)["b"]["flagged"] == 1
 
 
 def test_a_shipped_file_onnx_runtime_cannot_load_costs_only_its_row(work: Path, tmp_path: Path) -> None:

@@ -282,8 +282,8 @@ class BenchmarkConfig(_Section):
     batch: int = 8  # (int) batch for the throughput measurement (latency is always batch 1)
     warmup: int = 5  # (int) untimed runs before timing
     repeats: int = 10  # (int) timed runs per model in each round
-    rounds: int = 5  # (int) rounds; the models alternate within each (order rotated), speedup = median over rounds
-    max_spread: float = 0.3  # (float) flag a row whose speedup (max - min) / median over rounds is above this
+    rounds: int = 15  # (int) rounds; the models alternate within each (order rotated), speedup = median over rounds
+    max_spread: float = 0.3  # (float) flag a row whose speedup interquartile range / median over rounds is above this
     threads: int = 0  # (int) CPU threads for PyTorch and ONNX Runtime; 0 = all cores
     onnx: bool = True  # (bool) also time the exported ONNX files (models/export/) with ONNX Runtime
     device: str | int = "cpu"  # (str | int) 'cpu', or a GPU index like 0 (timed in addition to the CPU)

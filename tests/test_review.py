@@ -239,7 +239,7 @@ def test_experiment_review_and_sharing_between_two_machines(tiny_repo: tuple[Pat
     assert time.perf_counter() - t0 < 10
     page = (root / "reports/review/review.md").read_text()
     head = page[page.index("## Headline"):page.index("## Params")]
-    for label in ("test mAP50-95 — `pruned`", "GFLOPs — `pruned`", "ONNX latency p50 (ms) — `pruned`",
+    for label in ("test mAP50-95 — `pruned`", "GFLOPs — `pruned`", "ONNX latency p50 (ms) — `pruned_int8`",
                   "distillation gain (mAP50-95) — `distill`"):
         assert label in head
     assert "| `prune.target` | 0.5 | 0.7 |" in page
@@ -247,7 +247,7 @@ def test_experiment_review_and_sharing_between_two_machines(tiny_repo: tuple[Pat
 
     run([sys.executable, "-m", "yolo_compress.share", "push", "origin"], root, env)
     mate = tmp_path / "teammate"
-    run(["git", "clone", "-q", str(tmp_path / "team.git"), str(mate)], tmp_path, env)
+    run(["git", "clone", "-q", "-b", "main", str(tmp_path / "team.git"), str(mate)], tmp_path, env)
     out = run([sys.executable, "-m", "yolo_compress.share", "pull", "origin"], mate, env).stdout
     assert "harder" in out
     shown = json.loads(run(["dvc", "exp", "show", "--json"], mate, env).stdout)

@@ -14,6 +14,7 @@ import argparse
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from yolo_compress.errors import UserError
 
@@ -37,11 +38,19 @@ def check_git_remote(root: Path, remote: str) -> str:
     return url
 
 
-def check_dvc_remote(root: Path) -> str:
-    """The default DVC remote's URL; UserError when none is set or a local one does not exist."""
+def _repo(root: Path) -> Any:
+    from dvc.exceptions import NotDvcRepoError
     from dvc.repo import Repo
 
-    with Repo(str(root)) as repo:
+    try:
+        return Repo(str(root))
+    except NotDvcRepoError:
+        raise UserError(f"{root.resolve()} is not a DVC repository; run this from the project's root") from None
+
+
+def check_dvc_remote(root: Path) -> str:
+    """The default DVC remote's URL; UserError when none is set or a local one does not exist."""
+    with _repo(root) as repo:
         name = repo.config.get("core", {}).get("remote")
         if not name:
             raise UserError("no default DVC remote, so models and data cannot travel with the experiments; add one "
@@ -58,11 +67,10 @@ def check_dvc_remote(root: Path) -> str:
 def share(root: Path, direction: str, remote: str) -> list[str]:
     """Push or pull the experiments of HEAD; the names that travelled."""
     from dvc.exceptions import DvcException
-    from dvc.repo import Repo
 
     check_git_remote(root, remote)
     check_dvc_remote(root)
-    with Repo(str(root)) as repo:
+    with _repo(root) as repo:
         try:
             if direction == "push":  # the CLI's defaults: the experiments of HEAD, with their cached outputs
                 done = repo.experiments.push(remote, push_cache=True)

@@ -227,18 +227,7 @@ def latency_onnx(
     `threads` is ORT's intra-op thread count (None: default_threads(), as for torch, so both runtimes get the
     same cores).
     """
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads or default_threads()
-    opts.inter_op_num_threads = 1
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.log_severity_level = 3  # errors only
-    providers = ["CPUExecutionProvider"]
-    if device.startswith("cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
-        providers.insert(0, "CUDAExecutionProvider")
-    sess = ort.InferenceSession(str(onnx_path), opts, providers=providers)
+    sess = onnx_session(onnx_path, threads, device)
     inp = sess.get_inputs()[0]
     shape = list(inp.shape)
     if isinstance(shape[0], int) and shape[0] != batch:
@@ -254,7 +243,7 @@ def latency_onnx(
         sess.run(None, {inp.name: x})
         if i >= warmup:
             times.append(time.perf_counter() - t0)
-    return _summary(times, batch, opts.intra_op_num_threads)
+    return _summary(times, batch, threads or default_threads())
 
 
 def matmul_peak_gflops(seconds: float = 1.0, n: int = 1024, threads: int | None = None, device: str = "cpu") -> float:

@@ -30,7 +30,7 @@ def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--data", type=Path, required=True, help="prepared dataset folder")
-    ap.add_argument("--teacher", type=Path, required=True, help="teacher .pt, used when distill.teacher is ''")
+    ap.add_argument("--teacher", type=Path, required=True, help="the teacher .pt (dvc.yaml passes distill.teacher)")
     ap.add_argument("--student-metrics", type=Path, required=True, help="the plain student's metrics (baseline)")
     ap.add_argument("--out", type=Path, required=True, help="where the distilled student .pt goes")
     ap.add_argument("--metrics", type=Path, required=True)
@@ -52,7 +52,8 @@ def main() -> None:
         check_one_device(cfg.device, "student.device", f"{dcfg.loss} distillation (a custom trainer)")
     if dcfg.unlabeled:
         distill.unlabeled_images(dcfg.unlabeled)
-    model, teacher, data = distill.checked_inputs(cfg, dcfg, args.data, args.teacher)
+    teacher = args.teacher
+    model, data = distill.checked_inputs(cfg, args.data, teacher)
     student_metrics = files.read_json(args.student_metrics)
     if dcfg.loss == "sl2" and dcfg.fuse_teacher:
         log.info("distill.fuse_teacher does not apply to sl2: Ultralytics' native path runs the teacher as saved")

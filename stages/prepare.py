@@ -2,9 +2,10 @@
 
     python stages/prepare.py --out data/prepared --metrics metrics/prepare.json
 
-Then, before any stage trains, it checks what the later stages will need from this dataset: every model params.yaml
-names (teacher.model, student.model, distill.teacher, prune.model) and an explicit evaluate.splits list. A mistake
-stops the pipeline here with one line instead of in its own stage, an hour of training later.
+First it checks that every file params.yaml names is one DVC tracks (yolo_compress/inputs.py). Then, before any stage
+trains, it checks what the later stages will need from this dataset: every model params.yaml names (teacher.model,
+student.model, distill.teacher, prune.model) and an explicit evaluate.splits list. A mistake stops the pipeline here
+with one line instead of in its own stage, an hour of training later.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from yolo_compress import files
 from yolo_compress.config import load_params, section_dict
 from yolo_compress.dataset import eval_splits, prepare_dataset
 from yolo_compress.errors import stage_entrypoint
+from yolo_compress.inputs import check_tracked
 from yolo_compress.models import check_params_models, set_checkpoint_trust
 from yolo_compress.tracking import log_artifact, stage_run
 
@@ -43,6 +45,7 @@ def main() -> None:
     params = load_params(args.params)
     set_checkpoint_trust(params.trust_checkpoints)  # prepare loads the .pt files params names, to check them
 
+    check_tracked(params)
     with stage_run("prepare", {**section_dict(params.data), "seed": params.seed}) as run:
         summary = prepare_dataset(params.data, params.seed, args.out)
         eval_splits(params.evaluate.splits, list(summary["images"]), args.out)

@@ -25,15 +25,17 @@ from yolo_compress.tracking import child_run, log_artifact, log_metrics, log_par
 from yolo_compress.training import check_device, check_one_device, use_all_cores
 
 log = logging.getLogger("yolo_compress.prune")
-TAYLOR_BATCHES = 4  # calibration batches for taylor importance: enough to rank channels, cheap next to a fine-tune
+# Unaugmented train batches for BatchNorm recalibration after each pruning step (and taylor importance's gradients):
+# 8 gave the same round-1 mAP as 32 (0.055 vs 0.056), in 2.5 s against 8 s.
+CALIB_BATCHES = 8
 
 
 def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--data", type=Path, required=True, help="prepared dataset folder")
-    ap.add_argument("--model", type=Path, required=True, help="model to prune unless prune.model is set")
-    ap.add_argument("--teacher", type=Path, required=True, help="prune.distill's teacher unless distill.teacher is set")
+    ap.add_argument("--model", type=Path, required=True, help="the .pt to prune (dvc.yaml passes prune.model)")
+    ap.add_argument("--teacher", type=Path, required=True, help="prune.distill: the teacher (distill.teacher)")
     ap.add_argument("--out", type=Path, required=True, help="where the kept round's .pt goes")
     ap.add_argument("--rounds-dir", type=Path, required=True, help="one round_<k>.pt per round")
     ap.add_argument("--metrics", type=Path, required=True)
@@ -44,7 +46,7 @@ def parse_args() -> argparse.Namespace:
 def checked_inputs(args: argparse.Namespace, params: Params) -> tuple[Path, str, DistillConfig | None]:
     """The model to prune, its task and the distill config (None unless prune.distill); checked before any work."""
     cfg, dcfg = params.prune, params.distill
-    path, key = (Path(cfg.model), "prune.model") if cfg.model else (args.model, "--model")
+    path, key = args.model, "prune.model"
     model = load_model(path, key)
     summary = load_summary(args.data)
     data = dataset_head(summary)
@@ -55,7 +57,7 @@ def checked_inputs(args: argparse.Namespace, params: Params) -> tuple[Path, str,
                          "YOLOv8/11/26 detect or pose model")
     if not cfg.distill:
         return path, model.task, None
-    teacher, tkey = (dcfg.teacher, "distill.teacher") if dcfg.teacher else (args.teacher, "--teacher")
+    teacher, tkey = args.teacher, "distill.teacher"
     check_same_head(model_info(load_model(teacher, tkey)), data, f"{tkey} {teacher}", f"dataset {args.data}")
     return path, model.task, dataclasses.replace(dcfg, teacher=str(teacher))
 
@@ -101,8 +103,7 @@ def main() -> None:
             log.info("prune: %d epoch(s) of BN-gamma L1 sparsity training first", cfg.sparsity_epochs)
             current = pruning.finetune(input_pt, epochs=cfg.sparsity_epochs, work_dir=work / "sparsity",
                                        bn_l1=cfg.sparsity_l1, **ft)
-        taylor = cfg.importance == "taylor"
-        calib = pruning.calibration_batches(data_yaml, st.imgsz, st.batch, TAYLOR_BATCHES, task) if taylor else []
+        calib = pruning.calibration_batches(data_yaml, st.imgsz, st.batch, CALIB_BATCHES, task)
         for k, ratio in enumerate(ratios, 1):
             with child_run(f"round {k}"):
                 t0, dst = time.perf_counter(), tmp_rounds / f"round_{k}.pt"

@@ -32,6 +32,7 @@ from yolo_compress.pruning import (
     finetune,
     prune_round,
     prune_schedule,
+    recalibrate_bn,
     save_pruned,
     taylor_backward,
 )
@@ -240,7 +241,8 @@ def small_net() -> nn.Module:
 @pytest.mark.parametrize("target", ["flops", "params"])
 def test_prune_round_searches_the_channel_ratio_for_a_flops_or_params_target(target: str) -> None:
     net = small_net()
-    result = prune_round(net, X64, 0.6, "l2", target=target, tol=0.02, protect=[net[4]])
+    # round_to=None: the search is under test here, not the steps that rounding widths to 8 puts in the measure
+    result = prune_round(net, X64, 0.6, "l2", round_to=None, target=target, tol=0.02, protect=[net[4]])
     key = "macs" if target == "flops" else "params"
     assert abs(result[f"{key}_after"] / result[f"{key}_before"] - 0.4) <= 0.02
     assert abs(result["removed"] - 0.6) <= 0.02 and 1 <= result["trials"] <= 5
@@ -397,3 +399,28 @@ def test_taylor_importance_on_real_batches(data_yaml: Path) -> None:
     assert result["params_after"] < result["params_before"]
     assert all(p.grad is None for p in model.parameters())  # stale gradients of the old widths are dropped
     run(model)
+
+
+def test_round_to_keeps_the_nearest_multiple_so_a_narrow_layer_is_not_halved() -> None:
+    """torch-pruning floors the kept width: 5% off a 16-channel conv left 8, and the pruned model scored ~0."""
+    from ultralytics.nn.modules.conv import Conv
+
+    net = nn.Sequential(Conv(3, 16, 3, 2), Conv(16, 64, 3, 1), Conv(64, 64, 3, 2), nn.Conv2d(64, 10, 1))
+    prune_round(net, X64, 0.05, "l2", round_to=8, target="channels", protect=[net[3]])
+    assert [net[0].conv.out_channels, net[1].conv.out_channels, net[2].conv.out_channels] == [16, 64, 64]
+    prune_round(net, X64, 0.2, "l2", round_to=8, target="channels", protect=[net[3]])
+    assert [net[0].conv.out_channels, net[1].conv.out_channels, net[2].conv.out_channels] == [16, 48, 48]
+
+
+def test_recalibrated_batchnorm_holds_the_statistics_of_the_calibration_batches() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)).eval()
+    batches = [{"img": torch.rand(4, 3, 16, 16) * 3 + 1} for _ in range(3)]
+    with torch.no_grad():
+        acts = torch.cat([net[0](b["img"]) for b in batches])
+    recalibrate_bn(net, batches)
+    assert not net.training and net[1].momentum == 0.1  # mode and momentum restored
+    torch.testing.assert_close(net[1].running_mean, acts.mean(dim=(0, 2, 3)), rtol=1e-4, atol=1e-5)
+    # the running variance averages the three batches' unbiased variances
+    per_batch = torch.stack([a.var(dim=(0, 2, 3)) for a in acts.split(4)]).mean(0)
+    torch.testing.assert_close(net[1].running_var, per_batch, rtol=1e-4, atol=1e-5)

@@ -78,15 +78,14 @@ def tiny_run(workspace: Path) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize(
     ("prune", "paths", "needle"),
     [
-        ({}, {"model": "models/missing.pt"}, "--model: model file models/missing.pt not found"),
-        ({"model": "models/missing.pt"}, {}, "prune.model: model file models/missing.pt not found"),
-        ({}, {"model": "bogus.pt"}, "--model: bogus.pt is not an Ultralytics YOLO checkpoint"),
+        ({}, {"model": "models/missing.pt"}, "prune.model: model file models/missing.pt not found"),
+        ({}, {"model": "bogus.pt"}, "prune.model: bogus.pt is not an Ultralytics YOLO checkpoint"),
         ({"rounds": 0}, {}, "prune.rounds: expected an int >= 1, got 0"),
         ({"target": 1.0}, {}, "prune.target: expected a float in (0, 1)"),
         ({"importance": "magic"}, {}, "prune.importance: expected one of l1, l2, bn, taylor, random, got 'magic'"),
-        ({"distill": True}, {}, "--teacher: model file models/teacher.pt not found"),
+        ({"distill": True}, {}, "distill.teacher: model file models/teacher.pt not found"),
     ],
-    ids=["missing-model", "missing-prune.model", "not-a-checkpoint", "rounds-0", "target-1", "importance",
+    ids=["missing-model", "not-a-checkpoint", "rounds-0", "target-1", "importance",
          "missing-teacher"],
 )
 def test_bad_input_is_one_error_line_and_exit_2(workspace: Path, stage_main: object, tmp_path: Path, prune: dict,

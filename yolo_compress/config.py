@@ -71,7 +71,7 @@ def _trace_reads() -> None:
 class DataConfig(_Section):
     """`data:` section, read by the prepare stage."""
 
-    source: str = "synthetic"  # (str) 'synthetic', or a path to your own Ultralytics dataset yaml
+    source: str = "synthetic"  # (str) 'synthetic', or your Ultralytics dataset yaml under data/sources/
     task: str = "detect"  # (str) synthetic task: detect | pose
     image_size: int = 256  # (int) synthetic image side in pixels
     classes: int = 6  # (int) synthetic detect classes, at least 6 (pose always has 1)
@@ -101,7 +101,7 @@ class DataConfig(_Section):
 class TrainConfig(_Section):
     """`teacher:` and `student:` sections, read by the train stage of that role."""
 
-    model: str  # (str) Ultralytics model yaml (built from scratch, e.g. yolo11n.yaml) or a local .pt file
+    model: str  # (str) Ultralytics model yaml (from scratch, e.g. yolo11n.yaml), or your .pt/.yaml in models/start/
     epochs: int = 10  # (int) training epochs
     imgsz: int = 256  # (int) train and val image size in pixels, a multiple of 32
     batch: int = 16  # (int) images per batch
@@ -158,7 +158,7 @@ class DistillConfig(_Section):
     """`distill:` section. The student trains on the `student:` budget (same epochs, lr, seed), plus a teacher."""
 
     loss: str = "logit"  # (str) sl2 (Ultralytics native) | mgd | cwd | logit
-    teacher: str = ""  # (str) '' = models/teacher.pt from train_teacher, or a local teacher .pt (same task, nc, kpts)
+    teacher: str = "models/teacher.pt"  # (str) teacher .pt (same task, nc, kpts); default: train_teacher's model
     weight: float | None = None  # (float) global loss weight; null = the loss's default (sl2 6, mgd 1, cwd 10, logit 1)
     schedule: str = "constant"  # (str) weight by global step: constant | cosine (decays to 0) | off_last
     off_last_epochs: int = 0  # (int) schedule off_last: weight 0 for this many final epochs
@@ -169,12 +169,12 @@ class DistillConfig(_Section):
     ld_T: float = 10.0  # (float) logit: temperature on the DFL box-edge distributions
     kd_mode: str = "kl"  # (str) logit: kl | l2 on class scores
     conf_gate: float = 0.0  # (float) logit: anchors whose teacher max class score is below this are ignored
-    unlabeled: str = ""  # (str) folder of unlabeled images; on them only the distillation loss applies
+    unlabeled: str = ""  # (str) '' or a folder of unlabeled images under data/sources/; distillation loss only
     fuse_teacher: bool = True  # (bool) fold the teacher's BatchNorm into its convs (cheaper teacher forward)
 
     def __post_init__(self) -> None:
         _check(self.loss in DISTILL_LOSSES, "loss", f"one of {', '.join(DISTILL_LOSSES)}", self.loss)
-        _check(self.teacher == "" or self.teacher.endswith(".pt"), "teacher", "'' or a local .pt path", self.teacher)
+        _check(self.teacher.endswith(".pt"), "teacher", "a local .pt path", self.teacher)
         _check(self.weight is None or self.weight >= 0, "weight", "a float >= 0, or null for the default", self.weight)
         _check(self.schedule in DISTILL_SCHEDULES, "schedule", f"one of {', '.join(DISTILL_SCHEDULES)}", self.schedule)
         _check(self.off_last_epochs >= 0, "off_last_epochs", "an int >= 0", self.off_last_epochs)
@@ -195,7 +195,7 @@ class DistillConfig(_Section):
 class PruneConfig(_Section):
     """`prune:` section: iterative prune + fine-tune rounds on the distilled student (or `model`)."""
 
-    model: str = ""  # (str) '' = models/distilled.pt from distill, or a local YOLO .pt to prune
+    model: str = "models/distilled.pt"  # (str) the YOLO .pt to prune; default: distill's model
     rounds: int = 3  # (int) prune + fine-tune rounds
     target: float = 0.6  # (float) fraction of `measure` removed in total after all rounds, in (0, 1)
     measure: str = "flops"  # (str) what `target` counts: flops | params
@@ -210,7 +210,7 @@ class PruneConfig(_Section):
     max_map_drop: float = 0.05  # (float) stop early, keeping the best round, once val mAP50-95 falls more than this
 
     def __post_init__(self) -> None:
-        _check(self.model == "" or self.model.endswith(".pt"), "model", "'' or a local .pt path", self.model)
+        _check(self.model.endswith(".pt"), "model", "a local .pt path", self.model)
         _check(self.rounds >= 1, "rounds", "an int >= 1", self.rounds)
         _check(0 < self.target < 1, "target", "a float in (0, 1), the fraction to remove", self.target)
         _check(self.measure in PRUNE_MEASURES, "measure", f"one of {', '.join(PRUNE_MEASURES)}", self.measure)

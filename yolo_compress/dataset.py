@@ -566,6 +566,11 @@ def _dataset_base(data_yaml: Path, data: dict[str, Any]) -> Path:
     return cand
 
 
+def user_dataset_root(data_yaml: Path) -> Path:
+    """The folder a user's dataset yaml resolves its images from (its `path:`, else the yaml's own folder)."""
+    return _dataset_base(Path(data_yaml), _load_user_yaml(Path(data_yaml)))
+
+
 def import_user_dataset(data_yaml: Path, root: Path, max_unlabeled_share: float = 0.5) -> dict[str, Any]:
     """Check a user's Ultralytics dataset and copy it into the prepared layout under `root`; return the summary.
 

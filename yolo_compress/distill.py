@@ -204,7 +204,7 @@ def load_teacher(spec: str | Path | nn.Module) -> nn.Module:
     """The teacher's DetectionModel/PoseModel from a local .pt path or a module."""
     if isinstance(spec, nn.Module):
         return _inner(spec)
-    if not str(spec) or not Path(spec).is_file():
+    if not Path(spec).is_file():
         raise ModelError(f"distill.teacher: teacher checkpoint {spec!r} not found; train the teacher first")
     return load_checkpoint(spec)[0]
 
@@ -422,16 +422,14 @@ def check_teacher(teacher: str | Path, key: str, student: Any, data: ModelInfo, 
                          "pick a teacher from a family with the same P3-P5 head levels")
 
 
-def checked_inputs(student: TrainConfig, cfg: DistillConfig, data_dir: Path,
-                   pipeline_teacher: Path) -> tuple[YOLO, Path, ModelInfo]:
-    """Before training: the student built from `student.model`, the teacher path (`distill.teacher`, else
-    `pipeline_teacher`) and the dataset's head, both models checked against the prepared dataset in `data_dir`."""
-    teacher, key = (Path(cfg.teacher), "distill.teacher") if cfg.teacher else (pipeline_teacher, "--teacher")
+def checked_inputs(student: TrainConfig, data_dir: Path, teacher: Path) -> tuple[YOLO, ModelInfo]:
+    """Before training: the student built from `student.model` and the dataset's head, with the student and the
+    `teacher` .pt (distill.teacher) checked against the prepared dataset in `data_dir`."""
     data = dataset_head(load_summary(data_dir))
     model = load_model(student.model, "student.model")
     check_task(model, "student.model", student.model, data, data_dir)
-    check_teacher(teacher, key, model, data, str(data_dir), student.imgsz)
-    return model, teacher, data
+    check_teacher(teacher, "distill.teacher", model, data, str(data_dir), student.imgsz)
+    return model, data
 
 
 def check_native(cfg: DistillConfig) -> None:

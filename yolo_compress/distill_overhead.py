@@ -86,8 +86,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--data", type=Path, default=Path("data/prepared"))
-    ap.add_argument("--teacher", type=Path, default=Path("models/teacher.pt"),
-                    help="used when distill.teacher is ''")
+    ap.add_argument("--teacher", type=Path, help="teacher .pt; default: params.yaml's distill.teacher")
     ap.add_argument("--losses", nargs="+", choices=DISTILL_LOSSES, default=list(DISTILL_LOSSES))
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--epochs", type=int, default=1, help="epochs per method and round")
@@ -105,7 +104,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     # Mosaic stays on, as in most epochs of the real schedule (it is closed only for the last close_mosaic).
     cfg = dataclasses.replace(params.student, epochs=args.epochs, close_mosaic=0)
     dcfg = params.distill
-    _, teacher, data = distill.checked_inputs(cfg, dcfg, args.data, args.teacher)
+    teacher = args.teacher or Path(dcfg.teacher)
+    _, data = distill.checked_inputs(cfg, args.data, teacher)
 
     methods = [PLAIN, *args.losses]
     loop: dict[str, list[float]] = {m: [] for m in methods}

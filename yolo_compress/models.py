@@ -176,9 +176,10 @@ def check_params_models(params: Params, prepared_dir: str | Path) -> None:
 
     - teacher.model, student.model: the file exists and loads (a .yaml builds) and its task is the dataset's. Classes
       and keypoints are not compared: the trainer re-heads a .pt to the dataset (fine-tuning a COCO .pt is normal).
-    - distill.teacher, prune.model (when set) are used as they are: task, classes and keypoints must match the data.
-    - The distillation teacher (distill.teacher, else teacher.model) has the student's head strides, and the model
-      prune starts from (prune.model, else student.model's architecture) has no block torch-pruning cannot follow.
+    - distill.teacher, prune.model are used as they are: task, classes and keypoints must match the data. When they
+      name a model this pipeline trains (models/teacher.pt ...), which does not exist yet, its architecture is checked.
+    - The distillation teacher has the student's head strides, and the model prune starts from has no block
+      torch-pruning cannot follow.
     Raises ModelError naming the params key; without this each mistake surfaced only in its own stage, hours later.
     """
     # late imports: dataset and distill import this module, and distill pulls in the trainers
@@ -187,27 +188,29 @@ def check_params_models(params: Params, prepared_dir: str | Path) -> None:
     from yolo_compress.splitfree import unsupported_blocks
 
     data = dataset_head(load_summary(prepared_dir))
-    where = f"dataset {prepared_dir}"
     built = {}
     for key, spec in (("teacher.model", params.teacher.model), ("student.model", params.student.model)):
         built[key] = load_model(spec, key)
         check_task(built[key], key, spec, data, prepared_dir)
-    teacher_key, teacher_spec = "teacher.model", params.teacher.model
-    if params.distill.teacher:
-        teacher_key, teacher_spec = "distill.teacher", params.distill.teacher
-        built[teacher_key] = load_model(teacher_spec, teacher_key)
-        check_same_head(model_info(built[teacher_key]), data, f"{teacher_key} {teacher_spec}", where)
+
+    def used_as_is(key: str, spec: str) -> tuple[str, str]:
+        """(key, spec) of the model to check for params `key`: its architecture when the pipeline trains it."""
+        made_here = Path(spec).parent == Path("models") and Path(spec).stem in MADE_BY
+        if made_here:
+            return ("teacher.model", params.teacher.model) if Path(spec).stem == "teacher" else \
+                ("student.model", params.student.model)
+        built[key] = load_model(spec, key)
+        check_same_head(model_info(built[key]), data, f"{key} {spec}", f"dataset {prepared_dir}")
+        return key, spec
+
+    teacher_key, teacher_spec = used_as_is("distill.teacher", params.distill.teacher)
     t_strides = [s for _, s in feature_channels(built[teacher_key], STRIDE_PROBE_IMGSZ)]
     s_strides = [s for _, s in feature_channels(built["student.model"], STRIDE_PROBE_IMGSZ)]
     if t_strides != s_strides:
         raise ModelError(f"{teacher_key}: {teacher_spec} has head strides {t_strides} but student.model "
                          f"{params.student.model} has {s_strides}; distillation needs the same head levels, so pick "
                          "a teacher and a student of one family (e.g. yolo11s and yolo11n)")
-    prune_key, prune_spec = "student.model", params.student.model
-    if params.prune.model:
-        prune_key, prune_spec = "prune.model", params.prune.model
-        built[prune_key] = load_model(prune_spec, prune_key)
-        check_same_head(model_info(built[prune_key]), data, f"{prune_key} {prune_spec}", where)
+    prune_key, prune_spec = used_as_is("prune.model", params.prune.model)
     bad = unsupported_blocks(built[prune_key].model)
     if bad:
         raise ModelError(f"{prune_key}: {prune_spec} has {', '.join(bad)} blocks, which torch-pruning cannot follow; "

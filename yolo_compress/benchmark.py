@@ -29,13 +29,12 @@ import torch
 from torch import nn
 
 from yolo_compress.errors import ModelError
-from yolo_compress.models import YOLO, load_model
+from yolo_compress.models import YOLO, count_params, load_model
 
 __all__ = [
     "OPSET",
     "OnnxExportError",
     "default_threads",
-    "param_count",
     "gflops_fvcore",
     "gflops_ultralytics",
     "file_size_mb",
@@ -73,11 +72,6 @@ def _inference_copy(model: ModelLike, device: str = "cpu") -> nn.Module:
     for p in m.parameters():
         p.requires_grad_(False)
     return m.to(device)
-
-
-def param_count(model: ModelLike) -> int:
-    """Number of parameters."""
-    return sum(p.numel() for p in _module(model).parameters())
 
 
 def gflops_fvcore(model: ModelLike, imgsz: int) -> float:
@@ -313,7 +307,7 @@ def model_metrics(model_pt: str | Path, imgsz: int) -> dict[str, float]:
     """Size and FLOPs of a checkpoint: params as saved, GFLOPs (Ultralytics and fvcore) of the fused model, file MB."""
     model = _inference_copy(model_pt)
     return {
-        "params_m": param_count(model_pt) / 1e6,  # as trained and saved (Conv and BN apart), like model_size()
+        "params_m": count_params(_module(model_pt)) / 1e6,  # as saved (Conv and BN apart), like model_size()
         "gflops": gflops_ultralytics(model, imgsz),
         "gflops_fvcore": gflops_fvcore(model, imgsz),
         "size_mb": file_size_mb(model_pt),

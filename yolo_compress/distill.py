@@ -53,6 +53,7 @@ from yolo_compress.models import (
     ModelInfo,
     check_same_head,
     check_task,
+    count_params,
     dataset_head,
     load_model,
     model_info,
@@ -147,7 +148,7 @@ def _head_info(model: nn.Module) -> ModelInfo:
     kpt = getattr(head, "kpt_shape", None)
     # from the architecture (yaml): given a module, guess_model_task trusts args['task'] first, which can be stale
     return ModelInfo(task=guess_model_task(model.yaml), nc=int(head.nc), kpt_shape=tuple(kpt) if kpt else None,
-                     params=sum(p.numel() for p in model.parameters()))
+                     params=count_params(model))
 
 
 def check_pair(teacher: Any, student: Any, imgsz: int) -> list[tuple[int, int]]:

@@ -1,7 +1,6 @@
 """Loading YOLO models offline, describing them, and checking that two models fit together.
 
-Import YOLO from here, not from ultralytics: this module isolates Ultralytics' per-user settings and switches its
-integrations off before Ultralytics first reads them.
+Ultralytics' offline settings are set by the package entry (yolo_compress/__init__.py) before any Ultralytics import.
 """
 
 from __future__ import annotations
@@ -11,34 +10,23 @@ import pickle
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-# Ultralytics reads these at import time: keep its settings file out of the user's home, never go online.
-os.environ.setdefault("YOLO_CONFIG_DIR", str(Path.cwd() / ".ultralytics"))
-os.environ.setdefault("YOLO_OFFLINE", "1")
-# A .pt is a pickle, and unpickling can run any code: load with torch's weights_only unpickler and Ultralytics'
-# allow-list of model classes, in this process and in the processes it starts (DDP). `trust_checkpoints: true` in
-# params.yaml switches full unpickling back on (set_checkpoint_trust).
-os.environ.setdefault("ULTRALYTICS_SAFE_LOAD", "1")
+import ultralytics.nn.tasks as ultralytics_tasks
+from ultralytics import YOLO
+from ultralytics.engine.model import Model
+from ultralytics.nn.tasks import torch_safe_load
+from ultralytics.utils.torch_utils import get_flops
 
-import ultralytics.nn.tasks as ultralytics_tasks  # noqa: E402
-from ultralytics import YOLO  # noqa: E402
-from ultralytics.nn.tasks import torch_safe_load  # noqa: E402
-from ultralytics.utils import SETTINGS  # noqa: E402
-from ultralytics.utils.torch_utils import get_flops  # noqa: E402
+from yolo_compress.config import Params
+from yolo_compress.errors import ModelError
 
-from yolo_compress.config import Params  # noqa: E402
-from yolo_compress.errors import ModelError  # noqa: E402
-
-# Stages log to MLflow themselves (one run per stage, no weight uploads); Ultralytics' own mlflow and dvc (dvclive)
-# callbacks would open stray experiments and duplicate uploads, and `sync` phones home.
-_OFF = ("sync", "clearml", "comet", "dvc", "mlflow", "raytune", "tensorboard", "wandb")
-if any(SETTINGS.get(k) for k in _OFF):
-    SETTINGS.update({k: False for k in _OFF})
+if TYPE_CHECKING:  # annotations only: torch imported here, before Ultralytics, would get another thread count
+    from torch import nn
 
 __all__ = ["YOLO", "MADE_BY", "ModelInfo", "dataset_head", "check_task", "load_model", "model_info", "check_same_head",
            "model_size", "pipeline_models", "check_params_models", "set_checkpoint_trust", "read_checkpoint",
-           "allow_project_classes"]
+           "allow_project_classes", "count_params"]
 
 MADE_BY = {"teacher": "train_teacher", "student": "train_student", "distilled": "distill", "pruned": "prune"}
 
@@ -113,6 +101,11 @@ def read_checkpoint(path: str | Path, key: str = "checkpoint") -> dict[str, Any]
         raise
 
 
+def count_params(model: Model | nn.Module) -> int:
+    """Number of parameters (every tensor, trainable or not) of a module, or of the one inside a YOLO wrapper."""
+    return sum(p.numel() for p in (model.model if isinstance(model, Model) else model).parameters())
+
+
 def model_info(model: YOLO) -> ModelInfo:
     """Task, classes, keypoint shape and parameter count of a loaded model."""
     inner = model.model
@@ -121,7 +114,7 @@ def model_info(model: YOLO) -> ModelInfo:
         task=model.task,
         nc=len(inner.names),
         kpt_shape=tuple(kpt) if kpt else None,
-        params=sum(p.numel() for p in inner.parameters()),
+        params=count_params(inner),
     )
 
 
@@ -138,7 +131,7 @@ def model_size(path: str | Path, imgsz: int) -> dict[str, float]:
     """Parameters (millions), GFLOPs at `imgsz` (Ultralytics/thop count) and file size of a checkpoint."""
     model = YOLO(str(path)).model
     return {
-        "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
+        "params_m": count_params(model) / 1e6,
         "gflops": float(get_flops(model, imgsz)),
         "size_mb": Path(path).stat().st_size / 1e6,
     }

@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+from torchvision.ops import box_iou
 
 from yolo_compress.errors import DatasetError, ModelError
 from yolo_compress.files import read_json
@@ -37,7 +39,6 @@ __all__ = [
     "coco_scores",
     "oks_sigmas_like_ultralytics",
     "operating_point",
-    "ultralytics_map",
     "val_predictions",
     "evaluate_split",
     "evaluate_split_with_predictions",
@@ -183,12 +184,6 @@ def predict_coco(
     return _predict_images(load_model(model_pt, "model"), [Path(p) for p in images], imgsz, conf, iou, device)
 
 
-def ultralytics_map(model_pt: str | Path, split_yaml: str | Path, imgsz: int, device: str | None = None,
-                    batch: int = 16) -> dict[str, float]:
-    """Ultralytics' own val mAP50-95 and mAP50 (and pose_ ones) for a model on a split, for comparison."""
-    return val_predictions(model_pt, split_yaml, imgsz, batch=batch, device=device)[1]
-
-
 # ------------------------------------------------------------------------------------------------------- scoring
 
 
@@ -284,17 +279,6 @@ def coco_scores(
     return {k: float(v) for k, v in zip(keys, ev.stats, strict=True) if v > -1}
 
 
-def _iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """IoU of [x, y, w, h] boxes, (len(a), len(b))."""
-    ax0, ay0, ax1, ay1 = a[:, 0], a[:, 1], a[:, 0] + a[:, 2], a[:, 1] + a[:, 3]
-    bx0, by0, bx1, by1 = b[:, 0], b[:, 1], b[:, 0] + b[:, 2], b[:, 1] + b[:, 3]
-    iw = (np.minimum(ax1[:, None], bx1[None]) - np.maximum(ax0[:, None], bx0[None])).clip(0)
-    ih = (np.minimum(ay1[:, None], by1[None]) - np.maximum(ay0[:, None], by0[None])).clip(0)
-    inter = iw * ih
-    union = (a[:, 2] * a[:, 3])[:, None] + (b[:, 2] * b[:, 3])[None] - inter
-    return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
-
-
 def operating_point(gt: Gt, detections: Iterable[dict[str, Any]], conf: float = 0.25,
                     iou: float = 0.5) -> dict[str, float]:
     """Precision, recall and F1 of the detections with score >= conf, at one IoU threshold (boxes only).
@@ -319,7 +303,9 @@ def operating_point(gt: Gt, detections: Iterable[dict[str, Any]], conf: float = 
         if not boxes:
             fp += len(cand)
             continue
-        ious = _iou_matrix(np.asarray([b for _, b in cand], float), np.asarray(boxes, float))
+        # float64, as the boxes are; two empty boxes overlap 0, not 0/0
+        ious = box_iou(torch.tensor([b for _, b in cand], dtype=torch.float64),
+                       torch.tensor(boxes, dtype=torch.float64), fmt="xywh").nan_to_num(0.0).numpy()
         free = np.ones(len(boxes), bool)
         for row in ious:
             row = np.where(free, row, -1.0)

@@ -13,14 +13,14 @@ import pytest
 
 from yolo_compress.compare_distill import (
     Record,
-    active_workers,
+    experiment_name,
     format_table,
     grid_overrides,
     latest_per_run,
     main,
     mean_std,
     parse_exp_show,
-    queue_states,
+    queue_status,
     summarize,
 )
 
@@ -110,15 +110,6 @@ def test_parse_exp_show_reads_finished_experiments_only() -> None:
     assert skipped == ["queued-exp", "failed-exp"]
 
 
-def test_queue_status_text_is_parsed() -> None:
-    text = ("Task     Name        Created    Status\n2c0e628  utile-hoot  11:29 AM   Queued\n"
-            "ad4da93  ninth-obit  Nov 22, 2026   Failed\n\nWorker status: 0 active, 0 idle\n")
-    assert queue_states(text) == {"utile-hoot": "Queued", "ninth-obit": "Failed"}
-    assert active_workers(text) == 0
-    assert active_workers(text.replace("0 active", "2 active")) == 2
-    assert active_workers("Task  Name  Created  Status\n") is None
-
-
 # ---------------------------------------------------------------------------------------------- real dvc, tiny
 FAKE_STAGE = """import json, os, yaml
 os.makedirs("metrics", exist_ok=True)
@@ -148,9 +139,8 @@ FAKE_DVC = """stages:
 """
 
 
-@pytest.mark.e2e
-def test_grid_runs_as_real_dvc_queue(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A stand-in pipeline with the real one's params and metrics: queue, wait and collect through real DVC."""
+def _fake_repo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, dict[str, str]]:
+    """A committed git + DVC repo of the stand-in pipeline, made the cwd; its environment for subprocesses."""
     repo = tmp_path / "repo"
     (repo / "stages").mkdir(parents=True)
     (repo / "stages" / "distill.py").write_text(FAKE_STAGE)
@@ -163,13 +153,31 @@ def test_grid_runs_as_real_dvc_queue(tmp_path: Path, monkeypatch: pytest.MonkeyP
         subprocess.run(cmd, cwd=repo, env=env, check=True, capture_output=True)
     monkeypatch.chdir(repo)
     monkeypatch.setenv("PATH", env["PATH"])
+    return repo, env
+
+
+def test_queue_status_reads_our_names_from_dvc(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    repo, env = _fake_repo(tmp_path, monkeypatch)
+    name = experiment_name("mgd", 2, "20261129-101500")
+    assert name == "mgd-seed2-20261129-101500"
+    subprocess.run(["dvc", "exp", "run", "--queue", "--name", name, "-S", "distill.loss=sl2", "distill"], cwd=repo,
+                   env=env, check=True, capture_output=True)
+    assert queue_status(repo) == ({name: "Queued"}, 0)  # queued, no worker started
+
+
+@pytest.mark.e2e
+def test_grid_runs_as_real_dvc_queue(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stand-in pipeline with the real one's params and metrics: queue, wait and collect through real DVC."""
+    repo, env = _fake_repo(tmp_path, monkeypatch)
     main(["--losses", "sl2", "cwd", "--seeds", "1", "--poll", "1", "--out", "out/table.md"])
     table = (repo / "out" / "table.md").read_text()
     assert "| sl2 | 1 | 0.3200 ± 0.0000 | +0.0100 ± 0.0000 | - | 1.50x ± 0.00 |" in table
     assert "| cwd | 1 | 0.3400 ± 0.0000 | +0.0300 ± 0.0000 | +0.0200 ± 0.0000 | 1.50x ± 0.00 |" in table
     shown = json.loads(subprocess.run(["dvc", "exp", "show", "--json"], cwd=repo, env=env, capture_output=True,
                                       text=True, check=True).stdout)
-    assert sorted((r.loss, r.seed) for r in parse_exp_show(shown)[0]) == [("cwd", 1), ("sl2", 1)]
+    records = parse_exp_show(shown)[0]
+    assert sorted((r.loss, r.seed) for r in records) == [("cwd", 1), ("sl2", 1)]
+    assert all(r.name.startswith(f"{r.loss}-seed1-") for r in records)  # the names the grid gave
 
 
 def test_the_workspace_seed_is_not_overridden_so_its_student_is_reused() -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 import time
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from yolo_compress.compare_distill import PENDING, parse_exp_show, queue_states
+from yolo_compress.compare_distill import PENDING, parse_exp_show, queue_status
 
 from .tiny_pipeline import GIT, STAGES, copy_repo, run
 
@@ -73,7 +72,7 @@ def test_local_remote_push_clone_pull_and_metrics_diff(tiny_repo: tuple[Path, di
 def wait_for_queue(root: Path, env: dict[str, str], names: list[str], timeout_s: float = 900) -> dict[str, str]:
     deadline = time.monotonic() + timeout_s
     while True:
-        states = queue_states(run(["dvc", "queue", "status"], root, env).stdout)
+        states = queue_status(root)[0]
         if not any(states.get(n) in PENDING for n in names):
             return states
         if time.monotonic() > deadline:
@@ -87,10 +86,10 @@ def test_two_parallel_queued_experiments_lose_no_runs(tiny_repo: tuple[Path, dic
     (root / "mlflow.db").unlink()  # both workers find no store: the first-creation race must not corrupt it
     (root / "untracked_teacher.pt").write_bytes((root / "models/teacher.pt").read_bytes())
 
-    names = []
-    for overrides in (["student.seed=1"], ["student.seed=2"], ["distill.teacher=untracked_teacher.pt"]):
-        out = run(["dvc", "exp", "run", "--queue", *[a for o in overrides for a in ("-S", o)], "distill"], root, env)
-        names.append(re.search(r"Queued experiment '([^']+)'", out.stdout).group(1))
+    names = ["seed1", "seed2", "untracked-teacher"]
+    for name, override in zip(names, ("student.seed=1", "student.seed=2", "distill.teacher=untracked_teacher.pt"),
+                              strict=True):
+        run(["dvc", "exp", "run", "--queue", "--name", name, "-S", override, "distill"], root, env)
     run(["dvc", "queue", "start", "-j", "2"], root, env)
     states = wait_for_queue(root, env, names)
     assert [states.get(n) for n in names] == ["Success", "Success", "Failed"], states

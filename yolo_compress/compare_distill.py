@@ -3,8 +3,9 @@
     python -m yolo_compress.compare_distill [--losses sl2 mgd cwd logit] [--seeds 0 1 2] [--jobs 1]
     python -m yolo_compress.compare_distill --collect-only      # just tabulate the existing experiments
 
-Each experiment is `dvc exp run --queue -S distill.loss=<loss> -S student.seed=<seed> distill`; the `distill`
-target also runs train_student, which gives that seed's baseline student (the run cache reuses it across losses).
+Each experiment is `dvc exp run --queue --name <loss>-seed<seed>-<start> -S distill.loss=<loss> -S student.seed=<seed>
+distill`; the `distill` target also runs train_student, which gives that seed's baseline student (the run cache reuses
+it across losses). Queue states come from DVC's Python API and results from `dvc exp show --json`.
 Per loss the table shows mAP50-95 over seeds, the paired gain over the same seed's plain student and over sl2
 (Ultralytics' native distillation, the peer to beat), and time per epoch relative to plain training.
 """
@@ -14,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import re
 import statistics
 import subprocess
 import sys
@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from dvc.repo import Repo
 
 from yolo_compress import files
 from yolo_compress.config import DISTILL_LOSSES
@@ -34,7 +35,7 @@ log = logging.getLogger("yolo_compress.compare_distill")
 
 REFERENCE = "sl2"  # the peer every other loss must beat
 STUDENT_METRICS, DISTILL_METRICS, PARAMS_FILE = "metrics/student.json", "metrics/distill.json", "params.yaml"
-PENDING = ("Queued", "Running")  # `dvc queue status` states that are not finished
+PENDING = ("Queued", "Running")  # queue states (see queue_status) that are not finished
 
 
 @dataclass(frozen=True)
@@ -201,48 +202,46 @@ def grid_overrides(loss: str, seed: int, workspace_seed: int | None, global_seed
     return overrides
 
 
+def experiment_name(loss: str, seed: int, started: str) -> str:
+    """The name this grid gives the experiment of (loss, seed); `started` (the grid's start time) keeps reruns apart."""
+    return f"{loss}-seed{seed}-{started}"
+
+
 def queue_grid(losses: Sequence[str], seeds: Sequence[int]) -> list[str]:
-    """Queue one experiment per (loss, seed); return their names."""
+    """Queue one experiment per (loss, seed) under a name of ours (nothing to read back from DVC); return the names."""
     # Only the two seeds are needed: read them raw, so a pipeline with other sections can be compared too.
     params = yaml.safe_load(Path(PARAMS_FILE).read_text()) or {}
     workspace_seed, global_seed = (params.get("student") or {}).get("seed"), params.get("seed", 0)
+    started = time.strftime("%Y%m%d-%H%M%S")
     names = []
     for loss in losses:
         for seed in seeds:
             sets = [a for o in grid_overrides(loss, seed, workspace_seed, global_seed) for a in ("-S", o)]
-            out = _dvc("exp", "run", "--queue", *sets, "distill")
-            found = re.search(r"Queued experiment '([^']+)'", out)
-            names.append(found.group(1) if found else f"{loss}/seed{seed}")
+            names.append(experiment_name(loss, seed, started))
+            _dvc("exp", "run", "--queue", "--name", names[-1], *sets, "distill")
             log.info("queued %s: distill.loss=%s student.seed=%d", names[-1], loss, seed)
     return names
 
 
-def queue_states(status_text: str) -> dict[str, str]:
-    """Experiment name -> state from `dvc queue status` (columns: Task, Name, Created..., Status)."""
-    states = {}
-    for line in status_text.splitlines():
-        parts = line.split()
-        if len(parts) >= 4 and parts[0] != "Task" and re.fullmatch(r"[0-9a-f]{7,}", parts[0]):
-            states[parts[1]] = parts[-1]
-    return states
-
-
-def active_workers(status_text: str) -> int | None:
-    """Active worker count from `dvc queue status`'s last line ("Worker status: 0 active, 0 idle"), None if absent."""
-    found = re.search(r"Worker status:\s*(\d+) active", status_text)
-    return int(found.group(1)) if found else None
+def queue_status(root: str | Path = ".") -> tuple[dict[str, str], int]:
+    """Experiment name -> state (Queued, Running, Success, Failed) in the DVC queue of the repo at `root`, and the
+    number of active workers: what `dvc queue status` prints (it has no --json), read through DVC's Python API."""
+    with Repo(str(root)) as repo:
+        queue = repo.experiments.celery_queue
+        states = {task["name"]: task["status"] for task in queue.status() if task.get("name")}
+        active = sum(1 for tasks in queue.worker_status().values() if tasks)
+    return states, active
 
 
 def wait_for(names: Sequence[str], poll_s: float = 30.0, jobs: int = 1) -> None:
     """Block until none of `names` is queued or running; restart the workers if they vanished with work queued."""
     stalled = 0  # consecutive polls with work queued and no worker: two in a row, not a worker just starting up
     while True:
-        text = _dvc("queue", "status")
-        states = queue_states(text)
+        states, active = queue_status()
         pending = [n for n in names if states.get(n) in PENDING]
         if not pending:
             return
-        idle = active_workers(text) == 0 and all(states[n] == "Queued" for n in pending)
+        idle = active == 0 and all(states[n] == "Queued" for n in pending)
         stalled = stalled + 1 if idle else 0
         if stalled >= 2:
             # seen in a long grid: the worker exited with experiments still queued, which would wait forever

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -62,8 +63,38 @@ def test_unreachable_server_fails_fast_with_one_line(monkeypatch: pytest.MonkeyP
     assert time.monotonic() - start < 10
 
 
-def test_pipeline_id_is_none_outside_dvc() -> None:
+def test_pipeline_id_is_none_outside_dvc(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("DVC_STAGE", raising=False)
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))  # set by hand (tests, queued runs' helpers): not a DVC stage
     assert tracking.pipeline_id() is None
+
+
+PROBE = ("import json, os, sys; from yolo_compress import tracking; "
+         "json.dump([tracking.pipeline_id(), tracking.dvc_invoker().pid], open(sys.argv[1] + '.json', 'w'))")
+
+
+def test_stages_of_one_dvc_invocation_share_its_id_and_know_its_pid(tmp_path: Path) -> None:
+    """Real `dvc repro` under /bin/sh, which runs the stage command as its child instead of replacing itself."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "probe.py").write_text(PROBE)
+    (repo / "dvc.yaml").write_text("stages:\n  a:\n    cmd: python probe.py a\n    outs: [a.json]\n"
+                                   "  b:\n    cmd: python probe.py b\n    deps: [a.json]\n    outs: [b.json]\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DVC_", "MLFLOW_"))}
+    env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}", SHELL="/bin/sh")
+    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"]):
+        subprocess.run(cmd, cwd=repo, env=env, check=True, capture_output=True)
+    seen = []
+    for _ in range(2):
+        dvc = subprocess.Popen(["dvc", "repro", "--force"], cwd=repo, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+        out = dvc.communicate(timeout=300)[0]
+        assert dvc.returncode == 0, out[-2000:]
+        ids = {json.loads((repo / f"{s}.json").read_text())[0] for s in "ab"}
+        pids = {json.loads((repo / f"{s}.json").read_text())[1] for s in "ab"}
+        assert len(ids) == 1 and pids == {dvc.pid}, (ids, pids, dvc.pid)
+        seen.append(ids.pop())
+    assert seen[0] != seen[1]  # another invocation, another parent run
 
 
 def test_parallel_first_use_of_a_fresh_sqlite_store_is_safe(tmp_path: Path) -> None:

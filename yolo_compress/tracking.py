@@ -99,26 +99,26 @@ def git_commit() -> str:
         return "unknown"
 
 
-def _dvc_process() -> psutil.Process | None:
-    """The nearest `dvc` ancestor of this process, or None when run by hand."""
+def dvc_invoker() -> psutil.Process | None:
+    """The `dvc repro` / `dvc exp run` process that launched this stage, or None when DVC did not (run by hand)."""
+    stage = os.environ.get("DVC_STAGE")  # DVC sets it for every stage command
+    if stage is None:
+        return None
     try:
-        for proc in psutil.Process().parents():
-            if any(Path(arg).name in ("dvc", "dvc.exe") for arg in proc.cmdline()[:3]):
-                return proc
+        # DVC gives no invocation id: the nearest ancestor without our DVC_STAGE is dvc (its `$SHELL -c` child has it)
+        return next((p for p in psutil.Process().parents() if p.environ().get("DVC_STAGE") != stage), None)
     except psutil.Error:
-        pass
-    return None
+        return None
 
 
 def pipeline_id() -> str | None:
-    """Identity of the `dvc repro` / `dvc exp run` process that launched this stage, or None when run by hand.
-
-    DVC gives stages no invocation id, so the nearest dvc ancestor process (pid + start time) stands in for one.
-    """
-    proc = _dvc_process()
+    """Identity of the DVC invocation that launched this stage, or None when run by hand: the dvc process (pid and
+    start time) on this host, with DVC's repo root and experiment name."""
+    proc = dvc_invoker()
     if proc is None:
         return None
-    key = f"{socket.gethostname()}:{proc.pid}:{proc.create_time()}:{os.environ.get('DVC_EXP_NAME')}"
+    key = (f"{socket.gethostname()}:{proc.pid}:{proc.create_time()}:{os.environ.get('DVC_ROOT')}:"
+           f"{os.environ.get('DVC_EXP_NAME')}")
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
@@ -223,7 +223,7 @@ def stage_run(stage: str, params: dict[str, Any]) -> Iterator[mlflow.ActiveRun]:
     parent = None
     if pid:
         tags[PIPELINE_TAG] = pid
-        dvc = _dvc_process()
+        dvc = dvc_invoker()  # the parent run's owner: pid and start time in its tags, for reap_dead_runs
         parent_tags = {PIPELINE_TAG: pid, "kind": "pipeline", "dvc.exp_name": exp_name,
                        **(buf.owner_tags(dvc) if dvc else {})}
         parent = _pipeline_parent(client, exp_id, parent_tags)

@@ -27,14 +27,15 @@ from yolo_compress.models import load_model
 
 def _clipping_validator(base: type) -> type:
     class _Clipped(base):  # type: ignore[misc, valid-type]
-        def _process_batch(self, preds: dict[str, Any], batch: dict[str, Any]) -> dict[str, Any]:
-            if preds["bboxes"].shape[0]:
-                (h, w), ((gain, _), (pad_w, pad_h)) = batch["ori_shape"], batch["ratio_pad"]
-                boxes = preds["bboxes"].clone()  # letterbox space: the image spans pad .. pad + size * gain
+        def update_metrics(self, preds: list[dict[str, Any]], batch: dict[str, Any]) -> None:
+            clipped = []
+            for si, pred in enumerate(preds):
+                (h, w), ((gain, _), (pad_w, pad_h)) = batch["ori_shape"][si], batch["ratio_pad"][si]
+                boxes = pred["bboxes"].clone()  # letterbox space: the image spans pad .. pad + size * gain
                 boxes[:, [0, 2]] = boxes[:, [0, 2]].clamp(pad_w, pad_w + w * gain)
                 boxes[:, [1, 3]] = boxes[:, [1, 3]].clamp(pad_h, pad_h + h * gain)
-                preds = {**preds, "bboxes": boxes}
-            return super()._process_batch(preds, batch)
+                clipped.append({**pred, "bboxes": boxes})
+            super().update_metrics(clipped, batch)
 
     return _Clipped
 

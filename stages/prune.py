@@ -18,8 +18,15 @@ from yolo_compress.config import DistillConfig, Params, load_params, section_dic
 from yolo_compress.dataset import load_summary, training_view
 from yolo_compress.errors import ModelError, stage_entrypoint
 from yolo_compress.evaluation import evaluate_split
-from yolo_compress.models import YOLO, check_same_head, dataset_head, load_model, model_info, set_checkpoint_trust
-from yolo_compress.pruning import count_params
+from yolo_compress.models import (
+    YOLO,
+    check_same_head,
+    count_params,
+    dataset_head,
+    load_model,
+    model_info,
+    set_checkpoint_trust,
+)
 from yolo_compress.splitfree import unsupported_blocks
 from yolo_compress.tracking import child_run, log_artifact, log_metrics, log_params, set_tag, stage_run
 from yolo_compress.training import check_device, check_one_device, use_all_cores
@@ -109,7 +116,7 @@ def main() -> None:
                 t0, dst = time.perf_counter(), tmp_rounds / f"round_{k}.pt"
                 info = pruning.prune_finetune_round(
                     current, dst, ratio, work / f"round_{k}", score, importance=cfg.importance, round_to=cfg.round_to,
-                    measure=cfg.measure, epochs=cfg.finetune_epochs, calib=calib, meta={"round": k}, **ft)
+                    measure=cfg.measure, epochs=cfg.round_epochs(k), calib=calib, meta={"round": k}, **ft)
                 rows.append(row(k, dst, info["map50_95_before"], t0))
                 current = dst
                 log_params({"round": k, "ratio": ratio, "channel_ratio": info["channel_ratio"]})

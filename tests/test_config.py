@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from yolo_compress.config import StudentConfig, load_params
+from yolo_compress.config import PruneConfig, StudentConfig, load_params
 from yolo_compress.errors import ParamsError
 
 from .conftest import REPO
@@ -35,6 +35,9 @@ def test_repo_params_load_with_documented_types() -> None:
         ("data:\n  task: segment\n", "data.task: expected one of detect, pose, got 'segment'"),
         ("data:\n  val_images: 0\n", "data.val_images: expected an int >= 1"),
         ("data:\n  max_unlabeled_share: 1.5\n", "data.max_unlabeled_share: expected a float in [0, 1], got 1.5"),
+        ("prune:\n  last_round_epochs: -1\n", "prune.last_round_epochs: expected an int >= 0, or null for "
+                                              "finetune_epochs, got -1"),
+        ("distill:\n  teacher: ''\n", "distill.teacher: expected a local .pt path, got ''"),
         ("evaluate:\n  splits: [val, tset]\n", "evaluate.splits: expected a non-empty list of distinct names from "
                                                "val, test, test_shift, got ['val', 'tset']"),
         ("student:\n  model: yolo11n.yaml\n  imgsz: 100\n", "student.imgsz: expected a multiple of 32"),
@@ -70,3 +73,8 @@ def test_evaluate_splits_default_to_the_prepared_data(tmp_path: Path) -> None:
     assert load_params(REPO / "params.yaml").evaluate.splits is None
     assert load_params(write(tmp_path, "evaluate:\n  splits: null\n")).evaluate.splits is None
     assert load_params(write(tmp_path, "evaluate:\n  splits: [test, val]\n")).evaluate.splits == ["test", "val"]
+
+
+def test_the_last_prune_round_can_fine_tune_longer() -> None:
+    assert [PruneConfig(rounds=3).round_epochs(k) for k in (1, 2, 3)] == [3, 3, 3]
+    assert [PruneConfig(rounds=3, last_round_epochs=6).round_epochs(k) for k in (1, 2, 3)] == [3, 3, 6]

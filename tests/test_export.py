@@ -12,10 +12,6 @@ import numpy as np
 import pytest
 import torch
 import yaml
-
-from yolo_compress.models import YOLO  # first: isolates Ultralytics' settings
-
-# isort: split
 from ultralytics.nn.tasks import DetectionModel
 
 from yolo_compress.benchmark import _inference_copy, onnx_timer
@@ -23,6 +19,7 @@ from yolo_compress.config import DataConfig
 from yolo_compress.dataset import prepare_dataset
 from yolo_compress.errors import ModelError
 from yolo_compress.export import SIDECAR_KEYS, ExportError, calibration_images, check_loads, exported_files
+from yolo_compress.models import YOLO
 from yolo_compress.pruning import prune_round, save_pruned
 
 from .conftest import REPO

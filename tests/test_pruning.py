@@ -12,15 +12,12 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-
-from yolo_compress.errors import ModelError, ParamsError
-from yolo_compress.models import YOLO  # first: isolates Ultralytics' settings
-
-# isort: split
 from ultralytics.nn.modules.block import C2, C2PSA, ELAN1, PSA, Attention, C2f, C2fAttn, C2fCIB, C2fPSA, RepNCSPELAN4
 from ultralytics.nn.tasks import DetectionModel, PoseModel
 
 from yolo_compress import pruning
+from yolo_compress.errors import ModelError, ParamsError
+from yolo_compress.models import YOLO, count_params
 from yolo_compress.pruning import (
     PruneConfigError,
     PrunedDetectionTrainer,
@@ -28,7 +25,6 @@ from yolo_compress.pruning import (
     add_bn_l1_grad,
     build_importance,
     calibration_batches,
-    count_params,
     finetune,
     prune_round,
     prune_schedule,

@@ -205,9 +205,15 @@ class PruneConfig(_Section):
     sparsity_l1: float = 1e-4  # (float) importance bn: L1 strength on BN gammas
     round_to: int = 8  # (int) keep channel counts multiples of this (fast kernels)
     finetune_epochs: int = 3  # (int) fine-tune epochs per round
+    last_round_epochs: int | None = None  # (int) fine-tune epochs of the last round; null = finetune_epochs
     lr0: float = 0.001  # (float) fine-tune learning rate
     distill: bool = False  # (bool) fine-tune with the teacher and the distill: loss
     max_map_drop: float = 0.05  # (float) stop early, keeping the best round, once val mAP50-95 falls more than this
+
+    def round_epochs(self, k: int) -> int:
+        """Fine-tune epochs of round `k` (1-based)."""
+        last = self.finetune_epochs if self.last_round_epochs is None else self.last_round_epochs
+        return last if k == self.rounds else self.finetune_epochs
 
     def __post_init__(self) -> None:
         _check(self.model.endswith(".pt"), "model", "a local .pt path", self.model)
@@ -221,6 +227,8 @@ class PruneConfig(_Section):
         _check(self.sparsity_l1 >= 0, "sparsity_l1", "a float >= 0", self.sparsity_l1)
         _check(self.round_to >= 1, "round_to", "an int >= 1", self.round_to)
         _check(self.finetune_epochs >= 0, "finetune_epochs", "an int >= 0", self.finetune_epochs)
+        _check(self.last_round_epochs is None or self.last_round_epochs >= 0, "last_round_epochs",
+               "an int >= 0, or null for finetune_epochs", self.last_round_epochs)
         _check(0 < self.lr0 < 1, "lr0", "a float in (0, 1)", self.lr0)
         _check(0 <= self.max_map_drop <= 1, "max_map_drop", "a float in [0, 1] (mAP50-95 points / 100)",
                self.max_map_drop)

@@ -419,8 +419,7 @@ def validate_layout(root: Path) -> dict[str, Any]:
 @functools.cache
 def _ultralytics_data_utils() -> Any:
     """`ultralytics.data.utils`: its image formats and image -> label path rule, so an import reads what training
-    reads. Imported late and after yolo_compress.models, which points Ultralytics at the project's settings dir."""
-    import yolo_compress.models  # noqa: F401, I001 - must run before Ultralytics is first imported
+    reads. Imported late: importing Ultralytics costs seconds that a dataset check does not need."""
     from ultralytics.data import utils
 
     return utils

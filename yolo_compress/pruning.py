@@ -27,11 +27,6 @@ from typing import Any
 import torch
 import torch_pruning as tp
 from torch import nn
-
-from yolo_compress.errors import ModelError, ParamsError
-from yolo_compress.models import YOLO  # first: it isolates Ultralytics' settings before Ultralytics is imported
-
-# isort: split
 from ultralytics import __version__ as ULTRALYTICS_VERSION
 from ultralytics.cfg import get_cfg
 from ultralytics.engine.model import Model
@@ -44,6 +39,8 @@ from ultralytics.utils import DEFAULT_CFG_DICT, IterableSimpleNamespace
 
 from yolo_compress.config import DistillConfig
 from yolo_compress.distill import ADAPTERS, DistillDetectionTrainer, DistillPoseTrainer, build_adapters, check_pair
+from yolo_compress.errors import ModelError, ParamsError
+from yolo_compress.models import YOLO, count_params
 from yolo_compress.splitfree import make_split_free, unsupported_blocks
 
 __all__ = [
@@ -59,7 +56,6 @@ __all__ = [
     "build_importance",
     "calibration_batches",
     "recalibrate_bn",
-    "count_params",
     "finetune",
     "make_split_free",
     "pick_round",
@@ -91,11 +87,6 @@ class PruneConfigError(ParamsError, ValueError):
 def _unwrap(model: nn.Module) -> nn.Module:
     """The torch module inside an Ultralytics `YOLO` wrapper, or `model` itself."""
     return model.model if isinstance(model, Model) else model
-
-
-def count_params(model: nn.Module) -> int:
-    """Number of parameters (every tensor, trainable or not)."""
-    return sum(p.numel() for p in _unwrap(model).parameters())
 
 
 # ---------------------------------------------------------------------------------------------------------- schedule

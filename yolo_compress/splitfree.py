@@ -15,10 +15,6 @@ import copy
 
 import torch
 from torch import nn
-
-import yolo_compress.models  # noqa: F401 - first: it isolates Ultralytics' settings before Ultralytics is imported
-
-# isort: split
 from ultralytics.nn.modules.block import C2, C2PSA, PSA, C2f, RepNCSPELAN4
 from ultralytics.nn.modules.conv import Conv
 

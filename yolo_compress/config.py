@@ -196,8 +196,8 @@ class PruneConfig(_Section):
     """`prune:` section: iterative prune + fine-tune rounds on the distilled student (or `model`)."""
 
     model: str = "models/distilled.pt"  # (str) the YOLO .pt to prune; default: distill's model
-    rounds: int = 3  # (int) prune + fine-tune rounds
-    target: float = 0.6  # (float) fraction of `measure` removed in total after all rounds, in (0, 1)
+    rounds: int = 4  # (int) prune + fine-tune rounds
+    target: float = 0.66  # (float) fraction of `measure` removed in total after all rounds, in (0, 1)
     measure: str = "flops"  # (str) what `target` counts: flops | params
     schedule: str = "geometric"  # (str) per-round share: geometric (same keep ratio each round) | linear
     importance: str = "l2"  # (str) l1 | l2 | bn (network slimming) | taylor | random (a control)
@@ -208,7 +208,7 @@ class PruneConfig(_Section):
     last_round_epochs: int | None = None  # (int) fine-tune epochs of the last round; null = finetune_epochs
     lr0: float = 0.001  # (float) fine-tune learning rate
     distill: bool = False  # (bool) fine-tune with the teacher and the distill: loss
-    max_map_drop: float = 0.05  # (float) stop early, keeping the best round, once val mAP50-95 falls more than this
+    max_map_drop: float = 0.01  # (float) stop early, keeping the best round, once val mAP50-95 falls more than this
 
     def round_epochs(self, k: int) -> int:
         """Fine-tune epochs of round `k` (1-based)."""

@@ -27,25 +27,24 @@ from typing import Any
 import torch
 
 from yolo_compress import files
-from yolo_compress.benchmark import (
+from yolo_compress.benchmark import default_threads, model_metrics
+from yolo_compress.config import BenchmarkConfig, load_params, section_dict
+from yolo_compress.errors import ModelError, stage_entrypoint
+from yolo_compress.export import exported_files
+from yolo_compress.models import pipeline_models, set_checkpoint_trust
+from yolo_compress.timing import (
     Timer,
     cpu_has_vnni,
-    default_threads,
     latency_onnx,
     latency_torch,
     load_average,
     machine_info,
     matmul_peak_gflops,
-    model_metrics,
     onnx_timer,
     throughput,
     timed_side_by_side,
     torch_timer,
 )
-from yolo_compress.config import BenchmarkConfig, load_params, section_dict
-from yolo_compress.errors import ModelError, stage_entrypoint
-from yolo_compress.export import exported_files
-from yolo_compress.models import pipeline_models, set_checkpoint_trust
 from yolo_compress.tracking import flat, log_artifact, log_metrics, set_tag, set_tags, stage_run
 from yolo_compress.training import check_device
 

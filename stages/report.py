@@ -20,7 +20,8 @@ from pathlib import Path
 from yolo_compress import files
 from yolo_compress.config import load_params, section_dict
 from yolo_compress.errors import stage_entrypoint
-from yolo_compress.report import build_summary, load_inputs, plot_pareto, plot_prune_curve
+from yolo_compress.report import build_summary, plot_pareto, plot_prune_curve
+from yolo_compress.report_inputs import load_inputs
 from yolo_compress.tracking import log_artifact, log_artifacts_to_parent, stage_run
 
 log = logging.getLogger("yolo_compress.report")

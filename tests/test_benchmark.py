@@ -12,16 +12,15 @@ from ultralytics.utils.torch_utils import get_num_params
 
 from yolo_compress.benchmark import (
     OnnxExportError,
-    _inference_copy,
     export_onnx,
     file_size_mb,
     gflops_fvcore,
     gflops_ultralytics,
-    latency_onnx,
-    latency_torch,
+    inference_copy,
 )
 from yolo_compress.errors import ModelError
 from yolo_compress.models import YOLO, count_params
+from yolo_compress.timing import latency_onnx, latency_torch
 
 IMGSZ = 64
 
@@ -63,7 +62,7 @@ def test_onnx_matches_pytorch_and_runs(model_pt: Path, tmp_path: Path) -> None:
     assert not model_pt.with_suffix(".onnx").exists()  # the exporter's default place, beside the .pt
     x = torch.rand(1, 3, IMGSZ, IMGSZ)
     with torch.inference_mode():
-        ref = _inference_copy(model_pt)(x)
+        ref = inference_copy(model_pt)(x)
     ref = (ref[0] if isinstance(ref, (tuple, list)) else ref).numpy()
     sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]

@@ -20,9 +20,6 @@ import yaml
 from yolo_compress.config import DataConfig
 from yolo_compress.dataset import (
     EVAL_SPLITS,
-    SPLITS,
-    LabeledImage,
-    coco_gt,
     eval_splits,
     load_summary,
     prepare_dataset,
@@ -30,6 +27,7 @@ from yolo_compress.dataset import (
     validate_layout,
 )
 from yolo_compress.errors import DatasetError
+from yolo_compress.prepared_layout import SPLITS, LabeledImage, coco_gt
 
 TINY = {"image_size": 64, "train_images": 4, "val_images": 2, "test_images": 2, "test_shift_images": 2}
 

@@ -14,13 +14,15 @@ import torch
 import yaml
 from ultralytics.nn.tasks import DetectionModel
 
-from yolo_compress.benchmark import _inference_copy, onnx_timer
+from yolo_compress.benchmark import inference_copy
+from yolo_compress.channel_pruning import prune_round
 from yolo_compress.config import DataConfig
 from yolo_compress.dataset import prepare_dataset
 from yolo_compress.errors import ModelError
 from yolo_compress.export import SIDECAR_KEYS, ExportError, calibration_images, check_loads, exported_files
 from yolo_compress.models import YOLO
-from yolo_compress.pruning import prune_round, save_pruned
+from yolo_compress.pruning import save_pruned
+from yolo_compress.timing import onnx_timer
 
 from .conftest import REPO
 
@@ -56,7 +58,7 @@ def pruned_model(path: Path, nc: int = 6) -> tuple[Path, int]:
     prune_round(model, torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0)), 0.5, "l2",
                 target="channels")
     save_pruned(model, path)
-    return path, sum(p.numel() for p in _inference_copy(path).parameters())
+    return path, sum(p.numel() for p in inference_copy(path).parameters())
 
 
 def run_export(root: Path, **export: object) -> subprocess.CompletedProcess:

@@ -17,14 +17,13 @@ from yolo_compress.errors import UserError
 from yolo_compress.report import (
     _pareto_points,
     build_summary,
-    load_inputs,
-    missing_report_keys,
     pareto_front,
     plot_pareto,
     plot_prune_curve,
     prune_ratio,
     recommend,
 )
+from yolo_compress.report_inputs import load_inputs, missing_report_keys
 from yolo_compress.tracking import log_artifacts_to_parent
 
 from .conftest import REPO

@@ -28,7 +28,7 @@ from ruamel.yaml import YAML
 from ruamel.yaml.error import YAMLError
 
 from yolo_compress.errors import UserError
-from yolo_compress.report import missing_report_keys
+from yolo_compress.report_inputs import missing_report_keys
 
 PARAMS_FILE = "params.yaml"
 RERUN = "run `dvc repro` and commit dvc.lock, metrics/, plots/ and reports/ with the change"

@@ -11,8 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from yolo_compress.config import Params
-from yolo_compress.dataset import user_dataset_root
 from yolo_compress.errors import ParamsError
+from yolo_compress.user_dataset import user_dataset_root
 
 DATA_SOURCES = Path("data/sources")  # datasets (data.source) and image folders (distill.unlabeled)
 MODEL_STARTS = Path("models/start")  # starting .pt files and model yamls (teacher.model, student.model)

@@ -1,20 +1,7 @@
 """The summary report: a markdown table and two plots built only from the pipeline's metrics and plots files.
 
-`load_inputs` reads the files (whatever exists: a removed stage leaves a note, not an error); `build_summary` and
-the plot functions are deterministic functions of what was read (no timestamps, fixed order), so unchanged metrics
-give byte-identical markdown.
-
-Inputs (paths relative to the metrics folder unless given):
-  evaluate/<model>.json   {<split>: {map50_95, map50, ...}}                       required
-  evaluate/<model>_<fmt>.json  the same for a shipped file (export stage), plus `<split>.map50_95_lost`
-  benchmark/<model>.json  {model: {gflops, params_m, size_mb}, torch: {...}, gpu: {...}}; PyTorch rows
-  benchmark/<model>_<fmt>.json  {model: {...}, onnx: {latency_ms_p50, speedup_vs_<baseline>_fp32, flagged, ...}}
-  benchmark/machine.json  {threads, matmul_peak_gflops, load_1m_before, int8_vnni, ...}
-  prune.json              the prune ratio: `ratio.gflops_removed`
-  student.json            `teacher_gap` {map50_95, teacher_clearly_better}
-  plots/prune.json        per-round records, e.g. {round, gflops, map50_95_after}
-  reports/benchmark_notes.json  the benchmark's strings: machine info, per-row problems, flagged rows
-  models/export/notes.json      the export stage's per-model problems
+`build_summary` and the plot functions are deterministic functions of what `yolo_compress.report_inputs.load_inputs`
+read (no timestamps, fixed order), so unchanged metrics give byte-identical markdown.
 
 A row the benchmark flagged (its speedup's spread over the rounds was above `benchmark.max_spread`, after one retry)
 is greyed out: its latencies are in italics, never bold, grey in the Pareto plot, and never recommended.
@@ -22,80 +9,23 @@ is greyed out: its latencies are in italics, never bold, grey in the Pareto plot
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from yolo_compress.config import EVAL_SPLITS, EXPORT_FORMATS, MODEL_NAMES
-from yolo_compress.errors import UserError
-from yolo_compress.files import read_json
+from yolo_compress.config import MODEL_NAMES
+from yolo_compress.report_inputs import (
+    Inputs,
+    bench_value,
+    eval_value,
+    is_flagged,
+    model_order,
+    scored_splits,
+    shipped_rows,
+)
 
-__all__ = ["Inputs", "load_inputs", "build_summary", "recommend", "prune_ratio", "pareto_front", "plot_pareto",
-           "plot_prune_curve", "missing_report_keys"]
-
-MACHINE_FILE = "machine.json"
-
-
-@dataclass
-class Inputs:
-    """Everything the report reads; `sources` are the files actually read, `missing` one note per absent input."""
-
-    evaluate: dict[str, dict[str, Any]]
-    benchmark: dict[str, dict[str, Any]] = field(default_factory=dict)
-    machine: dict[str, Any] = field(default_factory=dict)
-    notes: dict[str, Any] = field(default_factory=dict)
-    export_notes: dict[str, Any] = field(default_factory=dict)
-    prune: dict[str, Any] | None = None
-    prune_rounds: list[dict[str, Any]] | None = None
-    student: dict[str, Any] | None = None
-    sources: list[str] = field(default_factory=list)
-    missing: list[str] = field(default_factory=list)
-
-
-def _model_order(names: Iterable[str]) -> list[str]:
-    """Pipeline order (teacher, student, distilled, pruned), each followed by its shipped files (`<model>_<fmt>`, in
-    EXPORT_FORMATS order), then any other names sorted."""
-    names = set(names)
-    order = [f for m in MODEL_NAMES for f in (m, *(f"{m}_{fmt}" for fmt in EXPORT_FORMATS))]
-    return [n for n in order if n in names] + sorted(names - set(order))
-
-
-def load_inputs(metrics_dir: str | Path, prune_plots: str | Path | None = None,
-                benchmark_notes: str | Path | None = None, export_notes: str | Path | None = None) -> Inputs:
-    """Read every input that exists; UserError when there is no evaluate metrics folder (nothing to report)."""
-    metrics_dir = Path(metrics_dir)
-    eval_dir = metrics_dir / "evaluate"
-    eval_files = sorted(eval_dir.glob("*.json")) if eval_dir.is_dir() else []
-    if not eval_files:
-        raise UserError(f"{eval_dir}: no evaluate metrics (<model>.json); run `dvc repro evaluate` first")
-    inp = Inputs(evaluate={p.stem: read_json(p) for p in eval_files}, sources=[f"{eval_dir}/*.json"])
-
-    bench_dir = metrics_dir / "benchmark"
-    bench_files = sorted(p for p in bench_dir.glob("*.json") if p.name != MACHINE_FILE) if bench_dir.is_dir() else []
-    if bench_files:
-        inp.benchmark = {p.stem: read_json(p) for p in bench_files}
-        inp.sources.append(f"{bench_dir}/*.json")
-        if (bench_dir / MACHINE_FILE).is_file():
-            inp.machine = read_json(bench_dir / MACHINE_FILE)
-    else:
-        inp.missing.append(f"no benchmark metrics ({bench_dir}): sizes, FLOPs and latencies are not shown")
-
-    def optional(path: Path | None, what: str) -> Any:
-        if path is None or not path.is_file():
-            inp.missing.append(f"no {path or what}: {what} not shown")
-            return None
-        inp.sources.append(str(path))
-        return read_json(path)
-
-    inp.notes = optional(Path(benchmark_notes) if benchmark_notes else None, "benchmark notes") or {}
-    if export_notes is not None:
-        inp.export_notes = optional(Path(export_notes), "export problems") or {}
-    inp.prune = optional(metrics_dir / "prune.json", "prune ratio")
-    rounds = optional(Path(prune_plots) if prune_plots else None, "prune rounds")
-    inp.prune_rounds = rounds if isinstance(rounds, list) else None
-    inp.student = optional(metrics_dir / "student.json", "teacher check")
-    return inp
+__all__ = ["build_summary", "recommend", "prune_ratio", "pareto_front", "plot_pareto", "plot_prune_curve"]
 
 
 # ------------------------------------------------------------------------------------------------------ numbers
@@ -126,32 +56,6 @@ class _Column:
     timing: bool = False  # a latency or speedup: greyed out (italics, never bold) on a flagged row
 
 
-def _group(inp: Inputs, name: str, group: str, key: str) -> float | None:
-    v = inp.benchmark.get(name, {}).get(group, {}).get(key)
-    return float(v) if isinstance(v, (int, float)) else None
-
-
-def _flagged(inp: Inputs, name: str) -> bool:
-    """The benchmark flagged this row's timing as too noisy to trust (spread over benchmark.max_spread)."""
-    return any(_group(inp, name, rt, "flagged") for rt in ("torch", "onnx"))
-
-
-def _shipped(inp: Inputs) -> list[str]:
-    """Rows of shipped files (the export stage's `<model>_<fmt>`): timed on ONNX Runtime only, in model order."""
-    return [n for n in _model_order(inp.benchmark)
-            if _group(inp, n, "onnx", "latency_ms_p50") is not None and "torch" not in inp.benchmark[n]]
-
-
-def _eval(inp: Inputs, name: str, split: str, key: str) -> float | None:
-    v = inp.evaluate.get(name, {}).get(split, {})
-    v = v.get(key) if isinstance(v, Mapping) else None
-    return float(v) if isinstance(v, (int, float)) else None
-
-
-def _splits(inp: Inputs) -> list[str]:
-    found = {s for m in inp.evaluate.values() for s, v in m.items() if isinstance(v, Mapping)}
-    return [s for s in EVAL_SPLITS if s in found] + sorted(found - set(EVAL_SPLITS))
-
 
 def _baseline(inp: Inputs) -> str | None:
     for groups in inp.benchmark.values():
@@ -163,30 +67,31 @@ def _baseline(inp: Inputs) -> str | None:
 
 def _columns(inp: Inputs) -> list[_Column]:
     cols: list[_Column] = []
-    for split in _splits(inp):
-        cols.append(_Column(f"{split} mAP50", lambda n, s=split: _eval(inp, n, s, "map50"), 3, "high"))
-        cols.append(_Column(f"{split} mAP50-95", lambda n, s=split: _eval(inp, n, s, "map50_95"), 3, "high"))
-    if any(_eval(inp, n, "test", "map50_95_lost") is not None for n in inp.evaluate):
-        cols.append(_Column("test mAP50-95 lost vs .pt", lambda n: _eval(inp, n, "test", "map50_95_lost"), 3))
+    for split in scored_splits(inp):
+        cols.append(_Column(f"{split} mAP50", lambda n, s=split: eval_value(inp, n, s, "map50"), 3, "high"))
+        cols.append(_Column(f"{split} mAP50-95", lambda n, s=split: eval_value(inp, n, s, "map50_95"), 3, "high"))
+    if any(eval_value(inp, n, "test", "map50_95_lost") is not None for n in inp.evaluate):
+        cols.append(_Column("test mAP50-95 lost vs .pt", lambda n: eval_value(inp, n, "test", "map50_95_lost"), 3))
     if inp.benchmark:
         cols += [
-            _Column("GFLOPs", lambda n: _group(inp, n, "model", "gflops"), 2, "low"),
-            _Column("params (M)", lambda n: _group(inp, n, "model", "params_m"), 2, "low"),
-            _Column("size MB", lambda n: _group(inp, n, "model", "size_mb"), 2, "low"),
-            _Column("torch p50 ms", lambda n: _group(inp, n, "torch", "latency_ms_p50"), 1, "low", timing=True),
-            _Column("ONNX p50 ms", lambda n: _group(inp, n, "onnx", "latency_ms_p50"), 1, "low", timing=True),
+            _Column("GFLOPs", lambda n: bench_value(inp, n, "model", "gflops"), 2, "low"),
+            _Column("params (M)", lambda n: bench_value(inp, n, "model", "params_m"), 2, "low"),
+            _Column("size MB", lambda n: bench_value(inp, n, "model", "size_mb"), 2, "low"),
+            _Column("torch p50 ms", lambda n: bench_value(inp, n, "torch", "latency_ms_p50"), 1, "low", timing=True),
+            _Column("ONNX p50 ms", lambda n: bench_value(inp, n, "onnx", "latency_ms_p50"), 1, "low", timing=True),
         ]
         if any("gpu" in g for g in inp.benchmark.values()):
-            cols.append(_Column("GPU p50 ms", lambda n: _group(inp, n, "gpu", "latency_ms_p50"), 2, "low", timing=True))
+            cols.append(_Column("GPU p50 ms", lambda n: bench_value(inp, n, "gpu", "latency_ms_p50"), 2, "low",
+                                timing=True))
         base = _baseline(inp)
         if base:
             key = f"speedup_vs_{base}"
-            cols.append(_Column(f"torch speedup vs {base}", lambda n: _group(inp, n, "torch", key), 2, "high", "×",
+            cols.append(_Column(f"torch speedup vs {base}", lambda n: bench_value(inp, n, "torch", key), 2, "high", "×",
                                 timing=True))
-            onnx_key = f"{key}_fp32" if any(_group(inp, n, "onnx", f"{key}_fp32") for n in inp.benchmark) else key
+            onnx_key = f"{key}_fp32" if any(bench_value(inp, n, "onnx", f"{key}_fp32") for n in inp.benchmark) else key
             cols.append(_Column(f"ONNX speedup vs {onnx_key[len('speedup_vs_'):]}",
-                                lambda n: _group(inp, n, "onnx", onnx_key), 2, "high", "×", timing=True))
-            cols.append(_Column("ONNX speedup spread", lambda n: _group(inp, n, "onnx", "speedup_spread"), 2,
+                                lambda n: bench_value(inp, n, "onnx", onnx_key), 2, "high", "×", timing=True))
+            cols.append(_Column("ONNX speedup spread", lambda n: bench_value(inp, n, "onnx", "speedup_spread"), 2,
                                 timing=True))
     ratio = prune_ratio(inp.prune)
     cols.append(_Column("prune ratio", lambda n: ratio * 100 if n == "pruned" and ratio is not None else None, 1,
@@ -197,7 +102,7 @@ def _columns(inp: Inputs) -> list[_Column]:
 def _notes(inp: Inputs, name: str) -> list[str]:
     notes = [str(p) for p in inp.notes.get("problems", {}).get(name, [])]
     notes += [f"export: {p}" for p in inp.export_notes.get("problems", {}).get(name, [])]
-    if _flagged(inp, name):
+    if is_flagged(inp, name):
         notes.append("timing too noisy (spread over benchmark.max_spread after a retry): greyed out")
     if inp.benchmark and name not in inp.benchmark:
         notes.append("not benchmarked")
@@ -219,10 +124,10 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
 
 
 def _model_table(inp: Inputs) -> list[str]:
-    models = _model_order(set(inp.evaluate) | set(inp.benchmark) | set(inp.export_notes.get("problems", {})))
+    models = model_order(set(inp.evaluate) | set(inp.benchmark) | set(inp.export_notes.get("problems", {})))
     cols = _columns(inp)
     shown = {c.title: {m: (None if c.value(m) is None else round(c.value(m), c.digits)) for m in models} for c in cols}
-    grey = {m for m in models if _flagged(inp, m)}
+    grey = {m for m in models if is_flagged(inp, m)}
     best: dict[str, float | None] = {}
     for c in cols:  # compare what is shown: two values that print the same are both best or neither
         vals = [v for m, v in shown[c.title].items() if v is not None and not (c.timing and m in grey)]
@@ -245,7 +150,8 @@ def _model_table(inp: Inputs) -> list[str]:
 
 def _distill_lines(inp: Inputs) -> list[str]:
     lines = []
-    gains = [(s, _eval(inp, "distilled", s, "map50_95"), _eval(inp, "student", s, "map50_95")) for s in _splits(inp)]
+    gains = [(s, eval_value(inp, "distilled", s, "map50_95"), eval_value(inp, "student", s, "map50_95"))
+             for s in scored_splits(inp)]
     gains = [(s, d - st) for s, d, st in gains if d is not None and st is not None]
     if gains:
         lines.append("**Distillation** (distilled − student, mAP50-95): "
@@ -290,11 +196,11 @@ def _int8_lines(inp: Inputs) -> list[str]:
     lines = []
     for model in MODEL_NAMES:
         fp32, int8 = f"{model}_fp32", f"{model}_int8"
-        p32, p8 = _group(inp, fp32, "onnx", "latency_ms_p50"), _group(inp, int8, "onnx", "latency_ms_p50")
+        p32, p8 = bench_value(inp, fp32, "onnx", "latency_ms_p50"), bench_value(inp, int8, "onnx", "latency_ms_p50")
         if p32 is None or p8 is None:
             continue
-        split = "test" if "test" in _splits(inp) else "val"
-        a32, a8 = _eval(inp, fp32, split, "map50_95"), _eval(inp, int8, split, "map50_95")
+        split = "test" if "test" in scored_splits(inp) else "val"
+        a32, a8 = eval_value(inp, fp32, split, "map50_95"), eval_value(inp, int8, split, "map50_95")
         acc = f", {split} mAP50-95 {a8 - a32:+.3f} ({a32:.3f} → {a8:.3f})" if a32 is not None and a8 is not None else ""
         lines.append(f"INT8 vs FP32 of {model}: {p32 / p8:.2f}× faster (ONNX Runtime p50 {p32:.1f} → {p8:.1f} ms)"
                      f"{acc}.")
@@ -312,27 +218,27 @@ def recommend(inp: Inputs, max_map_drop: float) -> tuple[str | None, str]:
     The fastest shipped file (ONNX p50) whose test mAP50-95 (val when the data has no test split) is at most
     `max_map_drop` below the distilled PyTorch model's; rows with flagged timings are not candidates.
     """
-    split = "test" if "test" in _splits(inp) else "val"
-    ref = _eval(inp, "distilled", split, "map50_95")
+    split = "test" if "test" in scored_splits(inp) else "val"
+    ref = eval_value(inp, "distilled", split, "map50_95")
     if ref is None:
         return None, f"**Recommended file**: none; needs the distilled model's {split} mAP50-95 (evaluate metrics)."
-    shipped = [n for n in _shipped(inp) if _eval(inp, n, split, "map50_95") is not None]
+    shipped = [n for n in shipped_rows(inp) if eval_value(inp, n, split, "map50_95") is not None]
     if not shipped:
         return None, f"**Recommended file**: none; no shipped file has both an ONNX latency and a {split} score."
-    noisy = [n for n in shipped if _flagged(inp, n)]
-    low = [n for n in shipped if n not in noisy and _eval(inp, n, split, "map50_95") < ref - max_map_drop - 1e-12]
+    noisy = [n for n in shipped if is_flagged(inp, n)]
+    low = [n for n in shipped if n not in noisy and eval_value(inp, n, split, "map50_95") < ref - max_map_drop - 1e-12]
     ok = [n for n in shipped if n not in noisy and n not in low]
     why = []
     if low:
-        why.append("below the bound: " + ", ".join(f"{n} ({_eval(inp, n, split, 'map50_95'):.3f})" for n in low))
+        why.append("below the bound: " + ", ".join(f"{n} ({eval_value(inp, n, split, 'map50_95'):.3f})" for n in low))
     if noisy:
         why.append("timing flagged: " + ", ".join(noisy))
     excluded = f" Excluded: {'; '.join(why)}." if why else ""
     bound = f"within `report.max_map_drop` = {max_map_drop} of the distilled PyTorch model ({split} {ref:.3f})"
     if not ok:
         return None, f"**Recommended file**: none; no shipped file is {bound}.{excluded}"
-    best = min(ok, key=lambda n: (_group(inp, n, "onnx", "latency_ms_p50"), n))
-    lat, acc = _group(inp, best, "onnx", "latency_ms_p50"), _eval(inp, best, split, "map50_95")
+    best = min(ok, key=lambda n: (bench_value(inp, n, "onnx", "latency_ms_p50"), n))
+    lat, acc = bench_value(inp, best, "onnx", "latency_ms_p50"), eval_value(inp, best, split, "map50_95")
     ups = [f"{v:.2f}× vs {k[len('speedup_vs_'):]}" for k, v in sorted(inp.benchmark[best].get("onnx", {}).items())
            if k.startswith("speedup_vs_")]
     return best, (f"**Recommended file**: `{best}.onnx`, the fastest shipped file (ONNX Runtime p50 {lat:.1f} ms"
@@ -349,7 +255,7 @@ def build_summary(inp: Inputs, max_map_drop: float = 0.015) -> str:
     out += _model_table(inp)
     out += ["", "Bold: best value in its column (higher mAP and speedup, lower size, FLOPs and latency). Rows "
             "`<model>_<format>` are the shipped ONNX files; italics: timing flagged as too noisy."]
-    if _shipped(inp):
+    if shipped_rows(inp):
         out += ["", recommend(inp, max_map_drop)[1]]
         int8 = _int8_lines(inp)
         if int8:
@@ -383,13 +289,13 @@ def pareto_front(points: Mapping[str, tuple[float, float]]) -> list[str]:
 
 def _pareto_points(inp: Inputs) -> tuple[dict[str, tuple[float, float]], str, str]:
     """The shipped files (one point per model x format, ONNX latency) when there are any, else the PyTorch rows."""
-    splits = _splits(inp)
+    splits = scored_splits(inp)
     split = "test" if "test" in splits else (splits[0] if splits else "val")
-    shipped = [m for m in _shipped(inp) if _eval(inp, m, split, "map50_95") is not None]
-    models = shipped or [m for m in _model_order(inp.benchmark) if _eval(inp, m, split, "map50_95") is not None]
-    runtime = "onnx" if shipped or (models and all(_group(inp, m, "onnx", "latency_ms_p50") for m in models)) \
+    shipped = [m for m in shipped_rows(inp) if eval_value(inp, m, split, "map50_95") is not None]
+    models = shipped or [m for m in model_order(inp.benchmark) if eval_value(inp, m, split, "map50_95") is not None]
+    runtime = "onnx" if shipped or (models and all(bench_value(inp, m, "onnx", "latency_ms_p50") for m in models)) \
         else "torch"
-    pts = {m: (_group(inp, m, runtime, "latency_ms_p50"), _eval(inp, m, split, "map50_95")) for m in models}
+    pts = {m: (bench_value(inp, m, runtime, "latency_ms_p50"), eval_value(inp, m, split, "map50_95")) for m in models}
     return {m: p for m, p in pts.items() if p[0] is not None}, runtime, split  # type: ignore[misc]
 
 
@@ -429,11 +335,11 @@ def plot_pareto(inp: Inputs, path: str | Path) -> None:
         _placeholder(ax, "no model has both evaluate and benchmark metrics")
     else:
         for name, (lat, acc) in pts.items():
-            grey = _flagged(inp, name)
+            grey = is_flagged(inp, name)
             ax.scatter([lat], [acc], s=40, **({"color": "lightgrey"} if grey else {}))
             ax.annotate(name + (" (noisy)" if grey else ""), (lat, acc), textcoords="offset points", xytext=(5, 5),
                         color="grey" if grey else "black")
-        front = pareto_front({n: p for n, p in pts.items() if not _flagged(inp, n)} or pts)
+        front = pareto_front({n: p for n, p in pts.items() if not is_flagged(inp, n)} or pts)
         ax.step([pts[n][0] for n in front], [pts[n][1] for n in front], where="post", color="grey", ls="--",
                 label="Pareto front")
         ax.set_xlabel(f"{'ONNX Runtime' if runtime == 'onnx' else 'PyTorch'} latency p50, batch 1 (ms)")
@@ -468,54 +374,3 @@ def plot_prune_curve(inp: Inputs, path: str | Path) -> None:
     fig.tight_layout()
     _save(fig, path)
     _close(fig)
-
-
-# Keys each metrics file must carry for the table and plots above; freshness checks committed metrics against them.
-REQUIRED_KEYS = {
-    "benchmark": (("model", "gflops"), ("model", "params_m"), ("model", "size_mb")),
-    "prune.json": (("ratio", "gflops_removed"),),
-    "student.json": (("teacher_gap", "map50_95"), ("teacher_gap", "teacher_clearly_better")),
-}
-EVAL_KEYS = ("map50", "map50_95")  # per split of evaluate/<model>.json
-
-
-def missing_report_keys(metrics_dir: str | Path) -> list[str]:
-    """`file: key` for every key the report reads that a metrics file in `metrics_dir` lacks (or cannot parse)."""
-    metrics_dir = Path(metrics_dir)
-    missing: list[str] = []
-
-    def lacks(path: Path, keys_of: Callable[[Any], Iterable[tuple[str, ...]]]) -> None:
-        try:
-            data = read_json(path)
-        except UserError as err:
-            missing.append(str(err).split(";")[0])
-            return
-        for key in keys_of(data):
-            node: Any = data
-            for part in key:
-                node = node.get(part) if isinstance(node, Mapping) else None
-            if isinstance(node, bool) or not isinstance(node, (int, float)):
-                missing.append(f"{path}: {'.'.join(key)}")
-
-    def eval_keys(data: Any) -> list[tuple[str, ...]]:
-        splits = [s for s, v in data.items() if isinstance(v, Mapping)] if isinstance(data, Mapping) else []
-        return [(s, k) for s in splits for k in EVAL_KEYS] if splits else [("<split>", EVAL_KEYS[1])]
-
-    def bench_keys(data: Any) -> tuple[tuple[str, ...], ...]:
-        # a PyTorch row has a torch group, a shipped file an onnx group (with its flag); one of them at least
-        groups = [rt for rt in ("torch", "onnx") if isinstance(data, Mapping) and isinstance(data.get(rt), Mapping)]
-        timing = tuple((rt, k) for rt in groups or ["torch"] for k in ("latency_ms_p50", "flagged"))
-        return REQUIRED_KEYS["benchmark"] + timing
-
-    evals = sorted((metrics_dir / "evaluate").glob("*.json"))
-    if not evals:
-        missing.append(f"{metrics_dir / 'evaluate'}/*.json: no file")
-    for path in evals:
-        lacks(path, eval_keys)
-    for path in sorted((metrics_dir / "benchmark").glob("*.json")):
-        if path.name != MACHINE_FILE:
-            lacks(path, bench_keys)
-    for name in ("prune.json", "student.json"):
-        if (metrics_dir / name).is_file():
-            lacks(metrics_dir / name, lambda _data, n=name: REQUIRED_KEYS[n])
-    return missing

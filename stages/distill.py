@@ -3,8 +3,8 @@
     python stages/distill.py --data data/prepared --teacher models/teacher.pt --student-metrics metrics/student.json \
         --out models/distilled.pt --metrics metrics/distill.json --plots plots/distill.json
 
-sl2 runs Ultralytics' native distillation (stock trainer, `distill_model=`, `dis=`); mgd, cwd and logit run
-yolo_compress.distill's trainer. Either way models/distilled.pt is a plain student checkpoint.
+sl2 runs Ultralytics' native distillation (`distill_model=`, `dis=`); mgd, cwd and logit add their loss through the
+project's trainer (yolo_compress.trainer). Either way models/distilled.pt is a plain student checkpoint.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ from yolo_compress.dataset import training_view
 from yolo_compress.errors import stage_entrypoint
 from yolo_compress.models import model_size, set_checkpoint_trust
 from yolo_compress.tracking import log_artifact, log_epoch, log_metrics, stage_run
-from yolo_compress.training import check_device, check_one_device, train_model
+from yolo_compress.trainer import distill_setup
+from yolo_compress.training import check_device, train_model
 
 log = logging.getLogger("yolo_compress.distill")
 STAGE = "distill"
@@ -47,27 +48,22 @@ def main() -> None:
     # Every check before the first epoch: a bad input costs seconds, not a training run.
     check_device(cfg.device, "student.device")
     set_checkpoint_trust(params.trust_checkpoints)
-    distill.check_native(dcfg)
-    if dcfg.loss != "sl2":
-        check_one_device(cfg.device, "student.device", f"{dcfg.loss} distillation (a custom trainer)")
+    setup = distill_setup(dcfg, args.teacher)
     if dcfg.unlabeled:
         distill.unlabeled_images(dcfg.unlabeled)
-    teacher = args.teacher
-    model, data = distill.checked_inputs(cfg, args.data, teacher)
+    model, _ = distill.checked_inputs(cfg, args.data, args.teacher)
     student_metrics = files.read_json(args.student_metrics)
     if dcfg.loss == "sl2" and dcfg.fuse_teacher:
         log.info("distill.fuse_teacher does not apply to sl2: Ultralytics' native path runs the teacher as saved")
 
     work = Path("runs") / STAGE
     data_yaml = training_view(args.data, work / "data")
-    logged = {**section_dict(dcfg), "weight_used": dcfg.base_weight, "teacher_path": str(teacher),
+    logged = {**section_dict(dcfg), "weight_used": dcfg.base_weight, "teacher_path": str(args.teacher),
               "student": section_dict(cfg), "seed": seed}
     with stage_run(STAGE, logged) as run:
         result = train_model(cfg, model, data_yaml, work / "train", seed,
                              on_epoch=log_epoch,
-                             resume=params.resume, inputs=[args.data, cfg.model, teacher],
-                             **distill.training_setup(dcfg, teacher, data.task))
-        distill.plain_student_checkpoint(result.best)
+                             resume=params.resume, inputs=[args.data, cfg.model, args.teacher], **setup)
         dis = [r.get("train_dis_loss", 0.0) for r in result.curve]
         spe = result.seconds_per_epoch
         student_spe = float(student_metrics["train"]["seconds_per_epoch"])
@@ -81,7 +77,7 @@ def main() -> None:
             "distill": {"loss_final": dis[-1] if dis else 0.0, "loss_mean": statistics.fmean(dis) if dis else 0.0,
                         "weight": dcfg.base_weight,
                         # the teacher's forward is most of the overhead; report it beside the time ratio
-                        "teacher_gflops_ratio": model_size(teacher, cfg.imgsz)["gflops"] / size["gflops"]},
+                        "teacher_gflops_ratio": model_size(args.teacher, cfg.imgsz)["gflops"] / size["gflops"]},
             "vs_student": {"map50_95_gain": result.val.get("map50_95", 0.0)
                            - float(student_metrics["val"]["map50_95"])},
             "model": size,

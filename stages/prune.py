@@ -16,6 +16,7 @@ from yolo_compress import files, pruning
 from yolo_compress.benchmark import gflops_ultralytics
 from yolo_compress.config import DistillConfig, Params, load_params, section_dict
 from yolo_compress.dataset import load_summary, training_view
+from yolo_compress.distill import check_native
 from yolo_compress.errors import ModelError, stage_entrypoint
 from yolo_compress.evaluation import evaluate_split
 from yolo_compress.models import (
@@ -27,9 +28,9 @@ from yolo_compress.models import (
     model_info,
     set_checkpoint_trust,
 )
-from yolo_compress.splitfree import unsupported_blocks
+from yolo_compress.splitfree import check_prunable, make_split_free
 from yolo_compress.tracking import child_run, log_artifact, log_metrics, log_params, set_tag, stage_run
-from yolo_compress.training import check_device, check_one_device, use_all_cores
+from yolo_compress.training import check_device, use_all_cores
 
 log = logging.getLogger("yolo_compress.prune")
 # Unaugmented train batches for BatchNorm recalibration after each pruning step (and taylor importance's gradients):
@@ -58,12 +59,10 @@ def checked_inputs(args: argparse.Namespace, params: Params) -> tuple[Path, str,
     summary = load_summary(args.data)
     data = dataset_head(summary)
     check_same_head(model_info(model), data, f"{key} {path}", f"dataset {args.data}")
-    bad = unsupported_blocks(pruning.make_split_free(model.model))
-    if bad:
-        raise ModelError(f"{key}: {path} has {', '.join(bad)} blocks, which torch-pruning cannot follow; prune a "
-                         "YOLOv8/11/26 detect or pose model")
+    check_prunable(make_split_free(model.model), f"{key}: {path}")
     if not cfg.distill:
         return path, model.task, None
+    check_native(dcfg)  # the same distill: checks as the distill stage
     teacher, tkey = args.teacher, "distill.teacher"
     check_same_head(model_info(load_model(teacher, tkey)), data, f"{tkey} {teacher}", f"dataset {args.data}")
     return path, model.task, dataclasses.replace(dcfg, teacher=str(teacher))
@@ -77,7 +76,6 @@ def main() -> None:
     check_device(st.device, "student.device")
     set_checkpoint_trust(params.trust_checkpoints)
     input_pt, task, distill = checked_inputs(args, params)
-    check_one_device(st.device, "student.device", "the pruned fine-tune (a custom trainer)")
     ratios = pruning.prune_schedule(cfg.target, cfg.rounds, cfg.schedule)
 
     work = Path("runs") / "prune"

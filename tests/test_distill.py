@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import functools
+import os
 import subprocess
 import sys
 from copy import deepcopy
@@ -20,28 +21,21 @@ from ultralytics.nn.distill_model import DistillationModel
 from ultralytics.nn.tasks import DetectionModel, PoseModel
 from ultralytics.utils.patches import torch_load
 
+from yolo_compress.config import DistillConfig
 from yolo_compress.distill import (
     ADAPTERS,
-    LOSSES,
     METHODS,
-    DistillConfig,
     DistillCriterion,
-    DistillDetectionTrainer,
     build_adapters,
     check_pair,
-    cwd_loss,
     distill_layers,
     feature_channels,
-    logit_kd_loss,
     loss_weight,
-    make_trainer,
-    mgd_loss,
     prepare_teacher,
-    sl2_loss,
-    strip_distillation,
 )
-from yolo_compress.distill_losses import head_branches
+from yolo_compress.distill_losses import LOSSES, cwd_loss, head_branches, logit_kd_loss, mgd_loss, sl2_loss
 from yolo_compress.errors import ModelError
+from yolo_compress.trainer import ADAPTERS_FILE, SPEC_ENV, CompressDetectionTrainer, TrainerSpec, trainer_for
 
 IMGSZ = 64
 REPO = Path(__file__).resolve().parents[1]
@@ -309,7 +303,7 @@ def test_one_epoch_distill_run_gives_plain_student(tiny_data: Path, teacher_pt: 
 
     cfg = DistillConfig(teacher=str(teacher_pt), loss="cwd")
     model = YOLO("yolo11n.yaml")
-    model.train(trainer=make_trainer(cfg), **train_args(tiny_data, tmp_path / "runs"))
+    model.train(trainer=trainer_for("detect", TrainerSpec(distill=cfg)), **train_args(tiny_data, tmp_path / "runs"))
     trainer = model.trainer
     assert "dis_loss" in trainer.loss_names
     with open(trainer.csv) as f:
@@ -334,41 +328,40 @@ def _crash_after_first_save(trainer: Any) -> None:
     raise _Crash
 
 
-def test_checkpoint_keeps_adapters_and_resume_restores_them(tiny_data: Path, teacher_pt: Path,
-                                                           tmp_path: Path) -> None:
+def test_checkpoints_are_plain_and_resume_restores_the_adapters(tiny_data: Path, teacher_pt: Path,
+                                                                tmp_path: Path) -> None:
     cfg = DistillConfig(teacher=str(teacher_pt), loss="mgd")
     args = train_args(tiny_data, tmp_path / "runs", epochs=2, val=False, model="yolo11n.yaml")
-    trainer = DistillDetectionTrainer(overrides=args, distill=cfg)
+    trainer = CompressDetectionTrainer(overrides=args, spec=TrainerSpec(distill=cfg))
     trainer.add_callback("on_model_save", _crash_after_first_save)
     with pytest.raises(_Crash):
         trainer.train()
     ckpt = torch_load(trainer.last, map_location="cpu")
-    saved = {k: v.float() for k, v in ckpt["ema"].state_dict().items() if k.startswith(ADAPTERS)}
-    assert any(".gen." in k for k in saved) and any(".align." in k for k in saved)
-    assert ckpt["optimizer"] is not None
+    assert not hasattr(ckpt["ema"], ADAPTERS) and ckpt["optimizer"] is not None  # Ultralytics' own save, plain
+    saved = torch.load(trainer.wdir / ADAPTERS_FILE, map_location="cpu")
+    assert any(k.startswith("gen.") for k in saved) and any(k.startswith("align.") for k in saved)
+    trained = getattr(trainer.model, ADAPTERS).state_dict()
+    for k, v in saved.items():
+        torch.testing.assert_close(v, trained[k])
 
-    restored: dict[str, dict[str, torch.Tensor]] = {}
+    restored: dict[str, Any] = {}
 
     def grab(t: Any) -> None:
-        restored["model"] = {k: v.clone() for k, v in t.model.state_dict().items() if k.startswith(ADAPTERS)}
-        restored["ema"] = {k: v.clone() for k, v in t.ema.ema.state_dict().items() if k.startswith(ADAPTERS)}
+        restored["adapters"] = {k: v.clone() for k, v in getattr(t.model, ADAPTERS).state_dict().items()}
         restored["epoch"] = t.start_epoch
 
-    resumed = DistillDetectionTrainer(overrides={"resume": str(trainer.last), "model": str(trainer.last)},
-                                      distill=cfg)
+    resumed = CompressDetectionTrainer(overrides={"resume": str(trainer.last), "model": str(trainer.last)},
+                                       spec=TrainerSpec(distill=cfg))
     resumed.add_callback("on_train_start", grab)
     resumed.train()
-    assert restored["epoch"] == 1
-    for part in ("model", "ema"):
-        assert restored[part].keys() == saved.keys()
-        for k, v in saved.items():
-            torch.testing.assert_close(restored[part][k], v)
-    # training ended: both checkpoints are plain students
+    assert restored["epoch"] == 1 and restored["adapters"].keys() == saved.keys()
+    for k, v in saved.items():
+        torch.testing.assert_close(restored["adapters"][k], v)
     for f in (resumed.last, resumed.best):
         assert not hasattr(torch_load(f, map_location="cpu")["model"], ADAPTERS)
 
 
-class _RecordingTrainer(DistillDetectionTrainer):
+class _RecordingTrainer(CompressDetectionTrainer):
     def preprocess_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
         batch = super().preprocess_batch(batch)
         self.__dict__.setdefault("seen", []).append((batch.get("n_labeled"), batch["img"].shape[0]))
@@ -381,21 +374,42 @@ def test_unlabeled_folder_is_appended_to_batches(tiny_data: Path, teacher_pt: Pa
     for i, path in enumerate(sorted((tiny_data.parent / "images" / "val").glob("*.png"))):
         (unlabeled / f"u{i}.png").write_bytes(path.read_bytes())
     cfg = DistillConfig(teacher=str(teacher_pt), loss="logit", unlabeled=str(unlabeled))
-    trainer = functools.partial(_RecordingTrainer, distill=cfg)(
+    trainer = functools.partial(_RecordingTrainer, spec=TrainerSpec(distill=cfg))(
         overrides=train_args(tiny_data, tmp_path / "runs", val=False, model="yolo11n.yaml"))
     trainer.train()
     assert trainer.seen == [(4, 8), (4, 8)]
 
 
-def test_strip_distillation_leaves_plain_student(pair: tuple[nn.Module, nn.Module], frozen: nn.Module) -> None:
-    student, teacher = pair
-    s = deepcopy(student)
-    plain = sum(p.numel() for p in s.parameters())
-    criterion_for(s, teacher, "sl2", frozen)
-    s.criterion = DistillCriterion(None, None, getattr(s, ADAPTERS), DistillConfig(loss="sl2"))
-    assert sum(p.numel() for p in s.parameters()) > plain
-    strip_distillation(s)
-    assert sum(p.numel() for p in s.parameters()) == plain and s.criterion is None
+def test_ddp_file_rebuilds_the_distillation_trainer(tiny_data: Path, teacher_pt: Path, tmp_path: Path) -> None:
+    """What Ultralytics does with several GPUs, on CPU: its generated DDP file, run as a new process, rebuilds the
+    trainer from its class and plain arguments; the spec (teacher, loss, weight) reaches it through the environment."""
+    from ultralytics.utils.dist import ddp_cleanup, generate_ddp_file
+
+    cfg = DistillConfig(teacher=str(teacher_pt), loss="mgd", weight=3.0)
+    trainer = CompressDetectionTrainer(overrides=train_args(tiny_data, tmp_path / "runs", model="yolo11n.yaml",
+                                                            val=False), spec=TrainerSpec(distill=cfg))
+    trainer.model = trainer.get_model(cfg="yolo11n.yaml")  # as Model.train does before trainer.train()
+    file = generate_ddp_file(trainer)
+    try:
+        env = {k: v for k, v in os.environ.items() if k != SPEC_ENV} | trainer.ddp_environment()
+        done = subprocess.run([sys.executable, file], env=env, cwd=tmp_path, capture_output=True, text=True)
+    finally:
+        ddp_cleanup(trainer, file)
+    assert done.returncode == 0, done.stderr[-2000:]
+    with open(trainer.save_dir / "results.csv") as f:
+        row = next(csv.DictReader(f))
+    assert float(row["train/dis_loss"]) > 0 and float(row["dis/weight"]) == 3.0
+
+
+def test_folded_teacher_matches_ultralytics_fuse() -> None:
+    """prepare_teacher folds BatchNorm itself (no patched head): the same outputs as Ultralytics' fuse, to the bit."""
+    model = build("yolo11n.yaml", seed=4).eval()
+    x = make_batch()["img"]
+    with torch.no_grad():
+        expected = deepcopy(model).fuse(verbose=False)(x)[0]
+        ours = prepare_teacher(model)
+        assert not any(isinstance(m, nn.BatchNorm2d) for m in ours.modules())
+        torch.testing.assert_close(ours(x)[0], expected, rtol=0, atol=0)
 
 
 class _Stop(KeyboardInterrupt):
@@ -414,15 +428,15 @@ def test_interrupted_distill_stage_run_resumes_to_a_plain_student(tiny_data: Pat
     from yolo_compress.training import train_model
 
     cfg = TrainConfig(model="yolo11n.yaml", epochs=2, imgsz=IMGSZ, batch=4, mosaic=0.0, close_mosaic=0, workers=0)
-    trainer = make_trainer(DistillConfig(teacher=str(teacher_pt), loss="cwd"))
+    spec = TrainerSpec(distill=DistillConfig(teacher=str(teacher_pt), loss="cwd"))
     work = tmp_path / "distill"
     model = YOLO(cfg.model)
     model.add_callback("on_train_batch_start", _stop_in_second_epoch)
     with pytest.raises(_Stop):
-        train_model(cfg, model, tiny_data, work, seed=0, trainer=trainer, inputs=[teacher_pt])
-    assert hasattr(torch_load(work / "weights" / "last.pt", map_location="cpu")["ema"], ADAPTERS)
+        train_model(cfg, model, tiny_data, work, seed=0, spec=spec, inputs=[teacher_pt])
+    assert (work / "weights" / ADAPTERS_FILE).is_file()
 
-    resumed = train_model(cfg, YOLO(cfg.model), tiny_data, work, seed=0, trainer=trainer, inputs=[teacher_pt],
+    resumed = train_model(cfg, YOLO(cfg.model), tiny_data, work, seed=0, spec=spec, inputs=[teacher_pt],
                           resume=True)
     assert resumed.resumed_after == 1 and [r["epoch"] for r in resumed.curve] == [1, 2]
     assert all(r["train_dis_loss"] > 0 for r in resumed.curve)

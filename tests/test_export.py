@@ -15,12 +15,13 @@ import yaml
 from ultralytics.nn.tasks import DetectionModel
 
 from yolo_compress.benchmark import inference_copy
+from yolo_compress.channel_pruning import prune_round
 from yolo_compress.config import DataConfig
 from yolo_compress.dataset import prepare_dataset
 from yolo_compress.errors import ModelError
 from yolo_compress.export import SIDECAR_KEYS, ExportError, calibration_images, check_loads, exported_files
 from yolo_compress.models import YOLO
-from yolo_compress.pruning import prune_round, save_pruned
+from yolo_compress.pruning import save_pruned
 from yolo_compress.timing import onnx_timer
 
 from .conftest import REPO

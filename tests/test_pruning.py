@@ -15,24 +15,20 @@ from torch import nn
 from ultralytics.nn.modules.block import C2, C2PSA, ELAN1, PSA, Attention, C2f, C2fAttn, C2fCIB, C2fPSA, RepNCSPELAN4
 from ultralytics.nn.tasks import DetectionModel, PoseModel
 
-from yolo_compress import pruning
+from yolo_compress import channel_pruning
+from yolo_compress.channel_pruning import PruneConfigError, add_bn_l1_grad, build_importance, prune_round
 from yolo_compress.errors import ModelError, ParamsError
 from yolo_compress.models import YOLO, count_params
 from yolo_compress.pruning import (
-    PruneConfigError,
-    PrunedDetectionTrainer,
-    PrunedPoseTrainer,
-    add_bn_l1_grad,
-    build_importance,
     calibration_batches,
     finetune,
-    prune_round,
     prune_schedule,
     recalibrate_bn,
     save_pruned,
     taylor_backward,
 )
 from yolo_compress.splitfree import SplitFreeC2, SplitFreeC2f, SplitFreeC2PSA, make_split_free
+from yolo_compress.trainer import CompressDetectionTrainer, CompressPoseTrainer, TrainerSpec
 
 FAMILIES = ["yolov8n.yaml", "yolo11n.yaml", "yolo26n.yaml", "yolo11n-pose.yaml"]
 X64 = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
@@ -170,7 +166,7 @@ def test_schedule_rejects_bad_settings(args: tuple, needle: str) -> None:
 
 
 def test_importances_by_name_and_unknown_name() -> None:
-    for name in pruning.IMPORTANCES:
+    for name in channel_pruning.IMPORTANCES:
         assert callable(build_importance(name))
     with pytest.raises(ValueError, match=r"prune.importance: expected one of l1, l2, bn, taylor, random, got 'l3'"):
         build_importance("l3")
@@ -304,17 +300,20 @@ def test_add_bn_l1_grad_adds_lam_sign_gamma_outside_the_head() -> None:
 # ---------------------------------------------------------------------------------------------------- trainers
 
 
-@pytest.mark.parametrize("trainer", [PrunedDetectionTrainer, PrunedPoseTrainer])
-def test_trainer_get_model_returns_the_given_module(trainer: type) -> None:
-    cfg = "yolo11n-pose.yaml" if trainer is PrunedPoseTrainer else "yolo11n.yaml"
+@pytest.mark.parametrize("trainer", [CompressDetectionTrainer, CompressPoseTrainer])
+def test_trainer_get_model_keeps_the_given_module(trainer: type) -> None:
+    cfg = "yolo11n-pose.yaml" if trainer is CompressPoseTrainer else "yolo11n.yaml"
     model = detection_model(cfg, nc=1 if "pose" in cfg else 2)
     data = {"nc": model.model[-1].nc, "kpt_shape": list(getattr(model.model[-1], "kpt_shape", [17, 3]))}
-    stub = SimpleNamespace(data=data)
-    assert trainer.get_model(stub, cfg=model.yaml, weights=model) is model
+    keep = SimpleNamespace(data=data, spec=TrainerSpec(keep_model=True), teacher=None)
+    assert trainer.get_model(keep, cfg=model.yaml, weights=model) is model
     with pytest.raises(ModelError, match="classes but the pruned model has"):
-        trainer.get_model(SimpleNamespace(data={**data, "nc": 7}), weights=model)
+        trainer.get_model(SimpleNamespace(**{**vars(keep), "data": {**data, "nc": 7}}), weights=model)
     with pytest.raises(ModelError, match="cannot be rebuilt from its model.yaml"):
-        trainer.get_model(stub, cfg={**model.yaml, "pruned": "note"}, weights=None)
+        trainer.get_model(keep, cfg={**model.yaml, "pruned": "note"}, weights=None)
+    plain = SimpleNamespace(data=data, spec=TrainerSpec(), teacher=None)
+    with pytest.raises(ModelError, match="stale widths"):
+        trainer.get_model(plain, cfg={**model.yaml, "pruned": "note"}, weights=model)
 
 
 # ------------------------------------------------------------------------------------ checkpoints, fine-tune, ONNX

@@ -90,7 +90,9 @@ def test_the_train_stage_refuses_it_before_training(payload_pt: tuple[Path, Path
 def test_a_pruned_checkpoint_loads_safely_in_a_fresh_process(tmp_path: Path) -> None:
     from ultralytics.nn.tasks import DetectionModel
 
-    from yolo_compress.pruning import count_params, prune_round, save_pruned
+    from yolo_compress.channel_pruning import prune_round
+    from yolo_compress.models import count_params
+    from yolo_compress.pruning import save_pruned
     from yolo_compress.splitfree import make_split_free
 
     model = make_split_free(DetectionModel("yolo11n.yaml", nc=2, verbose=False))

@@ -18,8 +18,8 @@ from ultralytics.nn.tasks import DetectionModel
 
 from yolo_compress.config import DataConfig, DistillConfig
 from yolo_compress.dataset import prepare_dataset
-from yolo_compress.distill import training_setup
 from yolo_compress.errors import ParamsError
+from yolo_compress.trainer import TrainerSpec, distill_setup
 
 from .conftest import REPO
 
@@ -97,16 +97,16 @@ def test_bad_input_exits_2_with_one_line(workspace: Path, monkeypatch: pytest.Mo
     assert not (tmp_path / "runs").exists() and not (tmp_path / "out").exists()  # refused before training
 
 
-def test_training_setup_routes_sl2_to_ultralytics_native(tmp_path: Path) -> None:
+def test_distill_setup_routes_sl2_to_ultralytics_native(tmp_path: Path) -> None:
     teacher = tmp_path / "t.pt"
-    sl2 = training_setup(DistillConfig(loss="sl2"), teacher, "detect")
+    sl2 = distill_setup(DistillConfig(loss="sl2"), teacher)
     assert sl2 == {"extra_args": {"distill_model": str(teacher.resolve()), "dis": 6.0}}
-    assert training_setup(DistillConfig(loss="sl2", weight=2.5), teacher, "detect")["extra_args"]["dis"] == 2.5
-    own = training_setup(DistillConfig(loss="cwd"), teacher, "pose")["trainer"]
-    assert own.keywords["distill"].teacher == str(teacher) and own.keywords["distill"].loss == "cwd"
-    assert own.func.__name__ == "DistillPoseTrainer"
+    assert distill_setup(DistillConfig(loss="sl2", weight=2.5), teacher)["extra_args"]["dis"] == 2.5
+    spec = distill_setup(DistillConfig(loss="cwd"), teacher)["spec"]
+    assert spec.distill.teacher == str(teacher.resolve()) and spec.distill.loss == "cwd" and not spec.keep_model
+    assert TrainerSpec.from_json(spec.to_json()) == spec  # what a DDP process reads back
     with pytest.raises(ParamsError, match="distill.schedule: sl2 is Ultralytics' native"):
-        training_setup(DistillConfig(loss="sl2", schedule="cosine"), teacher, "detect")
+        distill_setup(DistillConfig(loss="sl2", schedule="cosine"), teacher)
 
 
 @pytest.mark.slow

@@ -16,7 +16,8 @@ import yaml
 
 from yolo_compress.config import DataConfig, DistillConfig
 from yolo_compress.dataset import prepare_dataset, training_view
-from yolo_compress.pruning import count_params, finetune, pick_round
+from yolo_compress.models import count_params
+from yolo_compress.pruning import finetune, pick_round
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_DATA = DataConfig(image_size=64, train_images=8, val_images=4, test_images=1, test_shift_images=1)

@@ -1,11 +1,10 @@
-"""Feature and output distillation from a frozen teacher into a YOLO student, inside the stock Ultralytics trainer.
+"""Distillation from a frozen teacher into a YOLO student: alignment checks, adapters, the teacher, the criterion.
 
-Design (see NOTES "Custom losses on the trainer"):
+Design (see NOTES "Custom losses on the trainer"); the trainer side is yolo_compress.trainer:
 - Adapters are a `distill_adapters` ModuleDict of stock torch layers registered on the STUDENT model, so the optimizer
-  sees them, EMA copies them, last.pt saves them and resume restores them; checkpoints need no custom classes.
-  `strip_distillation` removes them; the trainer strips best.pt/last.pt when training ends.
+  sees them and DDP syncs their gradients; the trainer keeps them out of its checkpoints (plain students).
 - The teacher is owned by the trainer, not the model: the trainer's freeze loop, optimizer, EMA and checkpoints
-  never see it. It runs frozen, in eval(), BatchNorm-fused, under torch.inference_mode().
+  never see it. It runs frozen, in eval(), BatchNorm-folded, under torch.inference_mode().
 - No forward hooks are kept: the head's training output already carries its inputs ('feats'), so the loss reads
   student and teacher features from the outputs and nothing has to survive pickling or the EMA deepcopy.
 - The loss is added by wrapping the student's own criterion, so `dis_loss` is one more loss item (a column in
@@ -14,39 +13,24 @@ Design (see NOTES "Custom losses on the trainer"):
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import math
-from collections.abc import Callable, Iterator
 from copy import deepcopy
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from ultralytics.data.augment import LetterBox
 from ultralytics.data.utils import IMG_FORMATS
-from ultralytics.models.yolo.detect import DetectionTrainer
-from ultralytics.models.yolo.pose import PoseTrainer
-from ultralytics.nn.distill_model import DistillationModel
+from ultralytics.nn.modules.conv import Conv, Conv2
 from ultralytics.nn.tasks import guess_model_task, load_checkpoint
-from ultralytics.utils import DEFAULT_CFG, RANK
 from ultralytics.utils.patches import imread
-from ultralytics.utils.torch_utils import unwrap_model
+from ultralytics.utils.torch_utils import fuse_conv_and_bn
 
 from yolo_compress.config import DISTILL_LOSSES, DISTILL_SCHEDULES, DistillConfig, TrainConfig
 from yolo_compress.dataset import load_summary
-from yolo_compress.distill_losses import (
-    LOSSES,
-    clone_tree,
-    cwd_loss,
-    head_branches,
-    logit_kd_loss,
-    mgd_loss,
-    sl2_loss,
-    take_images,
-)
+from yolo_compress.distill_losses import LOSSES, clone_tree, head_branches, take_images
 from yolo_compress.errors import DatasetError, ModelError, ParamsError
 from yolo_compress.models import (
     YOLO,
@@ -57,35 +41,24 @@ from yolo_compress.models import (
     dataset_head,
     load_model,
     model_info,
-    read_checkpoint,
 )
 
 __all__ = [
+    "ADAPTERS",
     "METHODS",
-    "LOSSES",
-    "DistillConfig",
     "DistillCriterion",
-    "DistillDetectionTrainer",
-    "DistillPoseTrainer",
+    "UnlabeledImages",
     "build_adapters",
     "check_native",
     "check_pair",
-    "checked_inputs",
     "check_teacher",
-    "cwd_loss",
+    "checked_inputs",
     "distill_layers",
     "feature_channels",
+    "fold_batchnorm",
     "load_teacher",
-    "logit_kd_loss",
     "loss_weight",
-    "make_trainer",
-    "mgd_loss",
-    "plain_student_checkpoint",
     "prepare_teacher",
-    "sl2_loss",
-    "strip_checkpoint",
-    "strip_distillation",
-    "training_setup",
     "unlabeled_images",
 ]
 
@@ -181,25 +154,6 @@ def build_adapters(method: str, channels: list[tuple[int, int]]) -> nn.ModuleDic
     return adapters
 
 
-def strip_distillation(model: Any) -> nn.Module:
-    """Remove adapters and the distillation criterion in place; returns the plain student module."""
-    inner = _inner(model)
-    if ADAPTERS in inner._modules:
-        delattr(inner, ADAPTERS)
-    if isinstance(getattr(inner, "criterion", None), DistillCriterion):
-        inner.criterion = None
-    return inner
-
-
-def strip_checkpoint(path: str | Path) -> None:
-    """Rewrite an Ultralytics checkpoint so its model/EMA are plain students (no adapters)."""
-    ckpt = read_checkpoint(path)
-    for key in ("model", "ema"):
-        if isinstance(ckpt.get(key), nn.Module):
-            strip_distillation(ckpt[key])
-    torch.save(ckpt, path)
-
-
 # ----------------------------------------------------------------------------------------------------------- teacher
 def load_teacher(spec: str | Path | nn.Module) -> nn.Module:
     """The teacher's DetectionModel/PoseModel from a local .pt path or a module."""
@@ -210,17 +164,22 @@ def load_teacher(spec: str | Path | nn.Module) -> nn.Module:
     return load_checkpoint(spec)[0]
 
 
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """Fold each Conv's BatchNorm into its conv weights, in place (eval only): what Ultralytics' `fuse()` does to
+    convs, with both heads of end-to-end models kept (Detect.fuse would drop one2many, which upstream's sl2 scores
+    average in)."""
+    for m in model.modules():
+        # Conv2 adds a second branch before its BN, which a fold into one conv would get wrong: left as it is
+        if isinstance(m, Conv) and not isinstance(m, Conv2) and isinstance(getattr(m, "bn", None), nn.BatchNorm2d):
+            m.conv, m.bn = fuse_conv_and_bn(m.conv, m.bn), nn.Identity()
+    return model
+
+
 def prepare_teacher(teacher: nn.Module, fuse: bool = True) -> nn.Module:
-    """A frozen eval() copy of the teacher, BatchNorm folded into convs when `fuse`; both heads of end-to-end
-    models are kept (Detect.fuse would drop one)."""
+    """A frozen eval() copy of the teacher, BatchNorm folded into convs when `fuse`."""
     teacher = deepcopy(teacher).float().eval()
     if fuse:
-        head = teacher.model[-1]
-        head.fuse = lambda: None  # keep one2many + one2one: scores for gating average both, like upstream
-        try:
-            teacher.fuse(verbose=False)
-        finally:
-            del head.fuse
+        fold_batchnorm(teacher)
     for p in teacher.parameters():
         p.requires_grad_(False)
     return teacher
@@ -260,24 +219,7 @@ class DistillCriterion:
         return torch.cat([loss, (dis * batch["img"].shape[0]).view(1)]), items
 
 
-# ----------------------------------------------------------------------------------------------------------- trainer
-def _on_epoch_start(trainer: Any) -> None:
-    trainer.batch_in_epoch = 0
-
-
-def _on_batch_start(trainer: Any) -> None:
-    """Set this step's distillation weight from the global step (epoch * batches + batch)."""
-    nb = len(trainer.train_loader)
-    step = trainer.epoch * nb + trainer.batch_in_epoch
-    trainer.batch_in_epoch += 1
-    cfg = trainer.distill
-    trainer.dis_weight = loss_weight(step, trainer.epochs * nb, cfg.base_weight, cfg.schedule,
-                                     cfg.off_last_epochs, nb)
-    criterion = unwrap_model(trainer.model).criterion
-    if isinstance(criterion, DistillCriterion):
-        criterion.weight = trainer.dis_weight
-
-
+# -------------------------------------------------------------------------------------------------------- unlabeled
 def unlabeled_images(folder: str | Path) -> list[str]:
     """Sorted image files under `folder`; DatasetError when it is missing or holds no image."""
     folder = Path(folder)
@@ -287,11 +229,6 @@ def unlabeled_images(folder: str | Path) -> list[str]:
     if not found:
         raise DatasetError(f"distill.unlabeled: no images under {folder}; give a folder of images")
     return found
-
-
-def _cycle(loader: Any) -> Iterator[dict[str, Any]]:
-    while True:
-        yield from loader
 
 
 class UnlabeledImages(Dataset):
@@ -315,98 +252,6 @@ class UnlabeledImages(Dataset):
         if torch.rand(()) < self.flip:
             im = im[:, ::-1]
         return {"img": torch.from_numpy(im.transpose(2, 0, 1).copy()), "im_file": self.files[i]}
-
-
-class _DistillMixin:
-    """Distillation on top of a stock Ultralytics trainer; pass `distill=` via functools.partial (see make_trainer).
-
-    Single process only: Ultralytics' DDP launcher rebuilds the trainer from `overrides` alone and would lose
-    `distill`. Resume needs the same DistillConfig again (it is not stored in the checkpoint).
-    """
-
-    def __init__(
-        self,
-        cfg: Any = DEFAULT_CFG,
-        overrides: dict[str, Any] | None = None,
-        _callbacks: dict | None = None,
-        distill: DistillConfig | None = None,
-        teacher: nn.Module | None = None,
-    ) -> None:
-        if distill is None:
-            raise ModelError("distillation trainer needs distill=DistillConfig(...); build it with make_trainer()")
-        # own copy: Model.train shares its callbacks dict with the trainer, and ours must not leak into it
-        _callbacks = {k: list(v) for k, v in _callbacks.items()} if _callbacks else None
-        super().__init__(cfg, overrides, _callbacks)
-        self.distill = distill
-        self.teacher = prepare_teacher(load_teacher(teacher if teacher is not None else distill.teacher),
-                                       fuse=distill.fuse_teacher)
-        self.dis_weight, self.batch_in_epoch = distill.base_weight, 0
-        self._unlabeled: Iterator[dict[str, Any]] | None = None
-        self.add_callback("on_train_epoch_start", _on_epoch_start)
-        self.add_callback("on_train_batch_start", _on_batch_start)
-
-    def get_model(self, cfg: Any = None, weights: nn.Module | None = None, verbose: bool = True) -> nn.Module:
-        """The stock student plus adapters sized from both models, then `weights` (adapters too, when resuming)."""
-        model = super().get_model(cfg=cfg, weights=None, verbose=verbose)
-        channels = check_pair(self.teacher, model, int(self.args.imgsz))
-        setattr(model, ADAPTERS, build_adapters(self.distill.loss, channels))
-        if weights:
-            model.load(weights, verbose=verbose)
-        return model
-
-    def _setup_train(self) -> None:
-        super()._setup_train()
-        self.teacher.to(self.device)
-        model = unwrap_model(self.model)
-        model.criterion = DistillCriterion(model.init_criterion(), self.teacher, getattr(model, ADAPTERS), self.distill)
-        if self.distill.unlabeled:
-            self._unlabeled = _cycle(self._unlabeled_loader(Path(self.distill.unlabeled)))
-
-    def _unlabeled_loader(self, folder: Path) -> DataLoader:
-        dataset = UnlabeledImages(folder, int(self.args.imgsz))
-        workers = min(self.args.workers, 4)
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=True, num_workers=workers,
-                          persistent_workers=workers > 0, drop_last=len(dataset) >= self.batch_size)
-
-    def preprocess_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
-        """Stock preprocessing; then, when distilling, append a batch of unlabeled images (labels untouched)."""
-        batch = super().preprocess_batch(batch)
-        if self._unlabeled is not None and self.dis_weight > 0:
-            extra = next(self._unlabeled)
-            img = extra["img"].to(self.device).float() / 255
-            if img.shape[2:] != batch["img"].shape[2:]:  # multi-scale resized the labeled batch
-                img = nn.functional.interpolate(img, size=batch["img"].shape[2:], mode="bilinear", align_corners=False)
-            batch["n_labeled"] = batch["img"].shape[0]
-            batch["img"] = torch.cat([batch["img"], img])
-            batch["im_file"] = [*batch["im_file"], *extra["im_file"]]
-        return batch
-
-    def save_metrics(self, metrics: dict[str, Any]) -> None:
-        super().save_metrics({**metrics, "dis/weight": self.dis_weight})
-
-    def final_eval(self) -> None:
-        """Strip adapters from best.pt and last.pt (plain student checkpoints), then the stock final validation."""
-        if RANK in {-1, 0}:
-            for f in (self.last, self.best):
-                if f.exists():
-                    strip_checkpoint(f)
-        super().final_eval()
-
-
-class DistillDetectionTrainer(_DistillMixin, DetectionTrainer):
-    """DetectionTrainer that adds a distillation loss from a frozen teacher (column `dis_loss`)."""
-
-
-class DistillPoseTrainer(_DistillMixin, PoseTrainer):
-    """PoseTrainer that adds a distillation loss from a frozen teacher (column `dis_loss`)."""
-
-
-def make_trainer(cfg: DistillConfig, task: str = "detect", teacher: nn.Module | None = None) -> Callable[..., Any]:
-    """Trainer factory for `YOLO.train(trainer=...)`: the task's distillation trainer bound to `cfg`."""
-    trainers = {"detect": DistillDetectionTrainer, "pose": DistillPoseTrainer}
-    if task not in trainers:
-        raise ModelError(f"distillation supports tasks {', '.join(trainers)}, not {task!r}")
-    return functools.partial(trainers[task], distill=cfg, teacher=teacher)
 
 
 # ------------------------------------------------------------------------------------------------- stage support
@@ -444,31 +289,3 @@ def check_native(cfg: DistillConfig) -> None:
     if cfg.unlabeled:
         raise ParamsError("distill.unlabeled: sl2 is Ultralytics' native distillation, which trains on labeled "
                           "images only; set unlabeled '' or use another loss (mgd, cwd, logit)")
-
-
-def training_setup(cfg: DistillConfig, teacher: str | Path, task: str) -> dict[str, Any]:
-    """Keyword arguments for `training.train_model`: sl2 -> the stock trainer with Ultralytics' native
-    `distill_model`/`dis`; the other losses -> this module's trainer."""
-    check_native(cfg)
-    if cfg.loss == "sl2":
-        # absolute: the trainer stores it in last.pt and rebuilds the teacher from it on resume
-        return {"extra_args": {"distill_model": str(Path(teacher).resolve()), "dis": cfg.base_weight}}
-    return {"trainer": make_trainer(dataclasses.replace(cfg, teacher=str(teacher)), task)}
-
-
-def plain_student_checkpoint(path: str | Path) -> None:
-    """Rewrite a finished distillation checkpoint in place as a plain student: no adapters, no teacher, no
-    DistillationModel wrapper, and no `distill_model`/`dis` training args that would point at the teacher."""
-    ckpt = read_checkpoint(path)
-    for key in ("model", "ema"):
-        if isinstance(ckpt.get(key), DistillationModel):
-            ckpt[key]._remove_feature_hooks()  # else the student would pickle upstream's FeatureHooks
-            ckpt[key] = ckpt[key].student_model
-        if isinstance(ckpt.get(key), nn.Module):
-            strip_distillation(ckpt[key])
-            args = getattr(ckpt[key], "args", None)
-            if isinstance(args, dict):
-                ckpt[key].args = {**args, "distill_model": None}
-    if isinstance(ckpt.get("train_args"), dict):
-        ckpt["train_args"] = {**ckpt["train_args"], "distill_model": None}
-    torch.save(ckpt, path)

@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from ultralytics.nn.distill_model import DistillationModel
 
 if TYPE_CHECKING:
     from yolo_compress.config import DistillConfig
@@ -64,12 +63,14 @@ def cwd_loss(s_feat: torch.Tensor, t_feat: torch.Tensor, tau: float = 1.0) -> to
 
 
 def sl2_loss(s_feat: torch.Tensor, t_feat: torch.Tensor, t_score: torch.Tensor) -> torch.Tensor:
-    """Ultralytics' native score-weighted L2 for one level: calls upstream DistillationModel.loss_sl2 unchanged.
+    """Ultralytics' native score-weighted L2 for one level, the formula of upstream `DistillationModel.loss_sl2`
+    (tests/test_distill.py checks the whole loss against a real DistillationModel).
 
     `t_score` is the teacher's max sigmoid class score per position, shape (N, 1, H*W) (see teacher_score_maps).
     """
-    # loss_sl2 never touches self; calling it unbound keeps the formula exactly upstream's
-    return DistillationModel.loss_sl2(None, s_feat, t_feat, feat_idx=0, teacher_scores=(t_score,))
+    n, c = s_feat.shape[:2]
+    mse = F.mse_loss(s_feat.view(n, c, -1), t_feat.view(n, c, -1), reduction="none")
+    return (mse * t_score).sum() / (t_score.sum() * c + 1e-9)
 
 
 def _weighted_mean(per_anchor: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

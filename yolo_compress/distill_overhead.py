@@ -28,6 +28,7 @@ from yolo_compress.config import DISTILL_LOSSES, load_params
 from yolo_compress.dataset import training_view
 from yolo_compress.errors import stage_entrypoint
 from yolo_compress.models import load_model, model_size
+from yolo_compress.trainer import distill_setup
 from yolo_compress.training import train_model
 
 log = logging.getLogger("yolo_compress.distill_overhead")
@@ -105,7 +106,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     cfg = dataclasses.replace(params.student, epochs=args.epochs, close_mosaic=0)
     dcfg = params.distill
     teacher = args.teacher or Path(dcfg.teacher)
-    _, data = distill.checked_inputs(cfg, args.data, teacher)
+    distill.checked_inputs(cfg, args.data, teacher)
 
     methods = [PLAIN, *args.losses]
     loop: dict[str, list[float]] = {m: [] for m in methods}
@@ -115,8 +116,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         for r in range(args.rounds):
             for m in rotated(methods, r):
                 log.info("round %d/%d: %s, %d epoch(s)", r + 1, args.rounds, m, args.epochs)
-                setup = {} if m == PLAIN else distill.training_setup(dataclasses.replace(dcfg, loss=m), teacher,
-                                                                     data.task)
+                setup = {} if m == PLAIN else distill_setup(dataclasses.replace(dcfg, loss=m), teacher)
                 model, clock = load_model(cfg.model, "student.model"), _TrainLoopClock()
                 model.add_callback("on_train_epoch_start", clock.start)
                 model.add_callback("on_train_epoch_end", clock.end)

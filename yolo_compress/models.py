@@ -26,9 +26,24 @@ if TYPE_CHECKING:  # annotations only: torch imported here, before Ultralytics, 
 
 __all__ = ["YOLO", "MADE_BY", "ModelInfo", "dataset_head", "check_task", "load_model", "model_info", "check_same_head",
            "model_size", "pipeline_models", "check_params_models", "set_checkpoint_trust", "read_checkpoint",
-           "allow_project_classes", "count_params"]
+           "allow_project_classes", "count_params", "is_pruned_yaml", "PRUNED_YAML_KEY", "unwrap_yolo"]
 
 MADE_BY = {"teacher": "train_teacher", "student": "train_student", "distilled": "distill", "pruned": "prune"}
+
+# Written into a pruned checkpoint's model.yaml: the yaml still describes the unpruned widths and must not be rebuilt.
+PRUNED_YAML_KEY = "pruned"
+PRUNED_YAML_NOTE = ("channel widths differ from this yaml: load the pickled module (YOLO(path)) and fine-tune with "
+                    "yolo_compress.pruning.finetune; a stock trainer would rebuild the unpruned model from this yaml")
+
+
+def unwrap_yolo(model: Model | nn.Module) -> nn.Module:
+    """The torch module inside an Ultralytics `YOLO` wrapper, or `model` itself."""
+    return model.model if isinstance(model, Model) else model
+
+
+def is_pruned_yaml(cfg: Any) -> bool:
+    """Whether a model.yaml dict belongs to a pruned model (its widths are stale)."""
+    return isinstance(cfg, dict) and PRUNED_YAML_KEY in cfg
 
 
 @dataclass(frozen=True)
@@ -103,7 +118,7 @@ def read_checkpoint(path: str | Path, key: str = "checkpoint") -> dict[str, Any]
 
 def count_params(model: Model | nn.Module) -> int:
     """Number of parameters (every tensor, trainable or not) of a module, or of the one inside a YOLO wrapper."""
-    return sum(p.numel() for p in (model.model if isinstance(model, Model) else model).parameters())
+    return sum(p.numel() for p in unwrap_yolo(model).parameters())
 
 
 def model_info(model: YOLO) -> ModelInfo:
@@ -175,10 +190,10 @@ def check_params_models(params: Params, prepared_dir: str | Path) -> None:
       torch-pruning cannot follow.
     Raises ModelError naming the params key; without this each mistake surfaced only in its own stage, hours later.
     """
-    # late imports: dataset and distill import this module, and distill pulls in the trainers
+    # late imports: dataset and distill import this module
     from yolo_compress.dataset import load_summary
     from yolo_compress.distill import feature_channels
-    from yolo_compress.splitfree import unsupported_blocks
+    from yolo_compress.splitfree import check_prunable
 
     data = dataset_head(load_summary(prepared_dir))
     built = {}
@@ -204,10 +219,7 @@ def check_params_models(params: Params, prepared_dir: str | Path) -> None:
                          f"{params.student.model} has {s_strides}; distillation needs the same head levels, so pick "
                          "a teacher and a student of one family (e.g. yolo11s and yolo11n)")
     prune_key, prune_spec = used_as_is("prune.model", params.prune.model)
-    bad = unsupported_blocks(built[prune_key].model)
-    if bad:
-        raise ModelError(f"{prune_key}: {prune_spec} has {', '.join(bad)} blocks, which torch-pruning cannot follow; "
-                         "prune a YOLOv8/11/26 detect or pose model")
+    check_prunable(built[prune_key].model, f"{prune_key}: {prune_spec}")
 
 
 allow_project_classes()

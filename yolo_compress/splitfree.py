@@ -18,7 +18,10 @@ from torch import nn
 from ultralytics.nn.modules.block import C2, C2PSA, PSA, C2f, RepNCSPELAN4
 from ultralytics.nn.modules.conv import Conv
 
-__all__ = ["SplitFreeC2f", "SplitFreeC2", "SplitFreeC2PSA", "PSABody", "make_split_free", "unsupported_blocks"]
+from yolo_compress.errors import ModelError
+
+__all__ = ["SplitFreeC2f", "SplitFreeC2", "SplitFreeC2PSA", "PSABody", "make_split_free", "unsupported_blocks",
+           "check_prunable"]
 
 # Per-layer attributes that Ultralytics' parse_model sets on top-level layers (index, from, type name, param count);
 # `_predict_once` routes tensors by `f` and `i`, so a replacement must carry them.
@@ -156,6 +159,14 @@ def make_split_free(model: nn.Module) -> nn.Module:
 def unsupported_blocks(model: nn.Module) -> list[str]:
     """Names of the blocks in `model` that split tensors in a way torch-pruning cannot follow (sorted, unique)."""
     return sorted({type(m).__name__ for m in model.modules() if type(m).__name__ in _UNSUPPORTED})
+
+
+def check_prunable(model: nn.Module, what: str) -> None:
+    """ModelError, naming `what` (a params key and file), when `model` has a block torch-pruning cannot follow."""
+    bad = unsupported_blocks(model)
+    if bad:
+        raise ModelError(f"{what} has {', '.join(bad)} blocks, which torch-pruning cannot follow; prune a "
+                         "YOLOv8/11/26 detect or pose model")
 
 
 # Pruned checkpoints hold these classes: once this module is imported, torch's weights_only unpickler accepts them.

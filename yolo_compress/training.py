@@ -1,4 +1,4 @@
-"""Train one YOLO model with the stock Ultralytics trainer and collect a per-epoch curve."""
+"""Train one YOLO model with the project's trainer (yolo_compress.trainer) and collect a per-epoch curve."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from yolo_compress import files
 from yolo_compress.config import TrainConfig
 from yolo_compress.errors import ParamsError, set_resume_hint
 from yolo_compress.models import YOLO, read_checkpoint
+from yolo_compress.trainer import TrainerSpec, trainer_for
 
 log = logging.getLogger(__name__)
 
@@ -31,14 +32,6 @@ def use_all_cores(trainer: Any) -> None:
     # Ultralytics' select_device caps CPU training at cpu_count - 1 threads: 1 of 2 cores, measured 1.7x slower.
     if trainer.device.type == "cpu":
         torch.set_num_threads(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
-
-
-def check_one_device(device: str | int, key: str, what: str) -> None:
-    """Refuse several GPUs for a custom trainer: Ultralytics' DDP launcher rebuilds the trainer in new processes
-    from its plain arguments alone, which would silently drop what the custom trainer adds."""
-    if "," in str(device):
-        raise ParamsError(f"{key}: {what} runs in one process, got devices {device!r} (DDP would drop it); "
-                          f"use one device, e.g. {str(device).split(',')[0]}")
 
 
 def device_problem(device: str | int, key: str, cuda_count: int, mps: bool = False) -> str | None:
@@ -173,17 +166,17 @@ def train_model(
     work_dir: Path,
     seed: int,
     on_epoch: EpochHook | None = None,
-    trainer: Callable[..., Any] | None = None,
+    spec: TrainerSpec | None = None,
     extra_args: dict[str, Any] | None = None,
     resume: bool = False,
     inputs: Sequence[str | Path] = (),
 ) -> TrainResult:
     """Train `model` on `data_yaml`, saving under `work_dir`.
 
-    `trainer` replaces the stock trainer class (e.g. `distill.make_trainer(...)`); `extra_args` are more trainer
-    arguments (e.g. Ultralytics' native `distill_model`/`dis`). With `resume`, a run in `work_dir` that was
-    interrupted with the same arguments and `inputs` (files or folders) continues from its last.pt; otherwise
-    `work_dir` is emptied and training starts from scratch.
+    The trainer is the task's `CompressTrainer` with `spec` (e.g. a teacher loss, from `trainer.distill_setup`);
+    `extra_args` are more trainer arguments (e.g. Ultralytics' native `distill_model`/`dis`). With `resume`, a run in
+    `work_dir` that was interrupted with the same arguments and `inputs` (files or folders) continues from its
+    last.pt; otherwise `work_dir` is emptied and training starts from scratch.
     """
     args = dict(
         data=str(data_yaml), epochs=cfg.epochs, imgsz=cfg.imgsz, batch=cfg.batch, lr0=cfg.lr0,
@@ -192,7 +185,7 @@ def train_model(
         project=str(work_dir.parent.resolve()), name=work_dir.name, exist_ok=True, plots=True, verbose=False,
         **(extra_args or {}),
     )
-    key = run_key({**args, "trainer": repr(trainer), "model": model.model.yaml}, inputs)
+    key = run_key({**args, "spec": repr(spec), "model": model.model.yaml}, inputs)
     done = resumable_epoch(work_dir, key, cfg.epochs)
     resumed_after = done if resume and done is not None else 0
     if resumed_after:
@@ -216,7 +209,7 @@ def train_model(
     model.add_callback("on_pretrain_routine_start", use_all_cores)
     model.add_callback("on_train_epoch_start", recorder.epoch_start)
     model.add_callback("on_fit_epoch_end", recorder.fit_epoch_end)
-    model.train(trainer=trainer, **args)
+    model.train(trainer=trainer_for(model.task, spec), **args)
     set_resume_hint(None)  # not in a finally: an interruption must keep the hint for the stage's one line
     trained = model.trainer
     val = {metric_key(k): float(v) for k, v in trained.metrics.items() if k.startswith("metrics/")}

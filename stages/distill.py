@@ -51,7 +51,7 @@ def main() -> None:
     setup = distill_setup(dcfg, args.teacher)
     if dcfg.unlabeled:
         distill.unlabeled_images(dcfg.unlabeled)
-    model, _ = distill.checked_inputs(cfg, args.data, args.teacher)
+    model = distill.checked_inputs(cfg, args.data, args.teacher)
     student_metrics = files.read_json(args.student_metrics)
     if dcfg.loss == "sl2" and dcfg.fuse_teacher:
         log.info("distill.fuse_teacher does not apply to sl2: Ultralytics' native path runs the teacher as saved")

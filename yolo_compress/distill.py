@@ -268,14 +268,14 @@ def check_teacher(teacher: str | Path, key: str, student: Any, data: ModelInfo, 
                          "pick a teacher from a family with the same P3-P5 head levels")
 
 
-def checked_inputs(student: TrainConfig, data_dir: Path, teacher: Path) -> tuple[YOLO, ModelInfo]:
-    """Before training: the student built from `student.model` and the dataset's head, with the student and the
-    `teacher` .pt (distill.teacher) checked against the prepared dataset in `data_dir`."""
+def checked_inputs(student: TrainConfig, data_dir: Path, teacher: Path) -> YOLO:
+    """Before training: the student built from `student.model`, with it and the `teacher` .pt (distill.teacher)
+    checked against the prepared dataset in `data_dir`."""
     data = dataset_head(load_summary(data_dir))
     model = load_model(student.model, "student.model")
     check_task(model, "student.model", student.model, data, data_dir)
     check_teacher(teacher, "distill.teacher", model, data, str(data_dir), student.imgsz)
-    return model, data
+    return model
 
 
 def check_native(cfg: DistillConfig) -> None:

@@ -67,25 +67,30 @@ def _trace_reads() -> None:
     atexit.register(dump)
 
 
+BUILT_IN_SOURCES = ("synthetic", "digits")  # data.source values made in code, not a file the user brings
+
+
 @dataclass(frozen=True)
 class DataConfig(_Section):
     """`data:` section, read by the prepare stage."""
 
-    source: str = "synthetic"  # (str) 'synthetic', or your Ultralytics dataset yaml under data/sources/
-    task: str = "detect"  # (str) synthetic task: detect | pose
-    image_size: int = 256  # (int) synthetic image side in pixels
-    classes: int = 6  # (int) synthetic detect classes, at least 6 (pose always has 1)
+    source: str = "synthetic"  # (str) 'synthetic' | 'digits' (real handwriting on photos) | a yaml in data/sources/
+    task: str = "detect"  # (str) synthetic task: detect | pose (digits: detect only)
+    image_size: int = 256  # (int) built-in (synthetic, digits) image side in pixels
+    classes: int = 6  # (int) synthetic detect classes, at least 6 (pose always has 1; digits always 10)
     keypoints: int = 11  # (int) synthetic pose keypoints per figure
-    max_objects: int = 8  # (int) most labelled objects per synthetic image
-    train_images: int = 400  # (int) synthetic images in train
-    val_images: int = 100  # (int) synthetic images in val
-    test_images: int = 100  # (int) synthetic images in test
-    test_shift_images: int = 100  # (int) synthetic images in test_shift (other backgrounds and scales)
+    max_objects: int = 8  # (int) most labelled objects per built-in image
+    train_images: int = 400  # (int) built-in images in train
+    val_images: int = 100  # (int) built-in images in val
+    test_images: int = 100  # (int) built-in images in test
+    test_shift_images: int = 100  # (int) built-in images in test_shift (other backgrounds, scales, contrast)
     max_unlabeled_share: float = 0.5  # (float) your dataset: refuse a split with more images lacking a label file
 
     def __post_init__(self) -> None:
         _check(self.task in TASKS, "task", f"one of {', '.join(TASKS)}", self.task)
-        _check(self.source != "", "source", "'synthetic' or a dataset yaml path", self.source)
+        _check(self.source != "", "source", "'synthetic', 'digits' or a dataset yaml path", self.source)
+        _check(self.source != "digits" or self.task == "detect", "task",
+               "detect when data.source is digits (it has no keypoints; pose needs source: synthetic)", self.task)
         _check(64 <= self.image_size <= 2048, "image_size", "an int in [64, 2048]", self.image_size)
         _check(6 <= self.classes <= 80, "classes", "an int in [6, 80]", self.classes)
         _check(5 <= self.keypoints <= 17, "keypoints", "an int in [5, 17]", self.keypoints)

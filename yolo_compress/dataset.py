@@ -1,4 +1,4 @@
-"""The prepared dataset: build it (synthetic or imported), check it, read its summary, and make training views.
+"""The prepared dataset: build it (synthetic, digits or imported), check it, read its summary, and make training views.
 
 The on-disk layout is described in yolo_compress.prepared_layout. Ultralytics writes `labels/<split>.cache` next to
 the label folders it reads, so train and val calls go through a scratch `training_view`, never the prepared root
@@ -24,6 +24,7 @@ from yolo_compress.prepared_layout import (
     split_yamls,
     write_metadata,
 )
+from yolo_compress.real_scenes import DIGIT_NAMES, write_digit_scenes
 from yolo_compress.synthetic import class_names, generate_synthetic, pose_layout
 from yolo_compress.user_dataset import import_user_dataset
 
@@ -108,6 +109,9 @@ def prepare_dataset(cfg: DataConfig, seed: int, root: Path) -> dict[str, Any]:
                 write_metadata(tmp, "pose", class_names(cfg), [cfg.keypoints, 3], flip_idx, kpt_names, skeleton)
             else:
                 write_metadata(tmp, "detect", class_names(cfg))
+        elif cfg.source == "digits":
+            write_digit_scenes(tmp, cfg, seed)
+            write_metadata(tmp, "detect", DIGIT_NAMES, source="digits")
         else:
             summary = import_user_dataset(Path(cfg.source), tmp, cfg.max_unlabeled_share)
             if summary["task"] != cfg.task:

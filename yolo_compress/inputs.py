@@ -2,15 +2,16 @@
 
 DVC reruns a stage when a declared dep changes, and a dvc.yaml dep must name a path. distill.teacher and
 prune.model always name a .pt, so dvc.yaml templates them (`${distill.teacher}`) and they may live anywhere. The
-other keys default to something that is no file (the built-in dataset, a model yaml inside Ultralytics, no unlabeled
-images), so the files a user brings for them live in two folders that the reading stages depend on as a whole.
+other keys default to something that is no file (a built-in dataset, synthetic or digits; a model yaml inside
+Ultralytics; no unlabeled images), so the files a user brings for them live in two folders that the reading stages
+depend on as a whole.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from yolo_compress.config import Params
+from yolo_compress.config import BUILT_IN_SOURCES, Params
 from yolo_compress.errors import ParamsError
 from yolo_compress.user_dataset import user_dataset_root
 
@@ -26,7 +27,7 @@ def names_a_file(model_spec: str, repo: Path = Path()) -> bool:
 def user_files(params: Params, repo: Path = Path()) -> list[tuple[str, str, Path]]:
     """(params key, value, folder it must lie in) for each value that names a file the user brought."""
     found = []
-    if params.data.source != "synthetic":
+    if params.data.source not in BUILT_IN_SOURCES:
         found.append(("data.source", params.data.source, DATA_SOURCES))
     if params.distill.unlabeled:
         found.append(("distill.unlabeled", params.distill.unlabeled, DATA_SOURCES))
@@ -50,7 +51,7 @@ def check_tracked(params: Params, repo: Path = Path()) -> None:
                 f"{key}: {value} lies outside {folder}/, so DVC would not see it change; copy it into {folder}/ "
                 f"(a link is not enough: DVC does not follow links) and point {key} there, e.g. "
                 f"{folder}/{Path(value).name}")
-    if params.data.source == "synthetic":
+    if params.data.source in BUILT_IN_SOURCES:
         return
     dataset_root = user_dataset_root(repo / params.data.source)
     if not _inside(dataset_root, DATA_SOURCES, repo):

@@ -401,6 +401,38 @@ def test_ddp_file_rebuilds_the_distillation_trainer(tiny_data: Path, teacher_pt:
     assert float(row["train/dis_loss"]) > 0 and float(row["dis/weight"]) == 3.0
 
 
+def test_pretrained_checkpoints_on_other_classes_are_reheaded_then_checked(tiny_data: Path, tmp_path: Path) -> None:
+    """Teacher and student start from local .pt files trained on other classes (3 and 5; the data has 1): the trainer
+    rebuilds each head for the dataset, as Ultralytics does, and the distillation check runs on the re-headed models."""
+    from yolo_compress.distill import check_teacher
+    from yolo_compress.models import YOLO, ModelInfo
+
+    starts = {}
+    for name, yaml, nc in (("teacher", "yolo11s.yaml", 3), ("student", "yolo11n.yaml", 5)):
+        starts[name] = tmp_path / f"{name}_start.pt"
+        torch.save({"model": build(yaml, nc=nc, seed=7)}, starts[name])
+    data = ModelInfo(task="detect", nc=1, kpt_shape=None, params=0)
+    with pytest.raises(ModelError, match="classes"):  # the start teacher itself cannot teach this dataset
+        check_teacher(starts["teacher"], "distill.teacher", YOLO(str(starts["student"])), data, "data", IMGSZ)
+
+    teacher = YOLO(str(starts["teacher"]))
+    teacher.train(trainer=trainer_for("detect"), **train_args(tiny_data, tmp_path / "runs", name="teacher"))
+    reheaded = Path(teacher.trainer.best)
+    assert YOLO(str(reheaded)).model.model[-1].nc == 1
+    check_teacher(reheaded, "distill.teacher", YOLO(str(starts["student"])), data, "data", IMGSZ)
+
+    student = YOLO(str(starts["student"]))
+    spec = TrainerSpec(distill=DistillConfig(teacher=str(reheaded), loss="cwd"))
+    student.train(trainer=trainer_for("detect", spec),  # backbone frozen: its weights must be the start's
+                  **train_args(tiny_data, tmp_path / "runs", name="student", freeze=10))
+    with open(student.trainer.csv) as f:
+        assert float(next(csv.DictReader(f))["train/dis_loss"]) > 0
+    best = YOLO(str(student.trainer.best)).model
+    assert best.model[-1].nc == 1 and not hasattr(best, ADAPTERS)
+    start = torch.load(starts["student"], weights_only=False)["model"]
+    torch.testing.assert_close(best.model[0].conv.weight.float(), start.model[0].conv.weight, atol=1e-3, rtol=1e-3)
+
+
 def test_folded_teacher_matches_ultralytics_fuse() -> None:
     """prepare_teacher folds BatchNorm itself (no patched head): the same outputs as Ultralytics' fuse, to the bit."""
     model = build("yolo11n.yaml", seed=4).eval()

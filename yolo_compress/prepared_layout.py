@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -349,3 +349,20 @@ def write_metadata(
         dump_yaml(root / "splits" / f"{stem}.yaml", doc)
     dump_json(root / "dataset.json", summary, indent=2)
     return summary
+
+
+def write_split_images(root: Path, counts: Mapping[str, int],
+                       draw: Callable[[str, int], tuple[np.ndarray, list[str]]]) -> None:
+    """Write images/<split>/<stem>.png and labels/<split>/<stem>.txt under `root` for `counts[split]` images of each
+    split; image i of a split is `draw(split, i)`: a uint8 BGR image and its YOLO label lines."""
+    for split, n in counts.items():
+        width = max(6, len(str(n)))
+        img_dir, lbl_dir = Path(root) / "images" / split, Path(root) / "labels" / split
+        img_dir.mkdir(parents=True, exist_ok=True)
+        lbl_dir.mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            img, lines = draw(split, i)
+            stem = f"{i + 1:0{width}d}"
+            if not cv2.imwrite(str(img_dir / f"{stem}.png"), img):
+                raise OSError(f"cannot write {img_dir / f'{stem}.png'}")
+            (lbl_dir / f"{stem}.txt").write_text("".join(f"{line}\n" for line in lines))

@@ -26,6 +26,7 @@ import cv2
 import numpy as np
 
 from yolo_compress.config import DataConfig
+from yolo_compress.prepared_layout import write_split_images
 from yolo_compress.synthetic import SPLIT_CODES
 
 DIGIT_NAMES = [str(d) for d in range(10)]
@@ -238,19 +239,11 @@ def compose_scene(rng: np.random.Generator, cfg: DataConfig, shift: bool, photo:
 
 def write_digit_scenes(root: Path, cfg: DataConfig, seed: int) -> None:
     """Write images/<split>/<stem>.png and labels/<split>/<stem>.txt for the four splits under `root`."""
-    root = Path(root)
     col = load_collection()
     pools = split_samples(col.targets, seed)
-    for split, code in SPLIT_CODES.items():
-        n = int(getattr(cfg, f"{split}_images"))
-        width = max(6, len(str(n)))
-        img_dir, lbl_dir = root / "images" / split, root / "labels" / split
-        img_dir.mkdir(parents=True, exist_ok=True)
-        lbl_dir.mkdir(parents=True, exist_ok=True)
-        for i in range(n):
-            rng = np.random.default_rng([seed, _STREAM, code, i])
-            img, lines = compose_scene(rng, cfg, split == "test_shift", col.photos[_PHOTO[split]], pools[split], col)
-            stem = f"{i + 1:0{width}d}"
-            if not cv2.imwrite(str(img_dir / f"{stem}.png"), img):
-                raise OSError(f"cannot write {img_dir / f'{stem}.png'}")
-            (lbl_dir / f"{stem}.txt").write_text("".join(f"{line}\n" for line in lines))
+
+    def draw(split: str, i: int) -> tuple[np.ndarray, list[str]]:
+        rng = np.random.default_rng([seed, _STREAM, SPLIT_CODES[split], i])
+        return compose_scene(rng, cfg, split == "test_shift", col.photos[_PHOTO[split]], pools[split], col)
+
+    write_split_images(root, {split: int(getattr(cfg, f"{split}_images")) for split in SPLIT_CODES}, draw)

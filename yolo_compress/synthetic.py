@@ -30,6 +30,7 @@ import numpy as np
 
 from yolo_compress.config import DataConfig
 from yolo_compress.errors import DatasetError
+from yolo_compress.prepared_layout import write_split_images
 
 # Seeds derive from these codes: never renumber them, or every dataset changes.
 SPLIT_CODES = {"train": 0, "val": 1, "test": 2, "test_shift": 3}
@@ -695,30 +696,18 @@ def _pose_image(
 # -------------------------------------------------------------------------------------------------------- writing
 
 
-def _split_count(cfg: DataConfig, split: str) -> int:
-    return int(getattr(cfg, f"{split}_images"))
-
-
 def generate_synthetic(root: Path, cfg: DataConfig, seed: int) -> None:
     """Write images/<split>/<stem>.png and labels/<split>/<stem>.txt for the four splits under `root`."""
-    root = Path(root)
     class_names(cfg)  # rejects an unsupported class count before anything is written
     kpt_names = pose_layout(cfg.keypoints)[0] if cfg.task == "pose" else []
-    for split, code in SPLIT_CODES.items():
-        n = _split_count(cfg, split)
-        width = max(6, len(str(n)))
-        img_dir, lbl_dir = root / "images" / split, root / "labels" / split
-        img_dir.mkdir(parents=True, exist_ok=True)
-        lbl_dir.mkdir(parents=True, exist_ok=True)
-        for i in range(n):
-            rng = np.random.default_rng([seed, code, i])
-            shift = split == "test_shift"
-            if cfg.task == "pose":
-                canvas, lines = _pose_image(rng, cfg, shift, kpt_names)
-            else:
-                canvas, lines = _detect_image(rng, cfg, shift)
-            stem = f"{i + 1:0{width}d}"
-            img = np.clip(np.rint(canvas), 0, 255).astype(np.uint8)
-            if not cv2.imwrite(str(img_dir / f"{stem}.png"), img):
-                raise OSError(f"cannot write {img_dir / f'{stem}.png'}")
-            (lbl_dir / f"{stem}.txt").write_text("".join(f"{line}\n" for line in lines))
+
+    def draw(split: str, i: int) -> tuple[np.ndarray, list[str]]:
+        rng = np.random.default_rng([seed, SPLIT_CODES[split], i])
+        shift = split == "test_shift"
+        if cfg.task == "pose":
+            canvas, lines = _pose_image(rng, cfg, shift, kpt_names)
+        else:
+            canvas, lines = _detect_image(rng, cfg, shift)
+        return np.clip(np.rint(canvas), 0, 255).astype(np.uint8), lines
+
+    write_split_images(root, {split: int(getattr(cfg, f"{split}_images")) for split in SPLIT_CODES}, draw)

@@ -176,7 +176,7 @@ def parse_exp_show(shown: list[dict[str, Any]]) -> tuple[list[Record], list[str]
 
 
 # ------------------------------------------------------------------------------------------------------ dvc calls
-def _dvc(*args: str) -> str:
+def run_dvc(*args: str) -> str:
     proc = subprocess.run(["dvc", *args], capture_output=True, text=True)
     if proc.returncode != 0:
         last = (proc.stderr.strip() or proc.stdout.strip() or "no output").splitlines()[-1]
@@ -218,7 +218,7 @@ def queue_grid(losses: Sequence[str], seeds: Sequence[int]) -> list[str]:
         for seed in seeds:
             sets = [a for o in grid_overrides(loss, seed, workspace_seed, global_seed) for a in ("-S", o)]
             names.append(experiment_name(loss, seed, started))
-            _dvc("exp", "run", "--queue", "--name", names[-1], *sets, "distill")
+            run_dvc("exp", "run", "--queue", "--name", names[-1], *sets, "distill")
             log.info("queued %s: distill.loss=%s student.seed=%d", names[-1], loss, seed)
     return names
 
@@ -248,7 +248,7 @@ def wait_for(names: Sequence[str], poll_s: float = 30.0, jobs: int = 1) -> None:
             stalled = 0
             log.warning("no DVC queue worker is running but %d experiments are queued: starting workers again",
                         len(pending))
-            _dvc("queue", "start", "-j", str(jobs))
+            run_dvc("queue", "start", "-j", str(jobs))
         log.info("%d of %d experiments still queued or running", len(pending), len(names))
         time.sleep(poll_s)
 
@@ -270,9 +270,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not args.collect_only:
         _check_committed()
         names = queue_grid(args.losses, args.seeds)
-        _dvc("queue", "start", "-j", str(args.jobs))
+        run_dvc("queue", "start", "-j", str(args.jobs))
         wait_for(names, args.poll, args.jobs)
-    records, skipped = parse_exp_show(json.loads(_dvc("exp", "show", "--json")))
+    records, skipped = parse_exp_show(json.loads(run_dvc("exp", "show", "--json")))
     wanted = [r for r in records if r.loss in args.losses and r.seed in args.seeds]
     if not wanted:
         raise UserError(f"no finished distill experiments for losses {args.losses} and seeds {args.seeds}; "

@@ -374,7 +374,7 @@ def _type_ok(value: Any, tp: Any) -> bool:
     return isinstance(value, tp)
 
 
-def _build(cls: type, raw: Any, prefix: str) -> Any:
+def build_checked(cls: type, raw: Any, prefix: str) -> Any:
     """Build dataclass `cls` from a mapping, checking keys and types; `prefix` names the section."""
     where = prefix.rstrip(".") or "top level"
     if not isinstance(raw, dict):
@@ -388,7 +388,7 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     for name, value in raw.items():
         tp = hints[name]
         if dataclasses.is_dataclass(tp):
-            kwargs[name] = _build(tp, value, f"{prefix}{name}.")
+            kwargs[name] = build_checked(tp, value, f"{prefix}{name}.")
             continue
         if not _type_ok(value, tp):
             tname = getattr(tp, "__name__", str(tp))
@@ -423,7 +423,7 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         raise ParamsError(f"{path}{line}: not valid YAML ({getattr(err, 'problem', err)})") from None
     _trace_reads()
     try:
-        return _build(Params, raw, "")
+        return build_checked(Params, raw, "")
     except ParamsError as err:
         raise ParamsError(f"{path}: {err}") from None
 

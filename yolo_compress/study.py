@@ -1,0 +1,273 @@
+"""The study: distillation and pruning in the users' setting, run as DVC experiments from study.yaml.
+
+    python -m yolo_compress.study [--parts detect pose] [--jobs 1]   # queue what is missing, wait, then report
+    python -m yolo_compress.study --collect-only                     # report what has finished, run nothing
+
+Each (part, schedule, loss, seed) is one `dvc exp run --queue` of the committed pipeline up to `distill`, with
+study.yaml's overrides; it trains that seed's plain student too, and DVC's run cache shares the teacher and the
+plain students between experiments. When the distill grid is done, the best distilled model of the longest
+schedule (chosen on val) goes through the `prune` stage as one more experiment, and the distillation time of each
+loss is measured side by side against plain training (yolo_compress.distill_overhead) on the part's data.
+Every model is then scored with pycocotools on val, test and test_shift, from the experiment's own outputs in the
+DVC cache. Writes reports/study.md and reports/study.json.
+
+Resumable: finished experiments (by name) are kept, queued or running ones are waited for, failed or missing ones
+are queued again; scores are cached in .study/ by model and data hash. It refuses to run from uncommitted code,
+because queued experiments run the last commit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+from dvc.api import DVCFileSystem
+
+from yolo_compress import files
+from yolo_compress.compare_distill import PENDING, queue_status, run_dvc, wait_for
+from yolo_compress.config import load_params
+from yolo_compress.dataset import training_view
+from yolo_compress.errors import ParamsError, UserError, stage_entrypoint
+from yolo_compress.evaluation import evaluate_split_with_predictions
+from yolo_compress.study_plan import (
+    PLAIN,
+    SPLITS,
+    Planned,
+    StudyConfig,
+    StudyPart,
+    apply_overrides,
+    load_study,
+    plan_part,
+    plan_prune,
+    set_arguments,
+)
+from yolo_compress.study_report import format_study
+
+log = logging.getLogger("yolo_compress.study")
+WORK = Path(".study")  # scratch: fetched data and models, score cache, overhead tables (git-ignored)
+CODE = ("stages", "yolo_compress", "dvc.yaml", "params.yaml", "study.yaml")
+
+
+def check_committed(paths: Sequence[str] = CODE) -> None:
+    """Queued experiments run the last commit: refuse while the code or params differ from it."""
+    out = subprocess.run(["git", "status", "--porcelain", "--", *paths], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise UserError("the study needs a git repository: run it from the project's clone")
+    changed = [line[3:] for line in out.stdout.splitlines()]
+    if changed:
+        raise UserError(f"uncommitted changes in {', '.join(changed[:5])}: queued experiments run the last commit, "
+                        "so the study would not run this code; commit (or stash) them first")
+
+
+def check_params(study: StudyConfig, parts: Sequence[str]) -> None:
+    """Every experiment's params.yaml must load: a bad override stops here, before anything is queued."""
+    base = yaml.safe_load(Path("params.yaml").read_text()) or {}
+    for name in parts:
+        for planned in plan_part(name, study.parts[name]):
+            path = WORK / name / "params.yaml"
+            files.write_text(path, yaml.safe_dump(apply_overrides(base, planned.overrides), sort_keys=False))
+            try:
+                load_params(path)
+            except ParamsError as err:
+                raise ParamsError(f"study.yaml: parts.{name}.params: {str(err).split(': ', 1)[1]}") from None
+
+
+def finished_experiments() -> dict[str, str]:
+    """Name -> commit of every finished DVC experiment in this repo (any baseline; the newest wins)."""
+    out = subprocess.run(["git", "for-each-ref", "--sort=committerdate", "--format=%(refname) %(objectname)",
+                          "refs/exps"], capture_output=True, text=True, check=True).stdout
+    return {ref.rsplit("/", 1)[1]: sha for ref, sha in (line.split() for line in out.splitlines())}
+
+
+def run_queue(planned: Sequence[Planned], jobs: int, poll_s: float) -> None:
+    """Queue the experiments that have neither finished nor are waiting, start the workers, wait for all."""
+    if not planned:
+        return
+    done, (states, _) = finished_experiments(), queue_status()
+    for p in planned:
+        if p.name in done or states.get(p.name) in PENDING:
+            continue
+        run_dvc("exp", "run", "--queue", "--name", p.name, *set_arguments(p.overrides), p.target)
+        log.info("queued %s", p.name)
+    run_dvc("queue", "start", "-j", str(jobs))
+    wait_for([p.name for p in planned], poll_s, jobs)
+
+
+# ----------------------------------------------------------------------------------------- reading experiments
+class Experiment:
+    """A finished experiment's files, read from git and the DVC cache at its commit."""
+
+    def __init__(self, name: str, rev: str) -> None:
+        self.name, self.fs = name, DVCFileSystem(".", rev=rev)
+
+    def json(self, path: str) -> Any:
+        return json.loads(self.fs.read_text(path))
+
+    def md5(self, path: str) -> str:
+        return str(self.fs.info(path)["md5"])
+
+    def fetch(self, path: str, dst: Path) -> Path:
+        """A local copy of a tracked output, kept under its hash (fetched once)."""
+        if not dst.exists():
+            tmp = dst.with_name(dst.name + ".part")
+            subprocess.run(["rm", "-rf", str(tmp)], check=True)
+            self.fs.get(path, str(tmp), recursive=self.fs.isdir(path))
+            tmp.rename(dst)
+        return dst
+
+
+class Scorer:
+    """pycocotools scores of a model on the prepared splits, cached by model hash, data hash and settings."""
+
+    def __init__(self, cache: Path = WORK / "scores.json") -> None:
+        self.path = cache
+        self.cache: dict[str, dict[str, float]] = json.loads(cache.read_text()) if cache.is_file() else {}
+
+    def score(self, exp: Experiment, model: str, metric: str) -> dict[str, float]:
+        params = load_params_text(exp.fs.read_text("params.yaml"))
+        ev = params.evaluate
+        data_md5, model_md5 = exp.md5("data/prepared"), exp.md5(model)
+        key = f"{model_md5}:{data_md5}:{ev.imgsz}:{ev.conf}:{ev.iou}:{metric}"
+        if key not in self.cache:
+            data = exp.fetch("data/prepared", WORK / "data" / data_md5)
+            pt = exp.fetch(model, WORK / "models" / f"{model_md5}.pt")
+            scores = {}
+            for split in SPLITS:
+                view = training_view(data, WORK / "views" / data_md5 / split, split=split)
+                result, _ = evaluate_split_with_predictions(pt, view, ev.imgsz, conf=ev.conf, iou=ev.iou,
+                                                            batch=ev.batch)
+                scores[split] = float(result[metric])
+            log.info("%s %s: %s", exp.name, model, "  ".join(f"{s} {v:.4f}" for s, v in scores.items()))
+            self.cache[key] = scores
+            files.write_json(self.path, self.cache)
+        return self.cache[key]
+
+
+def load_params_text(text: str) -> Any:
+    path = WORK / "exp_params.yaml"
+    files.write_text(path, text)
+    return load_params(path)
+
+
+def collect_part(name: str, part: StudyPart, study: StudyConfig, scorer: Scorer) -> dict[str, Any]:
+    """Everything the report says about one part, from the finished experiments."""
+    done = finished_experiments()
+    result: dict[str, Any] = {"schedules": {}, "missing": [], "teacher": None, "prune": None}
+    for p in plan_part(name, part):
+        if p.name not in done:
+            result["missing"].append(p.name)
+            continue
+        exp = Experiment(p.name, done[p.name])
+        sched = result["schedules"].setdefault(p.schedule, {"epochs": part.schedules[p.schedule], "runs": {}})
+        runs = sched["runs"]
+        student, distilled = exp.json("metrics/student.json"), exp.json("metrics/distill.json")
+        if p.seed not in runs.get(PLAIN, {}):
+            curve = [row["map50_95"] for row in exp.json("plots/train_student.json")]
+            runs.setdefault(PLAIN, {})[p.seed] = {
+                "scores": scorer.score(exp, "models/student.pt", part.metric),
+                "seconds_per_epoch": student["train"]["seconds_per_epoch"], "curve": curve}
+        runs.setdefault(p.loss, {})[p.seed] = {
+            "scores": scorer.score(exp, "models/distilled.pt", part.metric),
+            "seconds_per_epoch": distilled["train"]["seconds_per_epoch"], "experiment": p.name}
+        if result["teacher"] is None:
+            result["teacher"] = {"scores": scorer.score(exp, "models/teacher.pt", part.metric),
+                                 "curve": [row["map50_95"] for row in exp.json("plots/train_teacher.json")],
+                                 "gflops": exp.json("metrics/teacher.json")["model"]["gflops"],
+                                 "student_gflops": student["model"]["gflops"]}
+    best = best_distilled(name, part, result)
+    if best is not None:
+        result["best"] = best.name
+        prune = plan_prune(name, part, best)
+        if prune.name in done:
+            exp = Experiment(prune.name, done[prune.name])
+            result["prune"] = {"experiment": prune.name, "metrics": exp.json("metrics/prune.json"),
+                               "scores": scorer.score(exp, "models/pruned.pt", part.metric),
+                               "distilled": scorer.score(exp, "models/distilled.pt", part.metric)}
+        elif part.prune:
+            result["missing"].append(prune.name)
+    overhead = WORK / name / "overhead.md"
+    result["overhead"] = overhead.read_text() if overhead.is_file() else None
+    return result
+
+
+def best_distilled(name: str, part: StudyPart, result: dict[str, Any]) -> Planned | None:
+    """The distilled model of the longest schedule with the best val score (None until that schedule has runs)."""
+    runs = result["schedules"].get(part.longest, {}).get("runs", {})
+    scored = [(r["scores"]["val"], loss, seed) for loss, by_seed in runs.items() if loss != PLAIN
+              for seed, r in by_seed.items()]
+    if not scored:
+        return None
+    _, loss, seed = max(scored)
+    return next(p for p in plan_part(name, part) if (p.schedule, p.loss, p.seed) == (part.longest, loss, seed))
+
+
+def measure_overhead(name: str, part: StudyPart) -> None:
+    """Distillation time per epoch against plain training, side by side in one process, on the part's data and
+    teacher (from its first finished experiment); skipped when measured before."""
+    out = WORK / name / "overhead.md"
+    done = finished_experiments()
+    first = next((p for p in plan_part(name, part) if p.name in done), None)
+    if out.is_file() or first is None:
+        return
+    exp = Experiment(first.name, done[first.name])
+    params = WORK / name / "overhead_params.yaml"
+    files.write_text(params, exp.fs.read_text("params.yaml"))
+    data = exp.fetch("data/prepared", WORK / "data" / exp.md5("data/prepared"))
+    teacher = exp.fetch("models/teacher.pt", WORK / "models" / f"{exp.md5('models/teacher.pt')}.pt")
+    log.info("%s: timing %s against plain training, side by side", name, " ".join(part.losses))
+    subprocess.run([sys.executable, "-m", "yolo_compress.distill_overhead", "--params", str(params), "--data",
+                    str(data), "--teacher", str(teacher), "--losses", *part.losses, "--out", str(out)], check=True)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", type=Path, default=Path("study.yaml"))
+    ap.add_argument("--parts", nargs="+", help="parts of study.yaml to run (default: all)")
+    ap.add_argument("--jobs", type=int, default=1, help="queue workers; more than 1 only for correctness checks")
+    ap.add_argument("--collect-only", action="store_true", help="report the finished experiments, run nothing")
+    ap.add_argument("--poll", type=float, default=60.0, help="seconds between queue status checks")
+    ap.add_argument("--out", type=Path, default=Path("reports/study.md"))
+    return ap.parse_args(argv)
+
+
+@stage_entrypoint
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    study = load_study(args.config)
+    parts = args.parts or list(study.parts)
+    unknown = [p for p in parts if p not in study.parts]
+    if unknown:
+        raise UserError(f"--parts: {unknown[0]!r} is not in {args.config} (it has {', '.join(study.parts)})")
+    if not args.collect_only:
+        check_committed()
+        check_params(study, parts)
+        run_queue([p for name in parts for p in plan_part(name, study.parts[name])], args.jobs, args.poll)
+    scorer = Scorer()
+    if not args.collect_only:
+        prunes = []
+        for name in parts:
+            part = study.parts[name]
+            best = best_distilled(name, part, collect_part(name, part, study, scorer))
+            if part.prune and best is not None:
+                prunes.append(plan_prune(name, part, best))
+        run_queue(prunes, args.jobs, args.poll)
+        for name in parts:
+            measure_overhead(name, study.parts[name])
+    collected = {name: collect_part(name, study.parts[name], study, scorer) for name in parts}
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    text, summary = format_study(study, collected, commit)
+    files.write_text(args.out, text)
+    files.write_json(args.out.with_suffix(".json"), summary)
+    print(text)
+    print(f"written to {args.out} and {args.out.with_suffix('.json')}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,209 @@
+"""The study's plan and math, free of side effects: study.yaml's typed config, the experiment grid, the plateau
+test, and the paired summary that reports/study.md shows. yolo_compress/study.py runs it over DVC's queue."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from yolo_compress.compare_distill import mean_std
+from yolo_compress.config import DISTILL_LOSSES, build_checked
+from yolo_compress.errors import ParamsError
+
+PLAIN = "plain"  # the student trained without a teacher (train_student), the baseline every loss is paired with
+PRUNED = "pruned"
+REFERENCE = "sl2"  # Ultralytics' native distillation: the peer the best loss must beat by more than one std
+SPLITS = ("val", "test", "test_shift")
+
+
+@dataclass(frozen=True)
+class StudyPart:
+    """One part of the study (e.g. detect on real images, or pose): a grid of DVC experiments."""
+
+    params: dict = field(default_factory=dict)  # (dict) params.yaml overrides, dotted keys, for every experiment
+    schedules: dict = field(default_factory=lambda: {"short": 10})  # (dict) schedule name -> student.epochs
+    losses: list[str] = field(default_factory=lambda: [REFERENCE, "logit"])  # (list) distill.loss values
+    seeds: list[int] = field(default_factory=lambda: [0, 1])  # (list) student.seed values; gains paired by seed
+    prune: bool = False  # (bool) prune the best distilled model of the longest schedule (chosen on val)
+
+    def __post_init__(self) -> None:
+        bad = [m for m in self.losses if m not in DISTILL_LOSSES]
+        if bad or not self.losses:
+            raise ParamsError(f"losses: expected a non-empty list of {', '.join(DISTILL_LOSSES)}, got {self.losses!r}")
+        if not self.seeds or any(not isinstance(s, int) or isinstance(s, bool) or s < 0 for s in self.seeds):
+            raise ParamsError(f"seeds: expected a non-empty list of ints >= 0, got {self.seeds!r}")
+        if not self.schedules or any(not isinstance(e, int) or isinstance(e, bool) or e < 1
+                                     for e in self.schedules.values()):
+            raise ParamsError(f"schedules: expected names mapped to student.epochs >= 1, got {self.schedules!r}")
+        if any(not isinstance(k, str) or "." not in k for k in self.params):
+            raise ParamsError(f"params: expected dotted params keys (e.g. teacher.epochs), got {list(self.params)}")
+
+    @property
+    def metric(self) -> str:
+        """The score the part is judged on: box mAP50-95, or OKS keypoint AP for pose."""
+        return "pose_map50_95" if self.params.get("data.task") == "pose" else "map50_95"
+
+    @property
+    def longest(self) -> str:
+        """The schedule trained longest: the one the plateau claims are about."""
+        return max(self.schedules, key=lambda s: self.schedules[s])
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """study.yaml: the parts, and what counts as a plateau."""
+
+    parts: dict = field(default_factory=dict)  # (dict) part name -> StudyPart
+    plateau_gain: float = 0.005  # (float) plateaued: the last quarter of the epochs gained less than this mAP50-95
+
+    def __post_init__(self) -> None:
+        if not self.parts:
+            raise ParamsError("parts: expected at least one part")
+        if not 0 < self.plateau_gain < 1:
+            raise ParamsError(f"plateau_gain: expected a float in (0, 1), got {self.plateau_gain!r}")
+
+
+def load_study(path: str | Path) -> StudyConfig:
+    """Parse and validate study.yaml; ParamsError names the file and key."""
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"{path}: file not found; pass --config or run from the repo root")
+    raw = yaml.safe_load(path.read_text()) or {}
+    try:
+        parts_raw = raw.get("parts") if isinstance(raw, dict) else None
+        if not isinstance(parts_raw, dict) or not parts_raw:
+            raise ParamsError("parts: expected a mapping of part names to parts")
+        parts = {name: build_checked(StudyPart, part, f"parts.{name}.") for name, part in parts_raw.items()}
+        return build_checked(StudyConfig, {**raw, "parts": parts}, "")
+    except ParamsError as err:
+        raise ParamsError(f"{path}: {err}") from None
+
+
+# ------------------------------------------------------------------------------------------------------ the grid
+@dataclass(frozen=True)
+class Planned:
+    """One DVC experiment of the study."""
+
+    name: str
+    part: str
+    schedule: str
+    loss: str  # distill.loss of a distill experiment; PRUNED for the prune experiment
+    seed: int
+    overrides: dict[str, Any]  # `dvc exp run -S key=value`
+    target: str  # the dvc.yaml stage the experiment runs up to
+
+
+def experiment_name(part: str, schedule: str, loss: str, seed: int) -> str:
+    return f"study-{part}-{schedule}-{loss}-s{seed}"
+
+
+def plan_part(name: str, part: StudyPart) -> list[Planned]:
+    """One `distill` experiment per (schedule, loss, seed); each also trains that seed's plain student, which DVC's
+    run cache shares between the losses (as the teacher is shared by all)."""
+    out = []
+    for schedule, epochs in part.schedules.items():
+        for seed in part.seeds:
+            for loss in part.losses:
+                overrides = {**part.params, "student.epochs": epochs, "student.seed": seed, "distill.loss": loss}
+                out.append(Planned(experiment_name(name, schedule, loss, seed), name, schedule, loss, seed,
+                                   overrides, "distill"))
+    return out
+
+
+def plan_prune(name: str, part: StudyPart, best: Planned) -> Planned:
+    """The prune experiment on `best`, the distilled model chosen on val: same overrides, pipeline up to prune."""
+    return Planned(f"study-{name}-{best.schedule}-{PRUNED}-s{best.seed}", name, best.schedule, PRUNED, best.seed,
+                   {**best.overrides, "prune.model": "models/distilled.pt"}, "prune")
+
+
+def set_arguments(overrides: Mapping[str, Any]) -> list[str]:
+    """`-S key=value` arguments; values in YAML flow style, which is how DVC parses them back."""
+    args = []
+    for key, value in overrides.items():
+        text = yaml.safe_dump(value, default_flow_style=True).strip()
+        args += ["-S", f"{key}={text.removesuffix('...').strip()}"]
+    return args
+
+
+def apply_overrides(params: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """params.yaml's mapping with dotted-key overrides set (new sections and keys are created, then validated)."""
+    out = yaml.safe_load(yaml.safe_dump(dict(params)))  # deep copy of plain YAML data
+    for key, value in overrides.items():
+        node = out
+        *path, last = key.split(".")
+        for k in path:
+            node = node.setdefault(k, {})
+        node[last] = value
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- the math
+def plateau_gain(curve: Sequence[float]) -> float:
+    """Best val mAP50-95 of the last quarter of the epochs minus the best before it (< plateau_gain: plateaued)."""
+    if len(curve) < 4:
+        return math.inf  # too short to have a last quarter worth the name
+    q = math.ceil(len(curve) / 4)
+    return max(curve[-q:]) - max(curve[:-q])
+
+
+@dataclass(frozen=True)
+class Scored:
+    """One trained model of the study: its seed and its scores per split."""
+
+    seed: int
+    scores: dict[str, float]  # split -> the part's metric
+    seconds_per_epoch: float = math.nan
+
+
+@dataclass(frozen=True)
+class MethodRow:
+    method: str
+    seeds: list[int]
+    scores: dict[str, tuple[float, float]]  # split -> (mean, std) over seeds
+    gain_vs_plain: dict[str, tuple[float, float]]  # split -> paired (mean, std)
+    gain_vs_reference: dict[str, tuple[float, float]] | None
+    time_ratio: tuple[float, float] | None  # seconds per epoch over the same seed's plain student's
+
+
+def method_rows(runs: Mapping[str, Mapping[int, Scored]]) -> list[MethodRow]:
+    """Rows per method (PLAIN first) from {method: {seed: Scored}}, gains paired over the seeds both have."""
+    plain, ref = runs.get(PLAIN, {}), runs.get(REFERENCE, {})
+
+    def paired(a: Mapping[int, Scored], b: Mapping[int, Scored]) -> dict[str, tuple[float, float]]:
+        seeds = [s for s in sorted(a) if s in b]
+        return {split: mean_std([a[s].scores[split] - b[s].scores[split] for s in seeds])
+                for split in SPLITS if seeds and all(split in a[s].scores and split in b[s].scores for s in seeds)}
+
+    rows = []
+    for method in sorted(runs, key=lambda m: (m != PLAIN, m != REFERENCE, m)):
+        by_seed = runs[method]
+        seeds = sorted(by_seed)
+        scores = {split: mean_std([by_seed[s].scores[split] for s in seeds])
+                  for split in SPLITS if all(split in by_seed[s].scores for s in seeds)}
+        timed = [by_seed[s].seconds_per_epoch / plain[s].seconds_per_epoch for s in seeds if s in plain]
+        rows.append(MethodRow(
+            method, seeds, scores,
+            gain_vs_plain=paired(by_seed, plain) if method != PLAIN else {},
+            gain_vs_reference=paired(by_seed, ref) if method not in (PLAIN, REFERENCE) and ref else None,
+            time_ratio=mean_std(timed) if timed and method != PLAIN else None,
+        ))
+    return rows
+
+
+def verdict(row: MethodRow, split: str, min_gain: float) -> str:
+    """Whether `row` meets the study's distillation targets on `split`: paired gain >= min_gain over plain, and
+    a lead over the reference larger than one std of that lead."""
+    g = row.gain_vs_plain.get(split)
+    r = (row.gain_vs_reference or {}).get(split)
+    if g is None:
+        return "no paired plain student"
+    met_gain = g[0] >= min_gain
+    met_ref = r is not None and r[0] > r[1] and r[0] > 0
+    return (f"gain {g[0] * 100:+.2f} points ({'met' if met_gain else 'missed'} the {min_gain * 100:+.1f} target); "
+            + ("vs sl2: no paired sl2 run" if r is None else
+               f"vs sl2 {r[0] * 100:+.2f} ± {r[1] * 100:.2f} ({'more' if met_ref else 'not more'} than one std)"))

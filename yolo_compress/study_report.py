@@ -1,0 +1,130 @@
+"""reports/study.md and its JSON twin, from what yolo_compress.study collected (pure: text in, text out)."""
+
+from __future__ import annotations
+
+import math
+import platform
+from typing import Any
+
+import torch
+
+from yolo_compress.study_plan import (
+    PLAIN,
+    REFERENCE,
+    SPLITS,
+    MethodRow,
+    Scored,
+    StudyConfig,
+    StudyPart,
+    method_rows,
+    plateau_gain,
+    verdict,
+)
+
+MIN_GAIN = 0.015  # the distillation target: +1.5 mAP50-95 points over the plain student, paired, at the plateau
+MAX_PRUNE_DROP, MIN_GFLOPS_CUT = 0.010, 0.60  # the pruning target, on test and on test_shift
+
+
+def to_scored(runs: dict[str, dict[int, dict[str, Any]]]) -> dict[str, dict[int, Scored]]:
+    return {m: {s: Scored(s, r["scores"], r["seconds_per_epoch"]) for s, r in by_seed.items()}
+            for m, by_seed in runs.items()}
+
+
+def _pm(ms: tuple[float, float] | None, points: bool = False) -> str:
+    if ms is None:
+        return "-"
+    k = 100 if points else 1
+    return f"{ms[0] * k:+.2f} ± {ms[1] * k:.2f}" if points else f"{ms[0]:.4f} ± {ms[1]:.4f}"
+
+
+def _plateau(curve: list[float], bound: float) -> str:
+    g = plateau_gain(curve)
+    if math.isinf(g):
+        return f"too few epochs ({len(curve)}) to judge"
+    return f"{'plateaued' if g < bound else 'NOT plateaued'} (last quarter gained {g * 100:+.2f} points)"
+
+
+def method_table(rows: list[MethodRow]) -> list[str]:
+    lines = ["| method | seeds | " + " | ".join(SPLITS) + " | gain vs plain, test | gain vs plain, test_shift "
+             f"| vs {REFERENCE}, test | time/epoch vs plain |", "|---" * 9 + "|"]
+    for r in rows:
+        ref = (r.gain_vs_reference or {}).get("test")
+        time = "-" if r.time_ratio is None else f"{r.time_ratio[0]:.2f}x ± {r.time_ratio[1]:.2f}"
+        lines.append(f"| {r.method} | {' '.join(map(str, r.seeds))} | "
+                     + " | ".join(_pm(r.scores.get(s)) for s in SPLITS)
+                     + f" | {_pm(r.gain_vs_plain.get('test'), True)} | {_pm(r.gain_vs_plain.get('test_shift'), True)}"
+                     f" | {_pm(ref, True)} | {time} |")
+    return lines
+
+
+def part_section(name: str, part: StudyPart, got: dict[str, Any], bound: float) -> tuple[list[str], dict[str, Any]]:
+    p = part.params
+    lines = [f"## {name}: {p.get('teacher.model', '?')} -> {p.get('student.model', 'yolo11n.yaml')}, "
+             f"data {p.get('data.source', 'synthetic')} ({p.get('data.task', 'detect')}), "
+             f"{p.get('student.imgsz', '?')} px, scored by {part.metric} (pycocotools)", ""]
+    summary: dict[str, Any] = {"metric": part.metric, "schedules": {}}
+    teacher = got.get("teacher")
+    if teacher:
+        lines.append(f"Teacher: {len(teacher['curve'])} epochs, {_plateau(teacher['curve'], bound)}; "
+                     + ", ".join(f"{s} {teacher['scores'][s]:.4f}" for s in SPLITS)
+                     + f"; {teacher['gflops'] / teacher['student_gflops']:.2f}x the student's GFLOPs.")
+        summary["teacher"] = {"scores": teacher["scores"], "plateau_gain": plateau_gain(teacher["curve"])}
+    for schedule, sched in got["schedules"].items():
+        rows = method_rows(to_scored(sched["runs"]))
+        curves = [r["curve"] for r in sched["runs"].get(PLAIN, {}).values()]
+        lines += ["", f"### Schedule `{schedule}`: {sched['epochs']} student epochs", ""]
+        if curves:
+            lines.append("Plain students: " + "; ".join(f"seed {s}: {_plateau(r['curve'], bound)}"
+                                                       for s, r in sorted(sched["runs"][PLAIN].items())) + ".")
+            lines.append("")
+        lines += method_table(rows)
+        judged = [r for r in rows if r.method not in (PLAIN, REFERENCE)]
+        if schedule == part.longest and judged:
+            lines.append("")
+            lines += [f"- **{r.method}**, on test: {verdict(r, 'test', MIN_GAIN)}; on test_shift: "
+                      f"{verdict(r, 'test_shift', MIN_GAIN)}." for r in judged]
+        summary["schedules"][schedule] = {
+            "epochs": sched["epochs"],
+            "rows": [{"method": r.method, "seeds": r.seeds, "scores": r.scores, "gain_vs_plain": r.gain_vs_plain,
+                      "gain_vs_reference": r.gain_vs_reference, "time_ratio": r.time_ratio} for r in rows],
+            "plain_plateau_gain": {s: plateau_gain(r["curve"]) for s, r in sched["runs"].get(PLAIN, {}).items()}}
+    prune = got.get("prune")
+    if prune:
+        m = prune["metrics"]
+        cut = m.get("ratio", {}).get("gflops_removed")
+        drops = {s: prune["distilled"][s] - prune["scores"][s] for s in SPLITS}
+        held_out = ("test", "test_shift")
+        ok = cut is not None and cut >= MIN_GFLOPS_CUT and all(drops[s] <= MAX_PRUNE_DROP for s in held_out)
+        lines += ["", f"### Pruning `{got['best']}` (the best distilled model of `{part.longest}`, chosen on val)", "",
+                  "| model | " + " | ".join(SPLITS) + " |", "|---" * 4 + "|",
+                  "| distilled | " + " | ".join(f"{prune['distilled'][s]:.4f}" for s in SPLITS) + " |",
+                  "| pruned | " + " | ".join(f"{prune['scores'][s]:.4f}" for s in SPLITS) + " |",
+                  "| lost (points) | " + " | ".join(f"{drops[s] * 100:+.2f}" for s in SPLITS) + " |", "",
+                  f"GFLOPs removed: {'?' if cut is None else f'{cut:.1%}'}. Target (>= {MIN_GFLOPS_CUT:.0%} fewer "
+                  f"GFLOPs, <= {MAX_PRUNE_DROP * 100:.1f} point lost on test and test_shift): "
+                  f"**{'met' if ok else 'missed'}**."]
+        summary["prune"] = {"experiment": prune["experiment"], "gflops_reduction": cut, "scores": prune["scores"],
+                            "distilled": prune["distilled"], "lost": drops, "target_met": ok}
+    if got.get("overhead"):
+        body = got["overhead"].split("\n", 2)[2] if got["overhead"].startswith("#") else got["overhead"]
+        lines += ["", "### Distillation time, side by side in one process", "", body.strip()]
+    if got["missing"]:
+        lines += ["", f"Not finished yet (rerun `python -m yolo_compress.study` to continue): "
+                  f"{', '.join(got['missing'])}."]
+    summary["missing"] = got["missing"]
+    return lines, summary
+
+
+def format_study(study: StudyConfig, collected: dict[str, dict[str, Any]], commit: str) -> tuple[str, dict[str, Any]]:
+    """The Markdown report and a JSON-ready summary of the same numbers."""
+    lines = ["# Study: distillation and pruning in the users' setting", "",
+             f"Made by `python -m yolo_compress.study` from study.yaml at commit {commit}, on {platform.machine()} "
+             f"with {torch.get_num_threads()} torch threads, torch {torch.__version__}. Scores are pycocotools on "
+             "each split; ± is the std over seeds; gains are paired by `student.seed` (mean ± std of the per-seed "
+             "differences, in points of mAP50-95). Time/epoch comes from the separate experiments; the side-by-side "
+             "table below it is the one to quote.", ""]
+    summary: dict[str, Any] = {"commit": commit, "parts": {}}
+    for name, got in collected.items():
+        part_lines, summary["parts"][name] = part_section(name, study.parts[name], got, study.plateau_gain)
+        lines += [*part_lines, ""]
+    return "\n".join(lines), summary

@@ -33,6 +33,8 @@ def test_repo_params_load_with_documented_types() -> None:
         ("student:\n  model: yolo11n.yaml\n  lr0: fast\n", "student.lr0: expected float, got 'fast'"),
         ("student:\n  model: yolo11n.yaml\n  epochs: 2.5\n", "student.epochs: expected int, got 2.5"),
         ("data:\n  task: segment\n", "data.task: expected one of detect, pose, got 'segment'"),
+        ("data:\n  source: coco\n", "data.source: expected a built-in dataset (synthetic, digits) or your dataset's "
+                                     ".yaml under data/sources/, got 'coco'"),
         ("data:\n  val_images: 0\n", "data.val_images: expected an int >= 1"),
         ("data:\n  max_unlabeled_share: 1.5\n", "data.max_unlabeled_share: expected a float in [0, 1], got 1.5"),
         ("prune:\n  last_round_epochs: -1\n", "prune.last_round_epochs: expected an int >= 0, or null for "

@@ -88,7 +88,9 @@ class DataConfig(_Section):
 
     def __post_init__(self) -> None:
         _check(self.task in TASKS, "task", f"one of {', '.join(TASKS)}", self.task)
-        _check(self.source != "", "source", "'synthetic', 'digits' or a dataset yaml path", self.source)
+        _check(self.source in BUILT_IN_SOURCES or self.source.endswith((".yaml", ".yml")), "source",
+               f"a built-in dataset ({', '.join(BUILT_IN_SOURCES)}) or your dataset's .yaml under data/sources/",
+               self.source)
         _check(self.source != "digits" or self.task == "detect", "task",
                "detect when data.source is digits (it has no keypoints; pose needs source: synthetic)", self.task)
         _check(64 <= self.image_size <= 2048, "image_size", "an int in [64, 2048]", self.image_size)

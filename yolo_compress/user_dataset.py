@@ -106,7 +106,8 @@ def _load_user_yaml(data_yaml: Path) -> dict[str, Any]:
         raise DatasetError(f"data.source: {data_yaml} is a folder; point it at the dataset's .yaml file")
     if not data_yaml.is_file():
         raise DatasetError(
-            f"data.source: {data_yaml} not found; set data.source to 'synthetic' or to an Ultralytics dataset yaml"
+            f"data.source: {data_yaml} not found; set data.source to a built-in dataset (synthetic, digits) or to an "
+            "Ultralytics dataset yaml under data/sources/"
         )
     try:
         data = yaml.safe_load(data_yaml.read_text(encoding="utf-8-sig"))

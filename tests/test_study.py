@@ -1,0 +1,193 @@
+"""The study: its config, grid and math on hand-made numbers, the refusal of uncommitted code, and one tiny real run
+over DVC's queue (train, distill, prune, time side by side, score with pycocotools, report; then resume)."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.tiny_pipeline import GIT, REPO, copy_repo, run
+from yolo_compress.errors import ParamsError, UserError
+from yolo_compress.study import check_committed
+from yolo_compress.study_plan import (
+    PLAIN,
+    Scored,
+    StudyConfig,
+    StudyPart,
+    apply_overrides,
+    load_study,
+    method_rows,
+    plan_part,
+    plan_prune,
+    plateau_gain,
+    set_arguments,
+    verdict,
+)
+from yolo_compress.study_report import format_study
+
+
+def _study(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "study.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_the_shipped_study_loads_and_its_params_are_valid(tmp_path: Path) -> None:
+    study = load_study(REPO / "study.yaml")
+    assert {"detect", "pose"} <= set(study.parts)
+    assert study.parts["detect"].metric == "map50_95" and study.parts["pose"].metric == "pose_map50_95"
+    assert study.parts["detect"].longest == "plateau"
+    from yolo_compress.config import load_params  # every experiment's params.yaml must validate
+    base = yaml.safe_load((REPO / "params.yaml").read_text())
+    for name, part in study.parts.items():
+        for p in plan_part(name, part):
+            (tmp_path / "p.yaml").write_text(yaml.safe_dump(apply_overrides(base, p.overrides)))
+            assert load_params(tmp_path / "p.yaml").student.epochs == part.schedules[p.schedule]
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("parts: {a: {losses: [kd]}}", r"study\.yaml: parts\.a\.losses: expected a non-empty list of sl2, mgd"),
+    ("parts: {a: {seeds: []}}", r"parts\.a\.seeds: expected a non-empty list of ints"),
+    ("parts: {a: {schedules: {short: 0}}}", r"parts\.a\.schedules: expected names mapped to student\.epochs >= 1"),
+    ("parts: {a: {params: {epochs: 3}}}", r"parts\.a\.params: expected dotted params keys"),
+    ("parts: {a: {seed: [1]}}", r"unknown key 'parts\.a\.seed'; valid keys in parts\.a: params, schedules"),
+    ("plateau_gain: 0.005", r"parts: expected a mapping of part names"),
+    ("parts: {a: {}}\nplateau_gain: 2", r"plateau_gain: expected a float in \(0, 1\)"),
+])
+def test_bad_study_yaml_is_one_line_naming_the_key(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(ParamsError, match=message):
+        load_study(_study(tmp_path, text))
+
+
+def test_grid_pairs_every_loss_with_each_seed_and_schedule() -> None:
+    part = StudyPart(params={"teacher.epochs": 5}, schedules={"short": 2, "long": 8}, losses=["sl2", "logit"],
+                     seeds=[0, 3])
+    plan = plan_part("x", part)
+    assert len(plan) == 8 and len({p.name for p in plan}) == 8
+    p = next(p for p in plan if (p.schedule, p.loss, p.seed) == ("long", "logit", 3))
+    assert p.name == "study-x-long-logit-s3" and p.target == "distill"
+    assert p.overrides == {"teacher.epochs": 5, "student.epochs": 8, "student.seed": 3, "distill.loss": "logit"}
+    prune = plan_prune("x", part, p)
+    assert prune.target == "prune" and prune.name == "study-x-long-pruned-s3"
+    assert {k: v for k, v in prune.overrides.items() if k != "prune.model"} == p.overrides
+
+
+def test_set_arguments_round_trip_through_yaml() -> None:
+    values = {"teacher.model": "yolo11s.yaml", "data.image_size": 192, "prune.target": 0.75, "student.seed": None,
+              "evaluate.splits": ["val", "test"], "distill.fuse_teacher": False}
+    args = set_arguments(values)
+    assert args[::2] == ["-S"] * len(values)
+    parsed = {a.split("=", 1)[0]: yaml.safe_load(a.split("=", 1)[1]) for a in args[1::2]}
+    assert parsed == values
+
+
+def test_overrides_create_keys_and_leave_the_input_alone() -> None:
+    base = {"seed": 0, "data": {"source": "synthetic", "image_size": 256}}
+    out = apply_overrides(base, {"data.image_size": 192, "teacher.model": "yolo11s.yaml"})
+    assert out == {"seed": 0, "data": {"source": "synthetic", "image_size": 192}, "teacher": {"model": "yolo11s.yaml"}}
+    assert base["data"]["image_size"] == 256
+
+
+def test_plateau_is_the_last_quarter_against_the_best_before() -> None:
+    assert plateau_gain([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]) == pytest.approx(0.2)  # still rising
+    assert plateau_gain([0.1, 0.3, 0.40, 0.41, 0.40, 0.39, 0.404, 0.412]) == pytest.approx(0.002)
+    assert plateau_gain([0.5, 0.4, 0.3, 0.2, 0.1]) < 0  # the best was earlier
+    assert math.isinf(plateau_gain([0.1, 0.2, 0.3]))
+
+
+def _runs() -> dict[str, dict[int, Scored]]:
+    def s(seed: int, val: float, test: float, spe: float) -> Scored:
+        return Scored(seed, {"val": val, "test": test, "test_shift": test - 0.1}, spe)
+    return {PLAIN: {0: s(0, 0.30, 0.28, 10), 1: s(1, 0.32, 0.30, 10)},
+            "sl2": {0: s(0, 0.31, 0.29, 15), 1: s(1, 0.33, 0.31, 15)},
+            "logit": {0: s(0, 0.35, 0.32, 12), 1: s(1, 0.36, 0.35, 14)}}
+
+
+def test_gains_are_paired_by_seed() -> None:
+    rows = {r.method: r for r in method_rows(_runs())}
+    assert [r.method for r in method_rows(_runs())] == [PLAIN, "sl2", "logit"]
+    logit = rows["logit"]
+    assert logit.scores["test"] == pytest.approx((0.335, math.sqrt(2 * 0.015 ** 2)))
+    assert logit.gain_vs_plain["test"] == pytest.approx((0.045, math.sqrt(2 * 0.005 ** 2)))
+    assert logit.gain_vs_reference["test"] == pytest.approx((0.035, math.sqrt(2 * 0.005 ** 2)))
+    assert logit.time_ratio == pytest.approx((1.3, math.sqrt(2 * 0.1 ** 2)))
+    assert rows["sl2"].gain_vs_reference is None and rows[PLAIN].gain_vs_plain == {}
+    assert "met the +1.5 target" in verdict(logit, "test", 0.015)
+    assert "missed the +5.0 target" in verdict(logit, "test", 0.05)
+    assert "more than one std" in verdict(logit, "test", 0.015)
+    assert "missed" in verdict(rows["sl2"], "test", 0.015)
+
+
+def test_report_states_targets_plateaus_and_what_is_missing() -> None:
+    part = StudyPart(params={"teacher.model": "yolo11s.yaml", "student.imgsz": 192}, schedules={"long": 8},
+                     losses=["sl2", "logit"], seeds=[0, 1], prune=True)
+    study = StudyConfig(parts={"d": part})
+    runs = {m: {s: {"scores": r.scores, "seconds_per_epoch": r.seconds_per_epoch,
+                    "curve": [0.1, 0.2, 0.3, 0.3, 0.3, 0.3, 0.3, 0.301]}
+                for s, r in by_seed.items()} for m, by_seed in _runs().items()}
+    scores = {"val": 0.36, "test": 0.35, "test_shift": 0.25}
+    got = {"schedules": {"long": {"epochs": 8, "runs": runs}}, "missing": ["study-d-long-x-s9"],
+           "teacher": {"scores": scores, "curve": [0.1] * 8, "gflops": 3.0, "student_gflops": 1.0},
+           "best": "study-d-long-logit-s1",
+           "prune": {"experiment": "p", "metrics": {"ratio": {"gflops_removed": 0.65}},
+                     "distilled": scores, "scores": {"val": 0.355, "test": 0.345, "test_shift": 0.23}},
+           "overhead": "# Distillation time overhead\n\nsetting\n\n| method | x |\n|---|---|\n| plain | 1 |\n"}
+    text, summary = format_study(study, {"d": got}, "abc123")
+    assert "commit abc123" in text
+    assert "Teacher: 8 epochs, plateaued (last quarter gained +0.00 points)" in text
+    assert "seed 0: plateaued (last quarter gained +0.10 points)" in text
+    assert "| logit | 0 1 | 0.3550 ± 0.0071 | 0.3350 ± 0.0212 |" in text
+    assert "- **logit**, on test: gain +4.50 points (met the +1.5 target)" in text
+    assert "GFLOPs removed: 65.0%" in text and "**missed**" in text  # test_shift lost 2 points
+    assert "| plain | 1 |" in text and "study-d-long-x-s9" in text
+    assert summary["parts"]["d"]["prune"]["target_met"] is False
+    json.dumps(summary)  # the JSON twin is plain data
+
+
+def test_uncommitted_code_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "stages").mkdir()
+    (tmp_path / "stages" / "a.py").write_text("x = 1\n")
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    subprocess.run([*GIT, "add", "-A"], cwd=tmp_path, check=True)
+    subprocess.run([*GIT, "commit", "-qm", "x"], cwd=tmp_path, check=True)
+    monkeypatch.chdir(tmp_path)
+    check_committed()
+    (tmp_path / "notes.txt").write_text("not code\n")
+    check_committed()
+    (tmp_path / "stages" / "a.py").write_text("x = 2\n")
+    with pytest.raises(UserError, match=r"^uncommitted changes in stages/a\.py: queued experiments run the last "):
+        check_committed()
+
+
+@pytest.mark.e2e
+def test_study_runs_over_the_real_queue_and_resumes(tiny_repo: tuple[Path, dict[str, str]], tmp_path: Path) -> None:
+    repo = copy_repo(tiny_repo[0], tmp_path / "repo")
+    env = tiny_repo[1]
+    (repo / "study.yaml").write_text(yaml.safe_dump({"parts": {"tiny": {
+        "params": {"teacher.epochs": 2}, "schedules": {"short": 1}, "losses": ["logit"], "seeds": [1],
+        "prune": True}}}))
+    run([*GIT, "add", "study.yaml"], repo, env)
+    run([*GIT, "commit", "-qm", "tiny study"], repo, env)
+    run(["python", "-m", "yolo_compress.study", "--poll", "1"], repo, env)
+    text = (repo / "reports" / "study.md").read_text()
+    assert "### Schedule `short`: 1 student epochs" in text
+    assert "| plain | 1 |" in text and "| logit | 1 |" in text
+    assert "### Pruning `study-tiny-short-logit-s1`" in text and "GFLOPs removed: " in text
+    assert "### Distillation time, side by side" in text and "Not finished" not in text
+    summary = json.loads((repo / "reports" / "study.json").read_text())
+    rows = summary["parts"]["tiny"]["schedules"]["short"]["rows"]
+    for row in rows:
+        assert all(0 <= row["scores"][s][0] <= 1 for s in ("val", "test", "test_shift"))
+    exps = run(["dvc", "exp", "list", "--all-commits", "--name-only"], repo, env).stdout.split()
+    assert sorted(exps) == ["study-tiny-short-logit-s1", "study-tiny-short-pruned-s1"]
+    scored = json.loads((repo / ".study" / "scores.json").read_text())
+    assert len(scored) == 4  # teacher, plain, distilled, pruned
+
+    run(["python", "-m", "yolo_compress.study", "--poll", "1"], repo, env)  # resumed: nothing left to run
+    assert sorted(run(["dvc", "exp", "list", "--all-commits", "--name-only"], repo, env).stdout.split()) == exps
+    assert (repo / "reports" / "study.md").read_text().split("\n", 3)[3] == text.split("\n", 3)[3]

@@ -58,6 +58,8 @@ def test_the_shipped_study_loads_and_its_params_are_valid(tmp_path: Path) -> Non
     ("parts: {a: {seed: [1]}}", r"unknown key 'parts\.a\.seed'; valid keys in parts\.a: params, schedules"),
     ("plateau_gain: 0.005", r"parts: expected a mapping of part names"),
     ("parts: {a: {}}\nplateau_gain: 2", r"plateau_gain: expected a float in \(0, 1\)"),
+    ("parts: {a-b: {}}", r"parts: expected names of letters, digits and _, got 'a-b'"),
+    ("parts: {a: {schedules: {long run: 3}}}", r"parts\.a\.schedules: expected names of letters, digits and _"),
 ])
 def test_bad_study_yaml_is_one_line_naming_the_key(tmp_path: Path, text: str, message: str) -> None:
     with pytest.raises(ParamsError, match=message):
@@ -73,17 +75,23 @@ def test_grid_pairs_every_loss_with_each_seed_and_schedule() -> None:
     assert p.name == "study-x-long-logit-s3" and p.target == "distill"
     assert p.overrides == {"teacher.epochs": 5, "student.epochs": 8, "student.seed": 3, "distill.loss": "logit"}
     prune = plan_prune("x", part, p)
-    assert prune.target == "prune" and prune.name == "study-x-long-pruned-s3"
+    assert prune.target == "prune" and prune.name == "study-x-long-pruned-logit-s3"
     assert {k: v for k, v in prune.overrides.items() if k != "prune.model"} == p.overrides
 
 
-def test_set_arguments_round_trip_through_yaml() -> None:
+def test_set_arguments_are_read_back_by_dvc(tmp_path: Path) -> None:
+    """The `-S` arguments through DVC's own override parser (what `dvc exp run -S` applies to params.yaml)."""
+    from dvc.utils.hydra import apply_overrides as dvc_apply
     values = {"teacher.model": "yolo11s.yaml", "data.image_size": 192, "prune.target": 0.75, "student.seed": None,
-              "evaluate.splits": ["val", "test"], "distill.fuse_teacher": False}
+              "evaluate.splits": ["val", "test"], "distill.fuse_teacher": False, "data.source": "data/sources/a.yaml"}
     args = set_arguments(values)
     assert args[::2] == ["-S"] * len(values)
-    parsed = {a.split("=", 1)[0]: yaml.safe_load(a.split("=", 1)[1]) for a in args[1::2]}
-    assert parsed == values
+    base = {"teacher": {"model": "yolo11n.yaml"}, "data": {"image_size": 256, "source": "synthetic"},
+            "prune": {"target": 0.5}, "student": {"seed": 3}, "evaluate": {"splits": None},
+            "distill": {"fuse_teacher": True}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(base))
+    dvc_apply(tmp_path / "params.yaml", args[1::2])
+    assert yaml.safe_load((tmp_path / "params.yaml").read_text()) == apply_overrides(base, values)
 
 
 def test_overrides_create_keys_and_leave_the_input_alone() -> None:
@@ -97,7 +105,7 @@ def test_plateau_is_the_last_quarter_against_the_best_before() -> None:
     assert plateau_gain([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]) == pytest.approx(0.2)  # still rising
     assert plateau_gain([0.1, 0.3, 0.40, 0.41, 0.40, 0.39, 0.404, 0.412]) == pytest.approx(0.002)
     assert plateau_gain([0.5, 0.4, 0.3, 0.2, 0.1]) < 0  # the best was earlier
-    assert math.isinf(plateau_gain([0.1, 0.2, 0.3]))
+    assert plateau_gain([0.1, 0.2, 0.3]) is None
 
 
 def _runs() -> dict[str, dict[int, Scored]]:
@@ -121,6 +129,8 @@ def test_gains_are_paired_by_seed() -> None:
     assert "missed the +5.0 target" in verdict(logit, "test", 0.05)
     assert "more than one std" in verdict(logit, "test", 0.015)
     assert "missed" in verdict(rows["sl2"], "test", 0.015)
+    one_seed = method_rows({m: {0: r[0]} for m, r in _runs().items()})[2]
+    assert "one paired seed: no std to beat" in verdict(one_seed, "test", 0.015)
 
 
 def test_report_states_targets_plateaus_and_what_is_missing() -> None:
@@ -184,10 +194,21 @@ def test_study_runs_over_the_real_queue_and_resumes(tiny_repo: tuple[Path, dict[
     for row in rows:
         assert all(0 <= row["scores"][s][0] <= 1 for s in ("val", "test", "test_shift"))
     exps = run(["dvc", "exp", "list", "--all-commits", "--name-only"], repo, env).stdout.split()
-    assert sorted(exps) == ["study-tiny-short-logit-s1", "study-tiny-short-pruned-s1"]
+    assert sorted(exps) == ["study-tiny-short-logit-s1", "study-tiny-short-pruned-logit-s1"]
     scored = json.loads((repo / ".study" / "scores.json").read_text())
     assert len(scored) == 4  # teacher, plain, distilled, pruned
 
     run(["python", "-m", "yolo_compress.study", "--poll", "1"], repo, env)  # resumed: nothing left to run
     assert sorted(run(["dvc", "exp", "list", "--all-commits", "--name-only"], repo, env).stdout.split()) == exps
     assert (repo / "reports" / "study.md").read_text().split("\n", 3)[3] == text.split("\n", 3)[3]
+
+    # study.yaml changed under an experiment's name: one line, nothing queued
+    study = yaml.safe_load((repo / "study.yaml").read_text())
+    study["parts"]["tiny"]["params"]["teacher.epochs"] = 3
+    (repo / "study.yaml").write_text(yaml.safe_dump(study))
+    run([*GIT, "commit", "-qam", "more teacher epochs"], repo, env)
+    proc = run(["python", "-m", "yolo_compress.study", "--poll", "1"], repo, env, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "error: experiment study-tiny-short-logit-s1 exists with other params (teacher.epochs 2 -> 3): remove it "
+        "(`dvc exp remove study-tiny-short-logit-s1`) to run it again, or rename the part")

@@ -228,7 +228,10 @@ def queue_status(root: str | Path = ".") -> tuple[dict[str, str], int]:
     number of active workers: what `dvc queue status` prints (it has no --json), read through DVC's Python API."""
     with Repo(str(root)) as repo:
         queue = repo.experiments.celery_queue
-        states = {task["name"]: task["status"] for task in queue.status() if task.get("name")}
+        states: dict[str, str] = {}
+        for task in queue.status():  # a name queued again after a failure is listed twice: the pending entry wins
+            if task.get("name") and states.get(task["name"]) not in PENDING:
+                states[task["name"]] = task["status"]
         active = sum(1 for tasks in queue.worker_status().values() if tasks)
     return states, active
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -33,7 +34,7 @@ from dvc.api import DVCFileSystem
 from yolo_compress import files
 from yolo_compress.compare_distill import PENDING, queue_status, run_dvc, wait_for
 from yolo_compress.config import load_params
-from yolo_compress.dataset import training_view
+from yolo_compress.dataset import load_summary, training_view
 from yolo_compress.errors import ParamsError, UserError, stage_entrypoint
 from yolo_compress.evaluation import evaluate_split_with_predictions
 from yolo_compress.study_plan import (
@@ -79,11 +80,40 @@ def check_params(study: StudyConfig, parts: Sequence[str]) -> None:
                 raise ParamsError(f"study.yaml: parts.{name}.params: {str(err).split(': ', 1)[1]}") from None
 
 
-def finished_experiments() -> dict[str, str]:
-    """Name -> commit of every finished DVC experiment in this repo (any baseline; the newest wins)."""
+def tree_changed_for_queue() -> bool:
+    """True (with a warning) when code or params differ from the last commit: a queued experiment would run them.
+    Checked again before the prune, which is queued an hour or more after the grid."""
+    try:
+        check_committed()
+    except UserError as err:
+        log.warning("prune not queued: %s; then rerun the study", err)
+        return True
+    return False
+
+
+def finished_experiments() -> dict[str, tuple[str, str]]:
+    """Name -> (commit, baseline commit) of every finished DVC experiment here (any baseline; the newest wins)."""
     out = subprocess.run(["git", "for-each-ref", "--sort=committerdate", "--format=%(refname) %(objectname)",
                           "refs/exps"], capture_output=True, text=True, check=True).stdout
-    return {ref.rsplit("/", 1)[1]: sha for ref, sha in (line.split() for line in out.splitlines())}
+    found = {}
+    for ref, sha in (line.split() for line in out.splitlines()):
+        parts = ref.split("/")  # refs/exps/<baseline[:2]>/<baseline[2:]>/<name>
+        if len(parts) == 5:
+            found[parts[4]] = (sha, parts[2] + parts[3])
+    return found
+
+
+def params_differ(exp: Experiment, overrides: dict[str, Any]) -> list[str]:
+    """The dotted keys whose value in the experiment's params.yaml is not the one planned (study.yaml changed)."""
+    got = yaml.safe_load(exp.fs.read_text("params.yaml")) or {}
+    differ = []
+    for key, value in overrides.items():
+        node: Any = got
+        for k in key.split("."):
+            node = node.get(k) if isinstance(node, dict) else None
+        if node != value:
+            differ.append(f"{key} {node!r} -> {value!r}")
+    return differ
 
 
 def run_queue(planned: Sequence[Planned], jobs: int, poll_s: float) -> None:
@@ -92,7 +122,13 @@ def run_queue(planned: Sequence[Planned], jobs: int, poll_s: float) -> None:
         return
     done, (states, _) = finished_experiments(), queue_status()
     for p in planned:
-        if p.name in done or states.get(p.name) in PENDING:
+        if p.name in done:
+            differ = params_differ(Experiment(p.name, done[p.name][0]), p.overrides)
+            if differ:
+                raise UserError(f"experiment {p.name} exists with other params ({'; '.join(differ[:3])}): "
+                                f"remove it (`dvc exp remove {p.name}`) to run it again, or rename the part")
+            continue
+        if states.get(p.name) in PENDING:
             continue
         run_dvc("exp", "run", "--queue", "--name", p.name, *set_arguments(p.overrides), p.target)
         log.info("queued %s", p.name)
@@ -117,7 +153,7 @@ class Experiment:
         """A local copy of a tracked output, kept under its hash (fetched once)."""
         if not dst.exists():
             tmp = dst.with_name(dst.name + ".part")
-            subprocess.run(["rm", "-rf", str(tmp)], check=True)
+            shutil.rmtree(tmp, ignore_errors=True)
             self.fs.get(path, str(tmp), recursive=self.fs.isdir(path))
             tmp.rename(dst)
         return dst
@@ -131,45 +167,53 @@ class Scorer:
         self.cache: dict[str, dict[str, float]] = json.loads(cache.read_text()) if cache.is_file() else {}
 
     def score(self, exp: Experiment, model: str, metric: str) -> dict[str, float]:
-        params = load_params_text(exp.fs.read_text("params.yaml"))
-        ev = params.evaluate
+        text = exp.fs.read_text("params.yaml")
+        evaluate = json.dumps((yaml.safe_load(text) or {}).get("evaluate"), sort_keys=True)
         data_md5, model_md5 = exp.md5("data/prepared"), exp.md5(model)
-        key = f"{model_md5}:{data_md5}:{ev.imgsz}:{ev.conf}:{ev.iou}:{metric}"
+        key = f"{model_md5}:{data_md5}:{evaluate}:{metric}"
         if key not in self.cache:
+            path = WORK / "exp_params.yaml"
+            files.write_text(path, text)
+            ev = load_params(path).evaluate
             data = exp.fetch("data/prepared", WORK / "data" / data_md5)
             pt = exp.fetch(model, WORK / "models" / f"{model_md5}.pt")
             scores = {}
-            for split in SPLITS:
+            for split in [s for s in SPLITS if s in load_summary(data)["images"]]:  # your data may lack test_shift
                 view = training_view(data, WORK / "views" / data_md5 / split, split=split)
                 result, _ = evaluate_split_with_predictions(pt, view, ev.imgsz, conf=ev.conf, iou=ev.iou,
                                                             batch=ev.batch)
-                scores[split] = float(result[metric])
+                scores[split] = float(result.get(metric, 0.0))  # a pose model without detections has no pose keys
             log.info("%s %s: %s", exp.name, model, "  ".join(f"{s} {v:.4f}" for s, v in scores.items()))
             self.cache[key] = scores
             files.write_json(self.path, self.cache)
         return self.cache[key]
 
 
-def load_params_text(text: str) -> Any:
-    path = WORK / "exp_params.yaml"
-    files.write_text(path, text)
-    return load_params(path)
+def finished(p: Planned, done: dict[str, tuple[str, str]], missing: list[str]) -> Experiment | None:
+    """The finished experiment of `p`, or None (noted in `missing`) when it has not run or ran other params."""
+    if p.name not in done:
+        missing.append(p.name)
+        return None
+    exp = Experiment(p.name, done[p.name][0])
+    if params_differ(exp, p.overrides):
+        missing.append(f"{p.name} (ran with other params than study.yaml's)")
+        return None
+    return exp
 
 
-def collect_part(name: str, part: StudyPart, study: StudyConfig, scorer: Scorer) -> dict[str, Any]:
+def collect_part(name: str, part: StudyPart, scorer: Scorer) -> dict[str, Any]:
     """Everything the report says about one part, from the finished experiments."""
     done = finished_experiments()
     result: dict[str, Any] = {"schedules": {}, "missing": [], "teacher": None, "prune": None}
     for p in plan_part(name, part):
-        if p.name not in done:
-            result["missing"].append(p.name)
+        exp = finished(p, done, result["missing"])
+        if exp is None:
             continue
-        exp = Experiment(p.name, done[p.name])
         sched = result["schedules"].setdefault(p.schedule, {"epochs": part.schedules[p.schedule], "runs": {}})
         runs = sched["runs"]
         student, distilled = exp.json("metrics/student.json"), exp.json("metrics/distill.json")
         if p.seed not in runs.get(PLAIN, {}):
-            curve = [row["map50_95"] for row in exp.json("plots/train_student.json")]
+            curve = [row.get(part.metric, 0.0) for row in exp.json("plots/train_student.json")]
             runs.setdefault(PLAIN, {})[p.seed] = {
                 "scores": scorer.score(exp, "models/student.pt", part.metric),
                 "seconds_per_epoch": student["train"]["seconds_per_epoch"], "curve": curve}
@@ -178,20 +222,17 @@ def collect_part(name: str, part: StudyPart, study: StudyConfig, scorer: Scorer)
             "seconds_per_epoch": distilled["train"]["seconds_per_epoch"], "experiment": p.name}
         if result["teacher"] is None:
             result["teacher"] = {"scores": scorer.score(exp, "models/teacher.pt", part.metric),
-                                 "curve": [row["map50_95"] for row in exp.json("plots/train_teacher.json")],
+                                 "curve": [row.get(part.metric, 0.0) for row in exp.json("plots/train_teacher.json")],
                                  "gflops": exp.json("metrics/teacher.json")["model"]["gflops"],
                                  "student_gflops": student["model"]["gflops"]}
     best = best_distilled(name, part, result)
     if best is not None:
         result["best"] = best.name
-        prune = plan_prune(name, part, best)
-        if prune.name in done:
-            exp = Experiment(prune.name, done[prune.name])
-            result["prune"] = {"experiment": prune.name, "metrics": exp.json("metrics/prune.json"),
+        exp = finished(plan_prune(name, part, best), done, result["missing"] if part.prune else [])
+        if exp is not None:
+            result["prune"] = {"experiment": exp.name, "metrics": exp.json("metrics/prune.json"),
                                "scores": scorer.score(exp, "models/pruned.pt", part.metric),
                                "distilled": scorer.score(exp, "models/distilled.pt", part.metric)}
-        elif part.prune:
-            result["missing"].append(prune.name)
     overhead = WORK / name / "overhead.md"
     result["overhead"] = overhead.read_text() if overhead.is_file() else None
     return result
@@ -216,14 +257,16 @@ def measure_overhead(name: str, part: StudyPart) -> None:
     first = next((p for p in plan_part(name, part) if p.name in done), None)
     if out.is_file() or first is None:
         return
-    exp = Experiment(first.name, done[first.name])
+    exp = Experiment(first.name, done[first.name][0])
     params = WORK / name / "overhead_params.yaml"
     files.write_text(params, exp.fs.read_text("params.yaml"))
     data = exp.fetch("data/prepared", WORK / "data" / exp.md5("data/prepared"))
     teacher = exp.fetch("models/teacher.pt", WORK / "models" / f"{exp.md5('models/teacher.pt')}.pt")
     log.info("%s: timing %s against plain training, side by side", name, " ".join(part.losses))
-    subprocess.run([sys.executable, "-m", "yolo_compress.distill_overhead", "--params", str(params), "--data",
-                    str(data), "--teacher", str(teacher), "--losses", *part.losses, "--out", str(out)], check=True)
+    proc = subprocess.run([sys.executable, "-m", "yolo_compress.distill_overhead", "--params", str(params), "--data",
+                           str(data), "--teacher", str(teacher), "--losses", *part.losses, "--out", str(out)])
+    if proc.returncode != 0:  # the report is still written, without this table; a rerun tries again
+        log.warning("%s: the side-by-side timing failed (exit %d); see the output above", name, proc.returncode)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -254,13 +297,22 @@ def main(argv: Sequence[str] | None = None) -> None:
         prunes = []
         for name in parts:
             part = study.parts[name]
-            best = best_distilled(name, part, collect_part(name, part, study, scorer))
+            best = best_distilled(name, part, collect_part(name, part, scorer))
             if part.prune and best is not None:
                 prunes.append(plan_prune(name, part, best))
+        if prunes and tree_changed_for_queue():
+            prunes = []
         run_queue(prunes, args.jobs, args.poll)
         for name in parts:
             measure_overhead(name, study.parts[name])
-    collected = {name: collect_part(name, study.parts[name], study, scorer) for name in parts}
+    # the report covers every part, so running one part does not drop the others' results
+    collected = {}
+    for name, part in study.parts.items():
+        try:
+            collected[name] = collect_part(name, part, scorer)
+        except Exception as err:  # noqa: BLE001 - one part's broken file must not cost the other parts' report
+            log.warning("%s: not collected (%s: %s); the other parts are reported", name, type(err).__name__, err)
+            collected[name] = {"error": f"{type(err).__name__}: {err}"}
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     text, summary = format_study(study, collected, commit)
     files.write_text(args.out, text)

@@ -4,6 +4,7 @@ test, and the paired summary that reports/study.md shows. yolo_compress/study.py
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,6 +65,10 @@ class StudyConfig:
     def __post_init__(self) -> None:
         if not self.parts:
             raise ParamsError("parts: expected at least one part")
+        for name, part in self.parts.items():  # they become DVC experiment names
+            for what, value in [("parts", name), *((f"parts.{name}.schedules", s) for s in part.schedules)]:
+                if not re.fullmatch(r"[A-Za-z0-9_]+", str(value)):
+                    raise ParamsError(f"{what}: expected names of letters, digits and _, got {value!r}")
         if not 0 < self.plateau_gain < 1:
             raise ParamsError(f"plateau_gain: expected a float in (0, 1), got {self.plateau_gain!r}")
 
@@ -117,7 +122,8 @@ def plan_part(name: str, part: StudyPart) -> list[Planned]:
 
 def plan_prune(name: str, part: StudyPart, best: Planned) -> Planned:
     """The prune experiment on `best`, the distilled model chosen on val: same overrides, pipeline up to prune."""
-    return Planned(f"study-{name}-{best.schedule}-{PRUNED}-s{best.seed}", name, best.schedule, PRUNED, best.seed,
+    return Planned(f"study-{name}-{best.schedule}-{PRUNED}-{best.loss}-s{best.seed}", name, best.schedule, PRUNED,
+                   best.seed,
                    {**best.overrides, "prune.model": "models/distilled.pt"}, "prune")
 
 
@@ -143,10 +149,11 @@ def apply_overrides(params: Mapping[str, Any], overrides: Mapping[str, Any]) -> 
 
 
 # ---------------------------------------------------------------------------------------------------- the math
-def plateau_gain(curve: Sequence[float]) -> float:
-    """Best val mAP50-95 of the last quarter of the epochs minus the best before it (< plateau_gain: plateaued)."""
+def plateau_gain(curve: Sequence[float]) -> float | None:
+    """Best val score of the last quarter of the epochs minus the best before it (< plateau_gain: plateaued); None
+    for a curve too short to have a last quarter worth the name."""
     if len(curve) < 4:
-        return math.inf  # too short to have a last quarter worth the name
+        return None
     q = math.ceil(len(curve) / 4)
     return max(curve[-q:]) - max(curve[:-q])
 
@@ -167,6 +174,7 @@ class MethodRow:
     scores: dict[str, tuple[float, float]]  # split -> (mean, std) over seeds
     gain_vs_plain: dict[str, tuple[float, float]]  # split -> paired (mean, std)
     gain_vs_reference: dict[str, tuple[float, float]] | None
+    reference_seeds: int  # seeds paired with the reference (a std needs two)
     time_ratio: tuple[float, float] | None  # seconds per epoch over the same seed's plain student's
 
 
@@ -190,6 +198,7 @@ def method_rows(runs: Mapping[str, Mapping[int, Scored]]) -> list[MethodRow]:
             method, seeds, scores,
             gain_vs_plain=paired(by_seed, plain) if method != PLAIN else {},
             gain_vs_reference=paired(by_seed, ref) if method not in (PLAIN, REFERENCE) and ref else None,
+            reference_seeds=len(set(by_seed) & set(ref)),
             time_ratio=mean_std(timed) if timed and method != PLAIN else None,
         ))
     return rows
@@ -202,8 +211,12 @@ def verdict(row: MethodRow, split: str, min_gain: float) -> str:
     r = (row.gain_vs_reference or {}).get(split)
     if g is None:
         return "no paired plain student"
-    met_gain = g[0] >= min_gain
-    met_ref = r is not None and r[0] > r[1] and r[0] > 0
-    return (f"gain {g[0] * 100:+.2f} points ({'met' if met_gain else 'missed'} the {min_gain * 100:+.1f} target); "
-            + ("vs sl2: no paired sl2 run" if r is None else
-               f"vs sl2 {r[0] * 100:+.2f} ± {r[1] * 100:.2f} ({'more' if met_ref else 'not more'} than one std)"))
+    if r is None:
+        ref = "vs sl2: no paired sl2 run"
+    elif row.reference_seeds < 2:
+        ref = f"vs sl2 {r[0] * 100:+.2f} (one paired seed: no std to beat)"
+    else:
+        ref = (f"vs sl2 {r[0] * 100:+.2f} ± {r[1] * 100:.2f} "
+               f"({'more' if r[0] > max(r[1], 0) else 'not more'} than one std)")
+    met = "met" if g[0] >= min_gain else "missed"
+    return f"gain {g[0] * 100:+.2f} points ({met} the {min_gain * 100:+.1f} target); {ref}"

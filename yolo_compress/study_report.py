@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import math
+import os
 import platform
 from typing import Any
-
-import torch
 
 from yolo_compress.study_plan import (
     PLAIN,
@@ -39,7 +37,7 @@ def _pm(ms: tuple[float, float] | None, points: bool = False) -> str:
 
 def _plateau(curve: list[float], bound: float) -> str:
     g = plateau_gain(curve)
-    if math.isinf(g):
+    if g is None:
         return f"too few epochs ({len(curve)}) to judge"
     return f"{'plateaued' if g < bound else 'NOT plateaued'} (last quarter gained {g * 100:+.2f} points)"
 
@@ -63,10 +61,12 @@ def part_section(name: str, part: StudyPart, got: dict[str, Any], bound: float) 
              f"data {p.get('data.source', 'synthetic')} ({p.get('data.task', 'detect')}), "
              f"{p.get('student.imgsz', '?')} px, scored by {part.metric} (pycocotools)", ""]
     summary: dict[str, Any] = {"metric": part.metric, "schedules": {}}
+    if "error" in got:
+        return [*lines, f"Not collected: {got['error']}; fix it and rerun with --collect-only."], dict(got)
     teacher = got.get("teacher")
     if teacher:
         lines.append(f"Teacher: {len(teacher['curve'])} epochs, {_plateau(teacher['curve'], bound)}; "
-                     + ", ".join(f"{s} {teacher['scores'][s]:.4f}" for s in SPLITS)
+                     + ", ".join(f"{s} {v:.4f}" for s, v in teacher["scores"].items())
                      + f"; {teacher['gflops'] / teacher['student_gflops']:.2f}x the student's GFLOPs.")
         summary["teacher"] = {"scores": teacher["scores"], "plateau_gain": plateau_gain(teacher["curve"])}
     for schedule, sched in got["schedules"].items():
@@ -92,14 +92,15 @@ def part_section(name: str, part: StudyPart, got: dict[str, Any], bound: float) 
     if prune:
         m = prune["metrics"]
         cut = m.get("ratio", {}).get("gflops_removed")
-        drops = {s: prune["distilled"][s] - prune["scores"][s] for s in SPLITS}
+        drops = {s: prune["distilled"][s] - prune["scores"][s] for s in SPLITS if s in prune["scores"]}
         held_out = ("test", "test_shift")
-        ok = cut is not None and cut >= MIN_GFLOPS_CUT and all(drops[s] <= MAX_PRUNE_DROP for s in held_out)
+        ok = (cut is not None and cut >= MIN_GFLOPS_CUT
+              and all(s in drops and drops[s] <= MAX_PRUNE_DROP for s in held_out))
         lines += ["", f"### Pruning `{got['best']}` (the best distilled model of `{part.longest}`, chosen on val)", "",
-                  "| model | " + " | ".join(SPLITS) + " |", "|---" * 4 + "|",
-                  "| distilled | " + " | ".join(f"{prune['distilled'][s]:.4f}" for s in SPLITS) + " |",
-                  "| pruned | " + " | ".join(f"{prune['scores'][s]:.4f}" for s in SPLITS) + " |",
-                  "| lost (points) | " + " | ".join(f"{drops[s] * 100:+.2f}" for s in SPLITS) + " |", "",
+                  "| model | " + " | ".join(drops) + " |", "|---" * (len(drops) + 1) + "|",
+                  "| distilled | " + " | ".join(f"{prune['distilled'][s]:.4f}" for s in drops) + " |",
+                  "| pruned | " + " | ".join(f"{prune['scores'][s]:.4f}" for s in drops) + " |",
+                  "| lost (points) | " + " | ".join(f"{drops[s] * 100:+.2f}" for s in drops) + " |", "",
                   f"GFLOPs removed: {'?' if cut is None else f'{cut:.1%}'}. Target (>= {MIN_GFLOPS_CUT:.0%} fewer "
                   f"GFLOPs, <= {MAX_PRUNE_DROP * 100:.1f} point lost on test and test_shift): "
                   f"**{'met' if ok else 'missed'}**."]
@@ -119,10 +120,10 @@ def format_study(study: StudyConfig, collected: dict[str, dict[str, Any]], commi
     """The Markdown report and a JSON-ready summary of the same numbers."""
     lines = ["# Study: distillation and pruning in the users' setting", "",
              f"Made by `python -m yolo_compress.study` from study.yaml at commit {commit}, on {platform.machine()} "
-             f"with {torch.get_num_threads()} torch threads, torch {torch.__version__}. Scores are pycocotools on "
-             "each split; ± is the std over seeds; gains are paired by `student.seed` (mean ± std of the per-seed "
-             "differences, in points of mAP50-95). Time/epoch comes from the separate experiments; the side-by-side "
-             "table below it is the one to quote.", ""]
+             f"with {os.cpu_count()} CPUs. Scores are pycocotools on each split (box mAP50-95; OKS keypoint AP for "
+             "pose); ± is the std over seeds; gains are paired by `student.seed` (mean ± std of the per-seed "
+             "differences, in points = 1/100 of the score). Time/epoch comes from the separate experiments; the "
+             "side-by-side table below it is the one to quote.", ""]
     summary: dict[str, Any] = {"commit": commit, "parts": {}}
     for name, got in collected.items():
         part_lines, summary["parts"][name] = part_section(name, study.parts[name], got, study.plateau_gain)

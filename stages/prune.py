@@ -114,7 +114,8 @@ def main() -> None:
                 t0, dst = time.perf_counter(), tmp_rounds / f"round_{k}.pt"
                 info = pruning.prune_finetune_round(
                     current, dst, ratio, work / f"round_{k}", score, importance=cfg.importance, round_to=cfg.round_to,
-                    measure=cfg.measure, epochs=cfg.round_epochs(k), calib=calib, meta={"round": k}, **ft)
+                    measure=cfg.measure, head=cfg.head,
+                    epochs=cfg.round_epochs(k), calib=calib, meta={"round": k}, **ft)
                 rows.append(row(k, dst, info["map50_95_before"], t0))
                 current = dst
                 log_params({"round": k, "ratio": ratio, "channel_ratio": info["channel_ratio"]})

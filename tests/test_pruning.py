@@ -213,13 +213,37 @@ def test_prune_round_halves_channels_and_keeps_head_outputs(pruned11: dict[str, 
 def test_prune_round_frozen_head_keeps_neck_outputs_and_random_importance_runs() -> None:
     torch.manual_seed(0)
     model = detection_model("yolo26n.yaml")
-    result = prune_round(model, X64, 0.5, "random", target="channels", prune_head_inputs=False)
+    result = prune_round(model, X64, 0.5, "random", target="channels", head="none")
     assert result["params_after"] < result["params_before"] and result["macs_after"] < result["macs_before"]
     head = model.model[-1]
     # The depthwise convs at the head's inputs couple the neck outputs to the frozen head.
     assert [s[0].conv.in_channels for s in head.cv2] == [64, 128, 256]
     assert [s[0].conv.in_channels for s in head.one2one_cv2] == [64, 128, 256]
     run(model)
+
+
+@pytest.mark.parametrize("cfg", ["yolo11n.yaml", "yolo11n-pose.yaml"])
+def test_head_hidden_mode_shrinks_branch_widths_but_keeps_the_outputs(cfg: str) -> None:
+    torch.manual_seed(0)
+    model = detection_model(cfg)
+    shapes = [t.shape for t in run(model)]
+    prune_round(model, X64, 0.5, "l2", target="channels", head="hidden")
+    head = model.model[-1]
+    branches = [head.cv2, head.cv3, *([head.cv4] if hasattr(head, "cv4") else [])]
+    finals = [[s[-1] for s in b] for b in branches]
+    assert all(isinstance(f, nn.Conv2d) for b in finals for f in b)
+    assert [f.out_channels for f in finals[0]] == [64] * 3 and [f.out_channels for f in finals[1]] == [2] * 3
+    if hasattr(head, "cv4"):
+        assert [f.out_channels for f in finals[2]] == [head.nk] * 3
+    assert all(s[1].conv.out_channels < 64 for s in head.cv2)  # the box branch's hidden width was 64
+    assert all(f.in_channels < 64 for f in finals[0])  # so the protected output convs lost inputs, not outputs
+    assert [t.shape for t in run(model)][:1] == shapes[:1]  # decoded predictions: same layout
+    assert torch.equal(head.dfl.conv.weight, torch.arange(16, dtype=torch.float).view(1, 16, 1, 1))
+
+
+def test_head_mode_is_checked() -> None:
+    with pytest.raises(PruneConfigError, match=r"^prune\.head: expected one of none, inputs, hidden, got 'all'"):
+        prune_round(small_net(), X64, 0.5, target="channels", head="all")
 
 
 def small_net() -> nn.Module:

@@ -25,12 +25,13 @@ from ultralytics.nn.modules.block import AAttn, Attention
 from ultralytics.nn.modules.conv import Conv
 from ultralytics.nn.modules.head import Detect
 
+from yolo_compress.config import PRUNE_HEAD_MODES as HEAD_MODES
 from yolo_compress.errors import ModelError, ParamsError
 from yolo_compress.models import count_params, unwrap_yolo
 from yolo_compress.splitfree import check_prunable, make_split_free
 
-__all__ = ["IMPORTANCES", "MEASURES", "PruneConfigError", "add_bn_l1_grad", "build_importance", "protected_layers",
-           "prune_round"]
+__all__ = ["HEAD_MODES", "IMPORTANCES", "MEASURES", "PruneConfigError", "add_bn_l1_grad", "build_importance",
+           "protected_layers", "prune_round"]
 
 LOG = logging.getLogger(__name__)
 
@@ -65,24 +66,29 @@ def build_importance(name: str) -> tp.importance.Importance:
 # ----------------------------------------------------------------------------------------------------------- pruning
 
 
-def protected_layers(model: nn.Module, prune_head_inputs: bool = True) -> list[nn.Module]:
-    """Modules torch-pruning must not prune: the Detect/Pose head and every Attention/AAttn block.
+def protected_layers(model: nn.Module, head: str = "inputs") -> list[nn.Module]:
+    """Modules torch-pruning must not prune: every Attention/AAttn block, and the Detect/Pose head as `head` says.
 
-    With `prune_head_inputs`, the head's depthwise input convs (YOLO11/26 `cv3[i][0]`) are left free: a depthwise conv
-    must follow the width of its input, so freezing it would also freeze the neck outputs P3-P5 that feed the head.
-    The head's hidden widths and outputs stay protected either way.
+    - "none": the whole head is protected.
+    - "inputs": the head's depthwise input convs (YOLO11/26 `cv3[i][0]`) are free. A depthwise conv must follow the
+      width of its input, so freezing it would also freeze the neck outputs P3-P5 that feed the head.
+    - "hidden": every Conv block of the head is free, so the hidden widths of the box, class (and keypoint) branches
+      shrink too. The branches' final plain Conv2d layers and the DFL stay protected: their outputs are the
+      predictions, and torch-pruning may still cut their inputs.
     """
+    if head not in HEAD_MODES:
+        raise PruneConfigError(f"prune.head: expected one of {', '.join(HEAD_MODES)}, got {head!r}")
     out: list[nn.Module] = []
     for m in unwrap_yolo(model).modules():
         if isinstance(m, (Attention, AAttn)):
             out.append(m)
         elif isinstance(m, Detect):
-            if not prune_head_inputs:
+            if head == "none":
                 out.append(m)
                 continue
             free: set[nn.Module] = set()
             for c in m.modules():
-                if isinstance(c, Conv) and c.conv.groups == c.conv.in_channels > 1:
+                if isinstance(c, Conv) and (head == "hidden" or c.conv.groups == c.conv.in_channels > 1):
                     free.update(x for x in (c.conv, getattr(c, "bn", None)) if x is not None)
             out.extend(x for x in m.modules() if not any(True for _ in x.children()) and x not in free)
     return out
@@ -114,7 +120,7 @@ class _NearestRoundPruner(tp.pruner.BasePruner):
 
 def _prune_channels(
     model: nn.Module, x: torch.Tensor, ratio: float, importance: tp.importance.Importance, round_to: int | None,
-    global_pruning: bool, prune_head_inputs: bool, protect: list[str],
+    global_pruning: bool, head: str, protect: list[str],
 ) -> None:
     """One torch-pruning step at channel ratio `ratio`, in place; training flag and requires_grad are restored."""
     was_training = model.training
@@ -127,7 +133,7 @@ def _prune_channels(
             x,
             importance=importance,
             pruning_ratio=ratio,
-            ignored_layers=protected_layers(model, prune_head_inputs) + [model.get_submodule(n) for n in protect],
+            ignored_layers=protected_layers(model, head) + [model.get_submodule(n) for n in protect],
             round_to=round_to,
             global_pruning=global_pruning,
             forward_fn=_forward,  # traced in eval mode (torch-pruning sets it): BN statistics stay untouched
@@ -191,7 +197,7 @@ def prune_round(
     target: str = "flops",
     *,
     global_pruning: bool = False,
-    prune_head_inputs: bool = True,
+    head: str = "inputs",
     tol: float = 0.01,
     max_trials: int = 5,
     protect: Iterable[nn.Module] = (),
@@ -202,14 +208,17 @@ def prune_round(
     size), "params", or "channels" (torch-pruning's channel pruning ratio, used as is). For flops/params the channel
     ratio is searched on deep copies (at most `max_trials`, each ~2-6 s on CPU for yolo11n) until the kept fraction
     is within `tol`: no closed form fits, since the protected head keeps its widths. Measured on yolo11n at 256 px,
-    channel ratio 0.5 keeps 41% of MACs (50% with `prune_head_inputs=False`), not the 25% of the (1 - r)^2 rule.
+    channel ratio 0.5 keeps 41% of MACs (50% with `head="none"`), not the 25% of the (1 - r)^2 rule.
 
-    The head and attention are always protected (`protected_layers`); `protect` adds modules of `model` to that.
+    Attention and the head's outputs are always protected (`protected_layers`, `head` says how much of the head may
+    shrink); `protect` adds modules of `model` to that.
     """
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio < 1:
         raise PruneConfigError(f"prune ratio: expected a float in (0, 1) (share to remove this round), got {ratio!r}")
     if target not in MEASURES:
         raise PruneConfigError(f"prune target: expected one of {', '.join(MEASURES)}, got {target!r}")
+    if head not in HEAD_MODES:
+        raise PruneConfigError(f"prune.head: expected one of {', '.join(HEAD_MODES)}, got {head!r}")
     if max_trials < 1:
         raise PruneConfigError(f"max_trials: expected an int >= 1, got {max_trials!r}")
     imp = build_importance(importance) if isinstance(importance, str) else importance
@@ -229,7 +238,7 @@ def prune_round(
     macs0, params0 = _macs_params(model, x)
 
     def prune(m: nn.Module, r: float) -> None:  # one pruning pass at channel ratio r
-        _prune_channels(m, x, r, imp, round_to, global_pruning, prune_head_inputs, protect_names)
+        _prune_channels(m, x, r, imp, round_to, global_pruning, head, protect_names)
 
     trials, channel_ratio = 0, ratio
     if target != "channels":
@@ -264,7 +273,7 @@ def add_bn_l1_grad(model: nn.Module, lam: float, skip: Iterable[nn.Module] | Non
     protected head and attention, which are never pruned) are left alone. Returns the number of BNs changed.
     """
     model = unwrap_yolo(model)
-    skipped = {id(m) for s in (protected_layers(model, False) if skip is None else skip) for m in s.modules()}
+    skipped = {id(m) for s in (protected_layers(model, "none") if skip is None else skip) for m in s.modules()}
     n = 0
     for m in model.modules():
         grad = m.weight.grad if isinstance(m, nn.BatchNorm2d) and m.weight is not None else None

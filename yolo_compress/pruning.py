@@ -202,6 +202,7 @@ def prune_finetune_round(
     importance: str = "l2",
     round_to: int | None = 8,
     measure: str = "flops",
+    head: str = "inputs",
     imgsz: int = 640,
     data_yaml: Path,
     epochs: int,
@@ -220,7 +221,7 @@ def prune_finetune_round(
     if calib and importance == "taylor":
         taylor_backward(model, calib)
     x = torch.zeros(1, model.yaml.get("channels", 3), imgsz, imgsz)
-    info: dict[str, float] = prune_round(model, x, ratio, importance, round_to, measure)
+    info: dict[str, float] = prune_round(model, x, ratio, importance, round_to, measure, head=head)
     if calib:
         recalibrate_bn(model, calib)
     pruned = save_pruned(model, Path(work_dir) / "pruned.pt", meta={**(meta or {}), **info})

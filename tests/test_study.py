@@ -170,7 +170,7 @@ def test_uncommitted_code_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyP
     (tmp_path / "notes.txt").write_text("not code\n")
     check_committed()
     (tmp_path / "stages" / "a.py").write_text("x = 2\n")
-    with pytest.raises(UserError, match=r"^uncommitted changes in stages/a\.py: queued experiments run the last "):
+    with pytest.raises(UserError, match=r"^uncommitted changes in stages/a\.py: the study's experiments must come "):
         check_committed()
 
 

@@ -57,14 +57,15 @@ CODE = ("stages", "yolo_compress", "dvc.yaml", "params.yaml", "study.yaml")
 
 
 def check_committed(paths: Sequence[str] = CODE) -> None:
-    """Queued experiments run the last commit: refuse while the code or params differ from it."""
+    """Refuse while code or params differ from the last commit: each experiment's results must be those of a commit
+    (a queued experiment would silently carry the uncommitted edits)."""
     out = subprocess.run(["git", "status", "--porcelain", "--", *paths], capture_output=True, text=True)
     if out.returncode != 0:
         raise UserError("the study needs a git repository: run it from the project's clone")
     changed = [line[3:] for line in out.stdout.splitlines()]
     if changed:
-        raise UserError(f"uncommitted changes in {', '.join(changed[:5])}: queued experiments run the last commit, "
-                        "so the study would not run this code; commit (or stash) them first")
+        raise UserError(f"uncommitted changes in {', '.join(changed[:5])}: the study's experiments must come from a "
+                        "commit that names their code; commit (or stash) them first")
 
 
 def check_params(study: StudyConfig, parts: Sequence[str]) -> None:
@@ -91,16 +92,13 @@ def tree_changed_for_queue() -> bool:
     return False
 
 
-def finished_experiments() -> dict[str, tuple[str, str]]:
-    """Name -> (commit, baseline commit) of every finished DVC experiment here (any baseline; the newest wins)."""
+def finished_experiments() -> dict[str, str]:
+    """Name -> commit of every finished DVC experiment here (any baseline; the newest wins)."""
     out = subprocess.run(["git", "for-each-ref", "--sort=committerdate", "--format=%(refname) %(objectname)",
                           "refs/exps"], capture_output=True, text=True, check=True).stdout
-    found = {}
-    for ref, sha in (line.split() for line in out.splitlines()):
-        parts = ref.split("/")  # refs/exps/<baseline[:2]>/<baseline[2:]>/<name>
-        if len(parts) == 5:
-            found[parts[4]] = (sha, parts[2] + parts[3])
-    return found
+    # refs/exps/<baseline[:2]>/<baseline[2:]>/<name>; DVC's own refs (refs/exps/celery/stash, ...) are shorter
+    return {ref.split("/")[4]: sha for ref, sha in (line.split() for line in out.splitlines())
+            if ref.count("/") == 4}
 
 
 def params_differ(exp: Experiment, overrides: dict[str, Any]) -> list[str]:
@@ -123,7 +121,7 @@ def run_queue(planned: Sequence[Planned], jobs: int, poll_s: float) -> None:
     done, (states, _) = finished_experiments(), queue_status()
     for p in planned:
         if p.name in done:
-            differ = params_differ(Experiment(p.name, done[p.name][0]), p.overrides)
+            differ = params_differ(Experiment(p.name, done[p.name]), p.overrides)
             if differ:
                 raise UserError(f"experiment {p.name} exists with other params ({'; '.join(differ[:3])}): "
                                 f"remove it (`dvc exp remove {p.name}`) to run it again, or rename the part")
@@ -189,12 +187,12 @@ class Scorer:
         return self.cache[key]
 
 
-def finished(p: Planned, done: dict[str, tuple[str, str]], missing: list[str]) -> Experiment | None:
+def finished(p: Planned, done: dict[str, str], missing: list[str]) -> Experiment | None:
     """The finished experiment of `p`, or None (noted in `missing`) when it has not run or ran other params."""
     if p.name not in done:
         missing.append(p.name)
         return None
-    exp = Experiment(p.name, done[p.name][0])
+    exp = Experiment(p.name, done[p.name])
     if params_differ(exp, p.overrides):
         missing.append(f"{p.name} (ran with other params than study.yaml's)")
         return None
@@ -257,7 +255,7 @@ def measure_overhead(name: str, part: StudyPart) -> None:
     first = next((p for p in plan_part(name, part) if p.name in done), None)
     if out.is_file() or first is None:
         return
-    exp = Experiment(first.name, done[first.name][0])
+    exp = Experiment(first.name, done[first.name])
     params = WORK / name / "overhead_params.yaml"
     files.write_text(params, exp.fs.read_text("params.yaml"))
     data = exp.fetch("data/prepared", WORK / "data" / exp.md5("data/prepared"))

@@ -121,10 +121,10 @@ def plan_part(name: str, part: StudyPart) -> list[Planned]:
 
 
 def plan_prune(name: str, part: StudyPart, best: Planned) -> Planned:
-    """The prune experiment on `best`, the distilled model chosen on val: same overrides, pipeline up to prune."""
+    """The prune experiment on `best`, the distilled model chosen on val: same overrides, pipeline up to prune (whose
+    default `prune.model` is the distilled model)."""
     return Planned(f"study-{name}-{best.schedule}-{PRUNED}-{best.loss}-s{best.seed}", name, best.schedule, PRUNED,
-                   best.seed,
-                   {**best.overrides, "prune.model": "models/distilled.pt"}, "prune")
+                   best.seed, best.overrides, "prune")
 
 
 def set_arguments(overrides: Mapping[str, Any]) -> list[str]:

@@ -13,7 +13,7 @@ import yaml
 
 from tests.tiny_pipeline import GIT, REPO, copy_repo, run
 from yolo_compress.errors import ParamsError, UserError
-from yolo_compress.study import check_committed
+from yolo_compress.study import check_committed, overhead_path
 from yolo_compress.study_plan import (
     PLAIN,
     Scored,
@@ -157,6 +157,15 @@ def test_report_states_targets_plateaus_and_what_is_missing() -> None:
     assert "| plain | 1 |" in text and "study-d-long-x-s9" in text
     assert summary["parts"]["d"]["prune"]["target_met"] is False
     json.dumps(summary)  # the JSON twin is plain data
+
+
+def test_a_resized_part_is_timed_again() -> None:
+    # the first study reused a 192 px timing table for the 160 px part: the table is keyed by what it timed
+    same = overhead_path("detect", "data1", "teacher1", "student: {imgsz: 160}\n")
+    assert overhead_path("detect", "data1", "teacher1", "student: {imgsz: 160}\n") == same
+    assert overhead_path("detect", "data2", "teacher1", "student: {imgsz: 160}\n") != same
+    assert overhead_path("detect", "data1", "teacher2", "student: {imgsz: 160}\n") != same
+    assert overhead_path("detect", "data1", "teacher1", "student: {imgsz: 192}\n") != same
 
 
 def test_uncommitted_code_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

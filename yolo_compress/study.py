@@ -19,6 +19,7 @@ because queued experiments run the last commit.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import shutil
@@ -231,8 +232,8 @@ def collect_part(name: str, part: StudyPart, scorer: Scorer) -> dict[str, Any]:
             result["prune"] = {"experiment": exp.name, "metrics": exp.json("metrics/prune.json"),
                                "scores": scorer.score(exp, "models/pruned.pt", part.metric),
                                "distilled": scorer.score(exp, "models/distilled.pt", part.metric)}
-    overhead = WORK / name / "overhead.md"
-    result["overhead"] = overhead.read_text() if overhead.is_file() else None
+    overhead = overhead_table(name, part)
+    result["overhead"] = overhead.read_text() if overhead is not None and overhead.is_file() else None
     return result
 
 
@@ -247,15 +248,34 @@ def best_distilled(name: str, part: StudyPart, result: dict[str, Any]) -> Planne
     return next(p for p in plan_part(name, part) if (p.schedule, p.loss, p.seed) == (part.longest, loss, seed))
 
 
-def measure_overhead(name: str, part: StudyPart) -> None:
-    """Distillation time per epoch against plain training, side by side in one process, on the part's data and
-    teacher (from its first finished experiment); skipped when measured before."""
-    out = WORK / name / "overhead.md"
+def overhead_source(name: str, part: StudyPart) -> Experiment | None:
+    """The part's first finished experiment: its data, teacher and params are what the timing runs on."""
     done = finished_experiments()
     first = next((p for p in plan_part(name, part) if p.name in done), None)
-    if out.is_file() or first is None:
+    return None if first is None else Experiment(first.name, done[first.name])
+
+
+def overhead_path(name: str, data_md5: str, teacher_md5: str, params_text: str) -> Path:
+    """Where the timing table of this data, teacher and params lives: a resized part is timed again."""
+    key = hashlib.md5(f"{data_md5} {teacher_md5} {params_text}".encode()).hexdigest()[:12]
+    return WORK / name / f"overhead-{key}.md"
+
+
+def overhead_table(name: str, part: StudyPart, exp: Experiment | None = None) -> Path | None:
+    """The timing table's path for the part's current experiments (None before any has finished)."""
+    exp = exp or overhead_source(name, part)
+    if exp is None:
+        return None
+    return overhead_path(name, exp.md5("data/prepared"), exp.md5("models/teacher.pt"), exp.fs.read_text("params.yaml"))
+
+
+def measure_overhead(name: str, part: StudyPart) -> None:
+    """Distillation time per epoch against plain training, side by side in one process, on the part's data and
+    teacher (from its first finished experiment); skipped when measured before on the same ones."""
+    exp = overhead_source(name, part)
+    out = overhead_table(name, part, exp)
+    if exp is None or out is None or out.is_file():
         return
-    exp = Experiment(first.name, done[first.name])
     params = WORK / name / "overhead_params.yaml"
     files.write_text(params, exp.fs.read_text("params.yaml"))
     data = exp.fetch("data/prepared", WORK / "data" / exp.md5("data/prepared"))

@@ -157,6 +157,9 @@ def test_report_states_targets_plateaus_and_what_is_missing() -> None:
     assert "| plain | 1 |" in text and "study-d-long-x-s9" in text
     assert summary["parts"]["d"]["prune"]["target_met"] is False
     json.dumps(summary)  # the JSON twin is plain data
+    got["teacher"]["curve"] = [0.0] * 8  # flat at zero is not a plateau
+    assert "Teacher: 8 epochs, NOT plateaued: nothing learnt yet (best val 0.0000)" in format_study(
+        study, {"d": got}, "abc123")[0]
 
 
 def test_a_resized_part_is_timed_again() -> None:

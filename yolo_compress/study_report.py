@@ -39,6 +39,8 @@ def _plateau(curve: list[float], bound: float) -> str:
     g = plateau_gain(curve)
     if g is None:
         return f"too few epochs ({len(curve)}) to judge"
+    if max(curve) < bound:  # flat at zero is no plateau: nothing has been learnt yet
+        return f"NOT plateaued: nothing learnt yet (best val {max(curve):.4f})"
     return f"{'plateaued' if g < bound else 'NOT plateaued'} (last quarter gained {g * 100:+.2f} points)"
 
 

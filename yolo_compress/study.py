@@ -232,7 +232,8 @@ def collect_part(name: str, part: StudyPart, scorer: Scorer) -> dict[str, Any]:
             result["prune"] = {"experiment": exp.name, "metrics": exp.json("metrics/prune.json"),
                                "scores": scorer.score(exp, "models/pruned.pt", part.metric),
                                "distilled": scorer.score(exp, "models/distilled.pt", part.metric)}
-    overhead = overhead_table(name, part)
+    source = overhead_source(name, part)
+    overhead = overhead_table(name, source) if source is not None else None
     result["overhead"] = overhead.read_text() if overhead is not None and overhead.is_file() else None
     return result
 
@@ -261,11 +262,8 @@ def overhead_path(name: str, data_md5: str, teacher_md5: str, params_text: str) 
     return WORK / name / f"overhead-{key}.md"
 
 
-def overhead_table(name: str, part: StudyPart, exp: Experiment | None = None) -> Path | None:
-    """The timing table's path for the part's current experiments (None before any has finished)."""
-    exp = exp or overhead_source(name, part)
-    if exp is None:
-        return None
+def overhead_table(name: str, exp: Experiment) -> Path:
+    """The timing table's path for the data, teacher and params of `exp`."""
     return overhead_path(name, exp.md5("data/prepared"), exp.md5("models/teacher.pt"), exp.fs.read_text("params.yaml"))
 
 
@@ -273,8 +271,10 @@ def measure_overhead(name: str, part: StudyPart) -> None:
     """Distillation time per epoch against plain training, side by side in one process, on the part's data and
     teacher (from its first finished experiment); skipped when measured before on the same ones."""
     exp = overhead_source(name, part)
-    out = overhead_table(name, part, exp)
-    if exp is None or out is None or out.is_file():
+    if exp is None:
+        return
+    out = overhead_table(name, exp)
+    if out.is_file():
         return
     params = WORK / name / "overhead_params.yaml"
     files.write_text(params, exp.fs.read_text("params.yaml"))

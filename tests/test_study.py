@@ -25,6 +25,7 @@ from yolo_compress.study_plan import (
     plan_part,
     plan_prune,
     plateau_gain,
+    plateaued,
     set_arguments,
     verdict,
 )
@@ -106,6 +107,10 @@ def test_plateau_is_the_last_quarter_against_the_best_before() -> None:
     assert plateau_gain([0.1, 0.3, 0.40, 0.41, 0.40, 0.39, 0.404, 0.412]) == pytest.approx(0.002)
     assert plateau_gain([0.5, 0.4, 0.3, 0.2, 0.1]) < 0  # the best was earlier
     assert plateau_gain([0.1, 0.2, 0.3]) is None
+    assert plateaued([0.1, 0.3, 0.40, 0.41, 0.40, 0.39, 0.404, 0.412], 0.005) is True
+    assert plateaued([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8], 0.005) is False
+    assert plateaued([0.0] * 8, 0.005) is False  # nothing learnt is not a plateau
+    assert plateaued([0.1, 0.2, 0.3], 0.005) is None
 
 
 def _runs() -> dict[str, dict[int, Scored]]:
@@ -156,10 +161,13 @@ def test_report_states_targets_plateaus_and_what_is_missing() -> None:
     assert "GFLOPs removed: 65.0%" in text and "**missed**" in text  # test_shift lost 2 points
     assert "| plain | 1 |" in text and "study-d-long-x-s9" in text
     assert summary["parts"]["d"]["prune"]["target_met"] is False
+    assert summary["parts"]["d"]["teacher"]["plateaued"] is True
+    assert summary["parts"]["d"]["schedules"]["long"]["plain_plateau"][0]["plateaued"] is True
     json.dumps(summary)  # the JSON twin is plain data
-    got["teacher"]["curve"] = [0.0] * 8  # flat at zero is not a plateau
-    assert "Teacher: 8 epochs, NOT plateaued: nothing learnt yet (best val 0.0000)" in format_study(
-        study, {"d": got}, "abc123")[0]
+    got["teacher"]["curve"] = [0.0] * 8  # flat at zero is not a plateau, in the text and in the JSON
+    text, summary = format_study(study, {"d": got}, "abc123")
+    assert "Teacher: 8 epochs, NOT plateaued: nothing learnt yet (best val 0.0000)" in text
+    assert summary["parts"]["d"]["teacher"] == {"scores": scores, "plateau_gain": 0.0, "plateaued": False}
 
 
 def test_a_resized_part_is_timed_again() -> None:

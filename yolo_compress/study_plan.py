@@ -158,6 +158,13 @@ def plateau_gain(curve: Sequence[float]) -> float | None:
     return max(curve[-q:]) - max(curve[:-q])
 
 
+def plateaued(curve: Sequence[float], bound: float) -> bool | None:
+    """The study's plateau verdict: the last quarter gained less than `bound`, and the curve reached `bound` at all
+    (flat at zero means nothing was learnt, not a plateau); None for a curve too short to judge."""
+    g = plateau_gain(curve)
+    return None if g is None else bool(g < bound and max(curve) >= bound)
+
+
 @dataclass(frozen=True)
 class Scored:
     """One trained model of the study: its seed and its scores per split."""

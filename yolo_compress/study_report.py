@@ -16,6 +16,7 @@ from yolo_compress.study_plan import (
     StudyPart,
     method_rows,
     plateau_gain,
+    plateaued,
     verdict,
 )
 
@@ -36,12 +37,16 @@ def _pm(ms: tuple[float, float] | None, points: bool = False) -> str:
 
 
 def _plateau(curve: list[float], bound: float) -> str:
-    g = plateau_gain(curve)
-    if g is None:
+    done, g = plateaued(curve, bound), plateau_gain(curve)
+    if done is None or g is None:
         return f"too few epochs ({len(curve)}) to judge"
-    if max(curve) < bound:  # flat at zero is no plateau: nothing has been learnt yet
+    if max(curve) < bound:
         return f"NOT plateaued: nothing learnt yet (best val {max(curve):.4f})"
-    return f"{'plateaued' if g < bound else 'NOT plateaued'} (last quarter gained {g * 100:+.2f} points)"
+    return f"{'plateaued' if done else 'NOT plateaued'} (last quarter gained {g * 100:+.2f} points)"
+
+
+def _plateau_json(curve: list[float], bound: float) -> dict[str, Any]:
+    return {"plateau_gain": plateau_gain(curve), "plateaued": plateaued(curve, bound)}
 
 
 def method_table(rows: list[MethodRow]) -> list[str]:
@@ -70,7 +75,7 @@ def part_section(name: str, part: StudyPart, got: dict[str, Any], bound: float) 
         lines.append(f"Teacher: {len(teacher['curve'])} epochs, {_plateau(teacher['curve'], bound)}; "
                      + ", ".join(f"{s} {v:.4f}" for s, v in teacher["scores"].items())
                      + f"; {teacher['gflops'] / teacher['student_gflops']:.2f}x the student's GFLOPs.")
-        summary["teacher"] = {"scores": teacher["scores"], "plateau_gain": plateau_gain(teacher["curve"])}
+        summary["teacher"] = {"scores": teacher["scores"], **_plateau_json(teacher["curve"], bound)}
     for schedule, sched in got["schedules"].items():
         rows = method_rows(to_scored(sched["runs"]))
         curves = [r["curve"] for r in sched["runs"].get(PLAIN, {}).values()]
@@ -89,7 +94,7 @@ def part_section(name: str, part: StudyPart, got: dict[str, Any], bound: float) 
             "epochs": sched["epochs"],
             "rows": [{"method": r.method, "seeds": r.seeds, "scores": r.scores, "gain_vs_plain": r.gain_vs_plain,
                       "gain_vs_reference": r.gain_vs_reference, "time_ratio": r.time_ratio} for r in rows],
-            "plain_plateau_gain": {s: plateau_gain(r["curve"]) for s, r in sched["runs"].get(PLAIN, {}).items()}}
+            "plain_plateau": {s: _plateau_json(r["curve"], bound) for s, r in sched["runs"].get(PLAIN, {}).items()}}
     prune = got.get("prune")
     if prune:
         m = prune["metrics"]

@@ -13,7 +13,7 @@ import yaml
 
 from tests.tiny_pipeline import GIT, REPO, copy_repo, run
 from yolo_compress.errors import ParamsError, UserError
-from yolo_compress.study import check_committed, overhead_path
+from yolo_compress.study import check_committed, check_params, overhead_path
 from yolo_compress.study_plan import (
     PLAIN,
     Scored,
@@ -61,6 +61,8 @@ def test_the_shipped_study_loads_and_its_params_are_valid(tmp_path: Path) -> Non
     ("parts: {a: {}}\nplateau_gain: 2", r"plateau_gain: expected a float in \(0, 1\)"),
     ("parts: {a-b: {}}", r"parts: expected names of letters, digits and _, got 'a-b'"),
     ("parts: {a: {schedules: {long run: 3}}}", r"parts\.a\.schedules: expected names of letters, digits and _"),
+    ("parts: {a: {prune: {x: {finetune_epochs: 3}}}}", r"parts\.a\.prune\.x: expected a mapping of prune\.\* keys"),
+    ("parts: {a: {prune: {x y: {}}}}", r"parts\.a\.prune: expected names of letters, digits and _, got 'x y'"),
 ])
 def test_bad_study_yaml_is_one_line_naming_the_key(tmp_path: Path, text: str, message: str) -> None:
     with pytest.raises(ParamsError, match=message):
@@ -75,9 +77,12 @@ def test_grid_pairs_every_loss_with_each_seed_and_schedule() -> None:
     p = next(p for p in plan if (p.schedule, p.loss, p.seed) == ("long", "logit", 3))
     assert p.name == "study-x-long-logit-s3" and p.target == "distill"
     assert p.overrides == {"teacher.epochs": 5, "student.epochs": 8, "student.seed": 3, "distill.loss": "logit"}
-    prune = plan_prune("x", part, p)
-    assert prune.target == "prune" and prune.name == "study-x-long-pruned-logit-s3"
-    assert prune.overrides == p.overrides
+    assert plan_prune("x", part, p) == []  # no recipes, no pruning
+    recipes = StudyPart(schedules={"long": 8}, prune={"default": {}, "ft10": {"prune.finetune_epochs": 10}}).prune
+    default, ft10 = plan_prune("x", StudyPart(schedules={"long": 8}, prune=recipes), p)
+    assert default.target == ft10.target == "prune"
+    assert default.name == "study-x-long-pruned_default-logit-s3" and default.overrides == p.overrides
+    assert ft10.recipe == "ft10" and ft10.overrides == {**p.overrides, "prune.finetune_epochs": 10}
 
 
 def test_set_arguments_are_read_back_by_dvc(tmp_path: Path) -> None:
@@ -140,7 +145,7 @@ def test_gains_are_paired_by_seed() -> None:
 
 def test_report_states_targets_plateaus_and_what_is_missing() -> None:
     part = StudyPart(params={"teacher.model": "yolo11s.yaml", "student.imgsz": 192}, schedules={"long": 8},
-                     losses=["sl2", "logit"], seeds=[0, 1], prune=True)
+                     losses=["sl2", "logit"], seeds=[0, 1], prune={"default": {}})
     study = StudyConfig(parts={"d": part})
     runs = {m: {s: {"scores": r.scores, "seconds_per_epoch": r.seconds_per_epoch,
                     "curve": [0.1, 0.2, 0.3, 0.3, 0.3, 0.3, 0.3, 0.301]}
@@ -149,8 +154,13 @@ def test_report_states_targets_plateaus_and_what_is_missing() -> None:
     got = {"schedules": {"long": {"epochs": 8, "runs": runs}}, "missing": ["study-d-long-x-s9"],
            "teacher": {"scores": scores, "curve": [0.1] * 8, "gflops": 3.0, "student_gflops": 1.0},
            "best": "study-d-long-logit-s1",
-           "prune": {"experiment": "p", "metrics": {"ratio": {"gflops_removed": 0.65}},
-                     "distilled": scores, "scores": {"val": 0.355, "test": 0.345, "test_shift": 0.23}},
+           "prune": {"default": {
+               "experiment": "p", "overrides": {}, "scores": {"val": 0.355, "test": 0.345, "test_shift": 0.23},
+               "metrics": {"ratio": {"gflops_removed": 0.65}, "pruned": {"rounds_done": 2, "best_round": 2}},
+               "distilled": scores,
+               "rounds": [{"round": 0, "gflops": 1.0, "map50_95_before": 0.36, "map50_95_after": 0.36},
+                          {"round": 1, "gflops": 0.6, "map50_95_before": 0.1, "map50_95_after": 0.35},
+                          {"round": 2, "gflops": 0.35, "map50_95_before": 0.2, "map50_95_after": 0.355}]}},
            "overhead": "# Distillation time overhead\n\nsetting\n\n| method | x |\n|---|---|\n| plain | 1 |\n"}
     text, summary = format_study(study, {"d": got}, "abc123")
     assert "commit abc123" in text
@@ -158,9 +168,10 @@ def test_report_states_targets_plateaus_and_what_is_missing() -> None:
     assert "seed 0: plateaued (last quarter gained +0.10 points)" in text
     assert "| logit | 0 1 | 0.3550 ± 0.0071 | 0.3350 ± 0.0212 |" in text
     assert "- **logit**, on test: gain +4.50 points (met the +1.5 target)" in text
-    assert "GFLOPs removed: 65.0%" in text and "**missed**" in text  # test_shift lost 2 points
+    assert "| default | - | 2 | 2 | 65.0% | +0.50 | +0.50 | +2.00 | **missed** |" in text  # test_shift lost 2
+    assert "- `default`: r1 0.100 -> 0.350 (40%), r2 0.200 -> 0.355 (65%)" in text
     assert "| plain | 1 |" in text and "study-d-long-x-s9" in text
-    assert summary["parts"]["d"]["prune"]["target_met"] is False
+    assert summary["parts"]["d"]["prune"]["default"]["target_met"] is False
     assert summary["parts"]["d"]["teacher"]["plateaued"] is True
     assert summary["parts"]["d"]["schedules"]["long"]["plain_plateau"][0]["plateaued"] is True
     json.dumps(summary)  # the JSON twin is plain data
@@ -177,6 +188,17 @@ def test_a_resized_part_is_timed_again() -> None:
     assert overhead_path("detect", "data2", "teacher1", "student: {imgsz: 160}\n") != same
     assert overhead_path("detect", "data1", "teacher2", "student: {imgsz: 160}\n") != same
     assert overhead_path("detect", "data1", "teacher1", "student: {imgsz: 192}\n") != same
+
+
+def test_a_bad_prune_recipe_is_refused_before_anything_is_queued(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    monkeypatch.chdir(tmp_path)
+    part = StudyPart(schedules={"short": 1}, prune={"ok": {"prune.finetune_epochs": 10},
+                                                    "bad": {"prune.finetune_epochs": -1}})
+    with pytest.raises(ParamsError, match=r"^study\.yaml: parts\.d\.prune\.bad: .*finetune_epochs"):
+        check_params(StudyConfig(parts={"d": part}), ["d"])
+    check_params(StudyConfig(parts={"d": StudyPart(schedules={"short": 1}, prune={"ok": {}})}), ["d"])
 
 
 def test_uncommitted_code_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -200,21 +222,21 @@ def test_study_runs_over_the_real_queue_and_resumes(tiny_repo: tuple[Path, dict[
     env = tiny_repo[1]
     (repo / "study.yaml").write_text(yaml.safe_dump({"parts": {"tiny": {
         "params": {"teacher.epochs": 2}, "schedules": {"short": 1}, "losses": ["logit"], "seeds": [1],
-        "prune": True}}}))
+        "prune": {"default": {}}}}}))
     run([*GIT, "add", "study.yaml"], repo, env)
     run([*GIT, "commit", "-qm", "tiny study"], repo, env)
     run(["python", "-m", "yolo_compress.study", "--poll", "1"], repo, env)
     text = (repo / "reports" / "study.md").read_text()
     assert "### Schedule `short`: 1 student epochs" in text
     assert "| plain | 1 |" in text and "| logit | 1 |" in text
-    assert "### Pruning `study-tiny-short-logit-s1`" in text and "GFLOPs removed: " in text
+    assert "### Pruning `study-tiny-short-logit-s1`" in text and "| default | - | " in text
     assert "### Distillation time, side by side" in text and "Not finished" not in text
     summary = json.loads((repo / "reports" / "study.json").read_text())
     rows = summary["parts"]["tiny"]["schedules"]["short"]["rows"]
     for row in rows:
         assert all(0 <= row["scores"][s][0] <= 1 for s in ("val", "test", "test_shift"))
     exps = run(["dvc", "exp", "list", "--all-commits", "--name-only"], repo, env).stdout.split()
-    assert sorted(exps) == ["study-tiny-short-logit-s1", "study-tiny-short-pruned-logit-s1"]
+    assert sorted(exps) == ["study-tiny-short-logit-s1", "study-tiny-short-pruned_default-logit-s1"]
     scored = json.loads((repo / ".study" / "scores.json").read_text())
     assert len(scored) == 4  # teacher, plain, distilled, pruned
 

@@ -6,8 +6,8 @@
 Each (part, schedule, loss, seed) is one `dvc exp run --queue` of the committed pipeline up to `distill`, with
 study.yaml's overrides; it trains that seed's plain student too, and DVC's run cache shares the teacher and the
 plain students between experiments. When the distill grid is done, the best distilled model of the longest
-schedule (chosen on val) goes through the `prune` stage as one more experiment, and the distillation time of each
-loss is measured side by side against plain training (yolo_compress.distill_overhead) on the part's data.
+schedule (chosen on val) goes through the `prune` stage once per recipe of study.yaml, and the distillation time
+of each loss is measured side by side against plain training (yolo_compress.distill_overhead) on the part's data.
 Every model is then scored with pycocotools on val, test and test_shift, from the experiment's own outputs in the
 DVC cache. Writes reports/study.md and reports/study.json.
 
@@ -73,13 +73,17 @@ def check_params(study: StudyConfig, parts: Sequence[str]) -> None:
     """Every experiment's params.yaml must load: a bad override stops here, before anything is queued."""
     base = yaml.safe_load(Path("params.yaml").read_text()) or {}
     for name in parts:
-        for planned in plan_part(name, study.parts[name]):
+        part = study.parts[name]
+        checks = [(f"parts.{name}.params", p.overrides) for p in plan_part(name, part)]
+        checks += [(f"parts.{name}.prune.{recipe}", {**part.params, **overrides})
+                   for recipe, overrides in part.prune.items()]
+        for where, overrides in checks:
             path = WORK / name / "params.yaml"
-            files.write_text(path, yaml.safe_dump(apply_overrides(base, planned.overrides), sort_keys=False))
+            files.write_text(path, yaml.safe_dump(apply_overrides(base, overrides), sort_keys=False))
             try:
                 load_params(path)
             except ParamsError as err:
-                raise ParamsError(f"study.yaml: parts.{name}.params: {str(err).split(': ', 1)[1]}") from None
+                raise ParamsError(f"study.yaml: {where}: {str(err).split(': ', 1)[1]}") from None
 
 
 def tree_changed_for_queue() -> bool:
@@ -203,7 +207,7 @@ def finished(p: Planned, done: dict[str, str], missing: list[str]) -> Experiment
 def collect_part(name: str, part: StudyPart, scorer: Scorer) -> dict[str, Any]:
     """Everything the report says about one part, from the finished experiments."""
     done = finished_experiments()
-    result: dict[str, Any] = {"schedules": {}, "missing": [], "teacher": None, "prune": None}
+    result: dict[str, Any] = {"schedules": {}, "missing": [], "teacher": None, "prune": {}}
     for p in plan_part(name, part):
         exp = finished(p, done, result["missing"])
         if exp is None:
@@ -227,11 +231,14 @@ def collect_part(name: str, part: StudyPart, scorer: Scorer) -> dict[str, Any]:
     best = best_distilled(name, part, result)
     if best is not None:
         result["best"] = best.name
-        exp = finished(plan_prune(name, part, best), done, result["missing"] if part.prune else [])
-        if exp is not None:
-            result["prune"] = {"experiment": exp.name, "metrics": exp.json("metrics/prune.json"),
-                               "scores": scorer.score(exp, "models/pruned.pt", part.metric),
-                               "distilled": scorer.score(exp, "models/distilled.pt", part.metric)}
+        for p in plan_prune(name, part, best):
+            exp = finished(p, done, result["missing"])
+            if exp is not None:
+                result["prune"][p.recipe] = {
+                    "experiment": exp.name, "overrides": part.prune[p.recipe],
+                    "metrics": exp.json("metrics/prune.json"), "rounds": exp.json("plots/prune.json"),
+                    "scores": scorer.score(exp, "models/pruned.pt", part.metric),
+                    "distilled": scorer.score(exp, "models/distilled.pt", part.metric)}
     source = overhead_source(name, part)
     overhead = overhead_table(name, source) if source is not None else None
     result["overhead"] = overhead.read_text() if overhead is not None and overhead.is_file() else None
@@ -316,8 +323,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         for name in parts:
             part = study.parts[name]
             best = best_distilled(name, part, collect_part(name, part, scorer))
-            if part.prune and best is not None:
-                prunes.append(plan_prune(name, part, best))
+            if best is not None:
+                prunes += plan_prune(name, part, best)
         if prunes and tree_changed_for_queue():
             prunes = []
         run_queue(prunes, args.jobs, args.poll)

@@ -30,7 +30,8 @@ class StudyPart:
     schedules: dict = field(default_factory=lambda: {"short": 10})  # (dict) schedule name -> student.epochs
     losses: list[str] = field(default_factory=lambda: [REFERENCE, "logit"])  # (list) distill.loss values
     seeds: list[int] = field(default_factory=lambda: [0, 1])  # (list) student.seed values; gains paired by seed
-    prune: bool = False  # (bool) prune the best distilled model of the longest schedule (chosen on val)
+    prune: dict = field(default_factory=dict)  # (dict) recipe name -> prune.* overrides; each recipe prunes the best
+    # distilled model of the longest schedule (chosen on val) as one experiment; {} = no pruning
 
     def __post_init__(self) -> None:
         bad = [m for m in self.losses if m not in DISTILL_LOSSES]
@@ -43,6 +44,10 @@ class StudyPart:
             raise ParamsError(f"schedules: expected names mapped to student.epochs >= 1, got {self.schedules!r}")
         if any(not isinstance(k, str) or "." not in k for k in self.params):
             raise ParamsError(f"params: expected dotted params keys (e.g. teacher.epochs), got {list(self.params)}")
+        for recipe, overrides in self.prune.items():
+            if not isinstance(overrides, dict) or any(not str(k).startswith("prune.") for k in overrides):
+                raise ParamsError(f"prune.{recipe}: expected a mapping of prune.* keys (e.g. prune.finetune_epochs: "
+                                  f"10), or {{}} for the default recipe; got {overrides!r}")
 
     @property
     def metric(self) -> str:
@@ -66,7 +71,9 @@ class StudyConfig:
         if not self.parts:
             raise ParamsError("parts: expected at least one part")
         for name, part in self.parts.items():  # they become DVC experiment names
-            for what, value in [("parts", name), *((f"parts.{name}.schedules", s) for s in part.schedules)]:
+            names = [("parts", name), *((f"parts.{name}.schedules", s) for s in part.schedules),
+                     *((f"parts.{name}.prune", r) for r in part.prune)]
+            for what, value in names:
                 if not re.fullmatch(r"[A-Za-z0-9_]+", str(value)):
                     raise ParamsError(f"{what}: expected names of letters, digits and _, got {value!r}")
         if not 0 < self.plateau_gain < 1:
@@ -97,10 +104,11 @@ class Planned:
     name: str
     part: str
     schedule: str
-    loss: str  # distill.loss of a distill experiment; PRUNED for the prune experiment
+    loss: str  # distill.loss of the distilled model (for a prune experiment: of the model it prunes)
     seed: int
     overrides: dict[str, Any]  # `dvc exp run -S key=value`
     target: str  # the dvc.yaml stage the experiment runs up to
+    recipe: str | None = None  # a prune experiment's recipe (StudyPart.prune); None for a distill experiment
 
 
 def experiment_name(part: str, schedule: str, loss: str, seed: int) -> str:
@@ -120,11 +128,12 @@ def plan_part(name: str, part: StudyPart) -> list[Planned]:
     return out
 
 
-def plan_prune(name: str, part: StudyPart, best: Planned) -> Planned:
-    """The prune experiment on `best`, the distilled model chosen on val: same overrides, pipeline up to prune (whose
-    default `prune.model` is the distilled model)."""
-    return Planned(f"study-{name}-{best.schedule}-{PRUNED}-{best.loss}-s{best.seed}", name, best.schedule, PRUNED,
-                   best.seed, best.overrides, "prune")
+def plan_prune(name: str, part: StudyPart, best: Planned) -> list[Planned]:
+    """One prune experiment per recipe on `best`, the distilled model chosen on val: its overrides plus the recipe's,
+    pipeline up to prune (whose default `prune.model` is the distilled model)."""
+    return [Planned(f"study-{name}-{best.schedule}-{PRUNED}_{recipe}-{best.loss}-s{best.seed}", name, best.schedule,
+                    best.loss, best.seed, {**best.overrides, **overrides}, "prune", recipe)
+            for recipe, overrides in part.prune.items()]
 
 
 def set_arguments(overrides: Mapping[str, Any]) -> list[str]:

@@ -62,6 +62,39 @@ def method_table(rows: list[MethodRow]) -> list[str]:
     return lines
 
 
+def prune_section(best: str, schedule: str, recipes: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
+    """One row per prune recipe: GFLOPs removed by the kept round (chosen on val), points lost on each split, and
+    the val score after every round's fine-tune, so a recipe that stopped early still shows how far it got."""
+    distilled = next(iter(recipes.values()))["distilled"]
+    lines = [f"### Pruning `{best}` (the best distilled model of `{schedule}`, chosen on val)", "",
+             "Distilled model: " + ", ".join(f"{s} {v:.4f}" for s, v in distilled.items()) + ". Target: >= "
+             f"{MIN_GFLOPS_CUT:.0%} fewer GFLOPs, <= {MAX_PRUNE_DROP * 100:.1f} point lost on test and test_shift.", "",
+             "| recipe | overrides | rounds run | kept | GFLOPs removed | "
+             + " | ".join(f"lost, {s}" for s in distilled) + " | target |", "|---" * (6 + len(distilled)) + "|"]
+    summary, curves = {}, []
+    for recipe, r in recipes.items():
+        m = r["metrics"]
+        cut = m.get("ratio", {}).get("gflops_removed")
+        drops = {s: r["distilled"][s] - r["scores"][s] for s in distilled if s in r["scores"]}
+        ok = (cut is not None and cut >= MIN_GFLOPS_CUT
+              and all(s in drops and drops[s] <= MAX_PRUNE_DROP for s in ("test", "test_shift")))
+        overrides = ", ".join(f"{k.removeprefix('prune.')} {v}" for k, v in r["overrides"].items()) or "-"
+        lines.append(f"| {recipe} | {overrides} | {m['pruned'].get('rounds_done', '?')} | "
+                     f"{m['pruned'].get('best_round', '?')} | {'?' if cut is None else f'{cut:.1%}'} | "
+                     + " | ".join(f"{drops[s] * 100:+.2f}" if s in drops else "-" for s in distilled)
+                     + f" | **{'met' if ok else 'missed'}** |")
+        base = r["rounds"][0]["gflops"]
+        curves.append(f"- `{recipe}`: " + ", ".join(
+            f"r{row['round']} {row['map50_95_before']:.3f} -> {row['map50_95_after']:.3f} "
+            f"({1 - row['gflops'] / base:.0%})" for row in r["rounds"][1:]))
+        summary[recipe] = {"experiment": r["experiment"], "overrides": r["overrides"], "gflops_reduction": cut,
+                           "scores": r["scores"], "distilled": r["distilled"], "lost": drops, "target_met": ok,
+                           "rounds": r["rounds"]}
+    lines += ["", "Val mAP50-95 of each round, straight after pruning -> after its fine-tune (GFLOPs removed):", "",
+              *curves]
+    return lines, summary
+
+
 def part_section(name: str, part: StudyPart, got: dict[str, Any], bound: float) -> tuple[list[str], dict[str, Any]]:
     p = part.params
     lines = [f"## {name}: {p.get('teacher.model', '?')} -> {p.get('student.model', 'yolo11n.yaml')}, "
@@ -95,24 +128,9 @@ def part_section(name: str, part: StudyPart, got: dict[str, Any], bound: float) 
             "rows": [{"method": r.method, "seeds": r.seeds, "scores": r.scores, "gain_vs_plain": r.gain_vs_plain,
                       "gain_vs_reference": r.gain_vs_reference, "time_ratio": r.time_ratio} for r in rows],
             "plain_plateau": {s: _plateau_json(r["curve"], bound) for s, r in sched["runs"].get(PLAIN, {}).items()}}
-    prune = got.get("prune")
-    if prune:
-        m = prune["metrics"]
-        cut = m.get("ratio", {}).get("gflops_removed")
-        drops = {s: prune["distilled"][s] - prune["scores"][s] for s in SPLITS if s in prune["scores"]}
-        held_out = ("test", "test_shift")
-        ok = (cut is not None and cut >= MIN_GFLOPS_CUT
-              and all(s in drops and drops[s] <= MAX_PRUNE_DROP for s in held_out))
-        lines += ["", f"### Pruning `{got['best']}` (the best distilled model of `{part.longest}`, chosen on val)", "",
-                  "| model | " + " | ".join(drops) + " |", "|---" * (len(drops) + 1) + "|",
-                  "| distilled | " + " | ".join(f"{prune['distilled'][s]:.4f}" for s in drops) + " |",
-                  "| pruned | " + " | ".join(f"{prune['scores'][s]:.4f}" for s in drops) + " |",
-                  "| lost (points) | " + " | ".join(f"{drops[s] * 100:+.2f}" for s in drops) + " |", "",
-                  f"GFLOPs removed: {'?' if cut is None else f'{cut:.1%}'}. Target (>= {MIN_GFLOPS_CUT:.0%} fewer "
-                  f"GFLOPs, <= {MAX_PRUNE_DROP * 100:.1f} point lost on test and test_shift): "
-                  f"**{'met' if ok else 'missed'}**."]
-        summary["prune"] = {"experiment": prune["experiment"], "gflops_reduction": cut, "scores": prune["scores"],
-                            "distilled": prune["distilled"], "lost": drops, "target_met": ok}
+    if got.get("prune"):
+        prune_lines, summary["prune"] = prune_section(got["best"], part.longest, got["prune"])
+        lines += ["", *prune_lines]
     if got.get("overhead"):
         body = got["overhead"].split("\n", 2)[2] if got["overhead"].startswith("#") else got["overhead"]
         lines += ["", "### Distillation time, side by side in one process", "", body.strip()]

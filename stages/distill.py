@@ -78,8 +78,8 @@ def main() -> None:
                         "weight": dcfg.base_weight,
                         # the teacher's forward is most of the overhead; report it beside the time ratio
                         "teacher_gflops_ratio": model_size(args.teacher, cfg.imgsz)["gflops"] / size["gflops"]},
-            "vs_student": {"map50_95_gain": result.val.get("map50_95", 0.0)
-                           - float(student_metrics["val"]["map50_95"])},
+            "vs_student": {f"{k}_gain": result.val.get(k, 0.0) - float(student_metrics["val"].get(k, 0.0))
+                           for k in ("map50_95", "pose_map50_95") if k in result.val},
             "model": size,
             "mlflow_run_id": run.info.run_id,
         }
@@ -94,8 +94,15 @@ def main() -> None:
         log_artifact(str(args.plots), artifact_path="plots")  # same file name as the metrics file
         for png in sorted((work / "train").glob("*.png")):
             log_artifact(str(png), artifact_path="plots")
-    log.info("distill (%s): val mAP50-95 %.4f (%+.4f vs student) -> %s", dcfg.loss, result.val.get("map50_95", 0.0),
-             metrics["vs_student"]["map50_95_gain"], args.out)
+    key = "pose_map50_95" if "pose_map50_95" in result.val else "map50_95"  # pose is judged on keypoint AP
+    gain = metrics["vs_student"][f"{key}_gain"]
+    if gain > 0:
+        log.info("distill (%s): val %s %.4f (%+.4f vs the plain student) -> %s", dcfg.loss, key, result.val[key],
+                 gain, args.out)
+    else:
+        log.warning("distill (%s): NO GAIN: val %s %.4f is %+.4f against the plain student, so the distilled model is "
+                    "not an improvement here; ship the student, or see README 'The study' -> %s", dcfg.loss, key,
+                    result.val[key], gain, args.out)
 
 
 if __name__ == "__main__":

@@ -118,6 +118,23 @@ def test_rows_columns_and_best_values_in_bold(tmp_path: Path) -> None:
     assert "| 2 | 0.55 | 0.42 |" in md  # the prune rounds table
 
 
+def test_a_distilled_pose_model_below_the_student_is_not_presented_as_a_gain(tmp_path: Path) -> None:
+    """The study's pose part: box mAP rose but keypoint AP (what pose is judged on) fell on every split."""
+    m = write_metrics(tmp_path)
+    for name, pose in {"student": (0.30, 0.28), "distilled": (0.27, 0.25)}.items():
+        doc = json.loads((m / "evaluate" / f"{name}.json").read_text())
+        for split, value in zip(("val", "test"), pose, strict=True):
+            doc[split]["pose_map50_95"] = value
+        (m / "evaluate" / f"{name}.json").write_text(json.dumps(doc))
+    md = summary(tmp_path)
+    assert ("Distillation** (distilled − student, OKS keypoint AP): val -0.030, test -0.030. **No gain: the "
+            "distilled model is not better than the plain student on any split; ship the student.**") in md
+    doc = json.loads((m / "evaluate" / "distilled.json").read_text())
+    doc["val"]["pose_map50_95"] = 0.31
+    (m / "evaluate" / "distilled.json").write_text(json.dumps(doc))
+    assert "val +0.010, test -0.030. Not better than the plain student on test." in summary(tmp_path)
+
+
 def test_a_column_where_every_model_ties_has_no_bold(tmp_path: Path) -> None:
     write_metrics(tmp_path, bench={n: (1.0, 2.6, 5.4, t, o) for n, (_, _, _, t, o) in BENCH.items()})
     md = summary(tmp_path)

@@ -150,12 +150,18 @@ def _model_table(inp: Inputs) -> list[str]:
 
 def _distill_lines(inp: Inputs) -> list[str]:
     lines = []
-    gains = [(s, eval_value(inp, "distilled", s, "map50_95"), eval_value(inp, "student", s, "map50_95"))
-             for s in scored_splits(inp)]
+    splits = scored_splits(inp)
+    pose = any(eval_value(inp, "distilled", s, "pose_map50_95") is not None for s in splits)
+    key, name = ("pose_map50_95", "OKS keypoint AP") if pose else ("map50_95", "mAP50-95")
+    gains = [(s, eval_value(inp, "distilled", s, key), eval_value(inp, "student", s, key)) for s in splits]
     gains = [(s, d - st) for s, d, st in gains if d is not None and st is not None]
     if gains:
-        lines.append("**Distillation** (distilled − student, mAP50-95): "
-                     + ", ".join(f"{s} {g:+.3f}" for s, g in gains) + ".")
+        lost = [s for s, g in gains if g <= 0]
+        verdict = (" **No gain: the distilled model is not better than the plain student on any split; ship the "
+                   "student.**" if len(lost) == len(gains) else
+                   f" Not better than the plain student on {', '.join(lost)}." if lost else "")
+        lines.append(f"**Distillation** (distilled − student, {name}): "
+                     + ", ".join(f"{s} {g:+.3f}" for s, g in gains) + "." + verdict)
     else:
         lines.append("**Distillation**: needs both the student and the distilled model in the evaluate metrics.")
     gap = (inp.student or {}).get("teacher_gap")

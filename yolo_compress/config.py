@@ -208,7 +208,7 @@ class PruneConfig(_Section):
     target: float = 0.75  # (float) fraction of `measure` removed in total after all rounds, in (0, 1)
     measure: str = "flops"  # (str) what `target` counts: flops | params
     schedule: str = "geometric"  # (str) per-round share: geometric (same keep ratio each round) | linear
-    importance: str = "l2"  # (str) l1 | l2 | bn (network slimming) | taylor | random (a control)
+    importance: str = "taylor"  # (str) l1 | l2 | bn (network slimming) | taylor (best on real images) | random
     sparsity_epochs: int = 1  # (int) importance bn: epochs of BN-gamma L1 training before the first round
     sparsity_l1: float = 1e-4  # (float) importance bn: L1 strength on BN gammas
     round_to: int = 8  # (int) keep channel counts multiples of this (fast kernels)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 from typing import Any
@@ -78,7 +79,7 @@ def prune_section(best: str, schedule: str, recipes: dict[str, Any]) -> tuple[li
         drops = {s: r["distilled"][s] - r["scores"][s] for s in distilled if s in r["scores"]}
         ok = (cut is not None and cut >= MIN_GFLOPS_CUT
               and all(s in drops and drops[s] <= MAX_PRUNE_DROP for s in ("test", "test_shift")))
-        overrides = ", ".join(f"{k.removeprefix('prune.')} {v}" for k, v in r["overrides"].items()) or "-"
+        overrides = ", ".join(f"{k.removeprefix('prune.')} {json.dumps(v)}" for k, v in r["overrides"].items()) or "-"
         lines.append(f"| {recipe} | {overrides} | {m['pruned'].get('rounds_done', '?')} | "
                      f"{m['pruned'].get('best_round', '?')} | {'?' if cut is None else f'{cut:.1%}'} | "
                      + " | ".join(f"{drops[s] * 100:+.2f}" if s in drops else "-" for s in distilled)

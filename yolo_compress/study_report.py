@@ -38,12 +38,12 @@ def _pm(ms: tuple[float, float] | None, points: bool = False) -> str:
 
 
 def _plateau(curve: list[float], bound: float) -> str:
-    done, g = plateaued(curve, bound), plateau_gain(curve)
-    if done is None or g is None:
+    g = plateau_gain(curve)
+    if g is None:
         return f"too few epochs ({len(curve)}) to judge"
-    if max(curve) < bound:
+    if max(curve) < bound:  # plateaued() says False here too; the text says why
         return f"NOT plateaued: nothing learnt yet (best val {max(curve):.4f})"
-    return f"{'plateaued' if done else 'NOT plateaued'} (last quarter gained {g * 100:+.2f} points)"
+    return f"{'plateaued' if plateaued(curve, bound) else 'NOT plateaued'} (last quarter gained {g * 100:+.2f} points)"
 
 
 def _plateau_json(curve: list[float], bound: float) -> dict[str, Any]:

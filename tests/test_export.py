@@ -137,6 +137,20 @@ def test_int8_detections_overlap_the_fp32_ones_on_a_fixed_image(work: dict) -> N
     assert matched.mean() >= 0.8, f"only {matched.sum()}/{len(matched)} FP32 boxes have an INT8 twin"
 
 
+def test_int8_keeps_only_the_head_decoding_in_float(work: dict) -> None:
+    """The head's conv branches and their SiLUs are quantized (float SiLUs cost a Q/DQ pair each); its box decoding
+    (DFL softmax, anchor arithmetic, the output concat) is not: one scale for pixels and scores would ruin both."""
+    import onnx
+
+    graph = onnx.load(str(work["root"] / "models/export/pruned_int8.onnx")).graph
+    # an op ONNX Runtime runs in int8 has a QuantizeLinear after it (QDQ); a float one feeds the next op directly
+    quantizes = {i for n in graph.node if n.op_type == "QuantizeLinear" for i in n.input}
+    ops = {n.name: n.output[0] in quantizes for n in graph.node if n.op_type in ("Sigmoid", "Softmax")}
+    in_branches = {n: q for n, q in ops.items() if "/cv2." in n or "/cv3." in n}
+    assert len(in_branches) >= 10 and all(in_branches.values())  # yolo11n: 6 SiLUs per scale, all QDQ
+    assert not ops["/model.23/dfl/Softmax"]
+
+
 def test_bad_rows_are_one_line_each_and_keep_the_other_rows(work: dict, tmp_path: Path) -> None:
     root = tmp_path / "w"
     root.mkdir()

@@ -100,18 +100,19 @@ class LetterboxReader(_reader_base()):  # type: ignore[misc]
 
 
 def head_decode_nodes(onnx_model: Any) -> list[str]:
-    """Names of the last layer's nodes outside its conv branches: the head's box (and keypoint) decoding.
+    """Names of the last layer's non-conv nodes outside its conv branches: the head's box (and keypoint) decoding.
 
-    The branches (`cv2.i`, `cv3.i`, pose's `cv4.i`: convs and their SiLUs) are quantized like the backbone; only the
-    decoding after them stays in float. Keeping the branches' SiLUs in float too cost a dequantize/quantize pair
-    around each: on the default pruned model 12% of its INT8 latency, for no accuracy (README, Performance).
+    The branches (`cv2.i`, `cv3.i`, pose's `cv4.i`: convs and their SiLUs) are quantized like the backbone; the
+    decoding after them stays in float, except the DFL's fixed 1x1 conv. Measured on the default pruned model,
+    interleaved: the branches' SiLUs in float cost 12% of its INT8 latency (a Q/DQ pair each), the DFL conv in float
+    another 14-22%; neither bought accuracy (README, Performance).
     """
     heads = {n.name.split("/")[1] for n in onnx_model.graph.node if n.name.startswith("/model.")}
     if not heads:
         return []
     last = max(heads, key=lambda h: int(h.split(".")[1]) if h.split(".")[1].isdigit() else -1)
-    return [n.name for n in onnx_model.graph.node
-            if n.name.startswith(f"/{last}/") and not _HEAD_BRANCH.fullmatch(n.name.split("/")[2])]
+    return [n.name for n in onnx_model.graph.node if n.name.startswith(f"/{last}/") and n.op_type != "Conv"
+            and not _HEAD_BRANCH.fullmatch(n.name.split("/")[2])]
 
 
 def _copy_metadata(src: Any, dst_path: Path) -> None:

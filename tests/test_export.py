@@ -143,9 +143,11 @@ def test_int8_keeps_only_the_head_decoding_in_float(work: dict) -> None:
     import onnx
 
     graph = onnx.load(str(work["root"] / "models/export/pruned_int8.onnx")).graph
-    # an op ONNX Runtime runs in int8 has a QuantizeLinear after it (QDQ); a float one feeds the next op directly
+    # an op ONNX Runtime runs in int8 sits between DequantizeLinear and QuantizeLinear nodes (QDQ)
     quantizes = {i for n in graph.node if n.op_type == "QuantizeLinear" for i in n.input}
-    ops = {n.name: n.output[0] in quantizes for n in graph.node if n.op_type in ("Sigmoid", "Softmax", "Conv")}
+    dequantized = {o for n in graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    ops = {n.name: n.output[0] in quantizes and n.input[0] in dequantized
+           for n in graph.node if n.op_type in ("Sigmoid", "Softmax", "Conv")}
     in_branches = {n: q for n, q in ops.items() if ("/cv2." in n or "/cv3." in n) and n.endswith("Sigmoid")}
     assert len(in_branches) >= 10 and all(in_branches.values())  # yolo11n: 6 SiLUs per scale, all QDQ
     assert not ops["/model.23/dfl/Softmax"]

@@ -82,9 +82,9 @@ def main() -> None:
     data_yaml = training_view(args.data, work / "data")
     val_yaml = training_view(args.data, work / "val", split="val")
     # Warm-up off: it starts the bias lr at 0.1, which wrecks trained weights in a short fine-tune.
-    ft = dict(data_yaml=data_yaml, imgsz=st.imgsz, batch=st.batch, lr0=cfg.lr0, seed=params.student_seed,
-              optimizer=st.optimizer, workers=st.workers, device=st.device, warmup_epochs=0.0, plots=False,
-              distill=distill, callbacks={"on_pretrain_routine_start": use_all_cores})
+    ft = dict(data_yaml=data_yaml, imgsz=st.imgsz, batch=st.batch, nbs=st.nominal_batch, lr0=cfg.lr0,
+              seed=params.student_seed, optimizer=st.optimizer, workers=st.workers, device=st.device,
+              warmup_epochs=0.0, plots=False, distill=distill, callbacks={"on_pretrain_routine_start": use_all_cores})
 
     def score(pt: Path) -> float:  # the one mAP of this stage: pycocotools mAP50-95 on the prepared val split
         return evaluate_split(pt, val_yaml, st.imgsz, device=st.device, batch=st.batch)["map50_95"]
@@ -98,7 +98,8 @@ def main() -> None:
                 "seconds": time.perf_counter() - t0}
 
     logged = {"prune": section_dict(cfg), "seed": params.student_seed,
-              "student": {k: getattr(st, k) for k in ("imgsz", "batch", "optimizer", "workers", "device")},
+              "student": {k: getattr(st, k)
+                          for k in ("imgsz", "batch", "nominal_batch", "optimizer", "workers", "device")},
               **({"distill": section_dict(distill)} if distill else {})}
     # Rounds go to a temp sibling of --rounds-dir, swapped in when the block ends: no half-written round survives.
     with stage_run("prune", logged) as run, files.atomic_dir(args.rounds_dir) as tmp_rounds:

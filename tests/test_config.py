@@ -43,6 +43,7 @@ def test_repo_params_load_with_documented_types() -> None:
         ("evaluate:\n  splits: [val, tset]\n", "evaluate.splits: expected a non-empty list of distinct names from "
                                                "val, test, test_shift, got ['val', 'tset']"),
         ("student:\n  model: yolo11n.yaml\n  imgsz: 100\n", "student.imgsz: expected a multiple of 32"),
+        ("student:\n  model: yolo11n.yaml\n  nbs: 8\n", "student.nbs: expected null or an int >= batch (16), got 8"),
         ("student:\n  model: resnet.onnx\n", "student.model: expected a model .yaml or a local .pt path"),
         ("student:\n  epochs: 3\n", "missing key 'student.model'"),
         ("teacher: [1, 2]\n", "teacher: expected a mapping"),

@@ -46,6 +46,16 @@ def test_same_params_and_seed_give_the_same_metrics(data_yaml: Path, tmp_path: P
     assert runs[0].curve[0]["train_box_loss"] != runs[0].curve[1]["train_box_loss"]
 
 
+def test_one_optimizer_step_per_batch_unless_nbs_asks_for_more(data_yaml: Path, tmp_path: Path) -> None:
+    """Ultralytics accumulates gradients over nbs / batch batches (its nbs 64: 4 batches of 16). The default nbs null
+    steps after every batch; nbs = 2 x batch accumulates two."""
+    for nbs, accumulate in ((None, 1), (8, 2)):
+        cfg = TrainConfig(model="yolo11n.yaml", epochs=1, imgsz=64, batch=4, nbs=nbs, close_mosaic=0)
+        model = YOLO(cfg.model)
+        train_model(cfg, model, data_yaml, tmp_path / f"nbs{nbs}", seed=3)
+        assert model.trainer.args.nbs == cfg.nominal_batch and model.trainer.accumulate == accumulate
+
+
 def test_teacher_gap_flags_a_weak_teacher() -> None:
     assert teacher_gap({"map50_95": 0.50}, {"map50_95": 0.40}, 0.05) == {"map50_95": pytest.approx(0.10),
                                                                          "teacher_clearly_better": 1}

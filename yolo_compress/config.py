@@ -112,6 +112,7 @@ class TrainConfig(_Section):
     epochs: int = 10  # (int) training epochs
     imgsz: int = 256  # (int) train and val image size in pixels, a multiple of 32
     batch: int = 16  # (int) images per batch
+    nbs: int | None = None  # (int) images per optimizer step (Ultralytics' nbs, its default 64); null = batch
     lr0: float = 0.002  # (float) initial learning rate
     optimizer: str = "AdamW"  # (str) SGD | Adam | AdamW | auto ('auto' ignores lr0)
     warmup_epochs: float = 1.0  # (float) linear warm-up epochs
@@ -128,12 +129,20 @@ class TrainConfig(_Section):
         _check(self.epochs >= 1, "epochs", "an int >= 1", self.epochs)
         _check(self.imgsz >= 32 and self.imgsz % 32 == 0, "imgsz", "a multiple of 32, >= 32", self.imgsz)
         _check(self.batch >= 1, "batch", "an int >= 1", self.batch)
+        _check(self.nbs is None or self.nbs >= self.batch, "nbs", f"null or an int >= batch ({self.batch})", self.nbs)
         _check(0 < self.lr0 < 1, "lr0", "a float in (0, 1)", self.lr0)
         _check(self.optimizer in OPTIMIZERS, "optimizer", f"one of {', '.join(OPTIMIZERS)}", self.optimizer)
         _check(self.warmup_epochs >= 0, "warmup_epochs", "a float >= 0", self.warmup_epochs)
         _check(0 <= self.mosaic <= 1, "mosaic", "a float in [0, 1]", self.mosaic)
         _check(self.close_mosaic >= 0, "close_mosaic", "an int >= 0", self.close_mosaic)
         _check(self.workers >= 0, "workers", "an int >= 0", self.workers)
+
+    @property
+    def nominal_batch(self) -> int:
+        """Ultralytics' `nbs`: it accumulates gradients over nbs / batch batches per optimizer step. Its default 64
+        left a 150-image dataset two steps per epoch at batch 16; one step per batch learnt 3.4x the val mAP50-95 in
+        40 epochs (README, Training)."""
+        return self.nbs or self.batch
 
 
 @dataclass(frozen=True)

@@ -179,7 +179,7 @@ def train_model(
     last.pt; otherwise `work_dir` is emptied and training starts from scratch.
     """
     args = dict(
-        data=str(data_yaml), epochs=cfg.epochs, imgsz=cfg.imgsz, batch=cfg.batch, lr0=cfg.lr0,
+        data=str(data_yaml), epochs=cfg.epochs, imgsz=cfg.imgsz, batch=cfg.batch, nbs=cfg.nominal_batch, lr0=cfg.lr0,
         optimizer=cfg.optimizer, warmup_epochs=cfg.warmup_epochs, mosaic=cfg.mosaic, close_mosaic=cfg.close_mosaic,
         workers=cfg.workers, device=cfg.device, amp=cfg.amp, seed=seed, deterministic=True,
         project=str(work_dir.parent.resolve()), name=work_dir.name, exist_ok=True, plots=True, verbose=False,

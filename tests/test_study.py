@@ -151,7 +151,7 @@ def test_report_states_targets_plateaus_and_what_is_missing() -> None:
                     "curve": [0.1, 0.2, 0.3, 0.3, 0.3, 0.3, 0.3, 0.301]}
                 for s, r in by_seed.items()} for m, by_seed in _runs().items()}
     scores = {"val": 0.36, "test": 0.35, "test_shift": 0.25}
-    got = {"schedules": {"long": {"epochs": 8, "runs": runs}}, "missing": ["study-d-long-x-s9"],
+    got = {"schedules": {"long": {"epochs": 8, "runs": runs}}, "missing": ["study-d-long-x-s9"], "commits": ["f00d"],
            "teacher": {"scores": scores, "curve": [0.1] * 8, "gflops": 3.0, "student_gflops": 1.0},
            "best": "study-d-long-logit-s1",
            "prune": {"default": {
@@ -163,7 +163,8 @@ def test_report_states_targets_plateaus_and_what_is_missing() -> None:
                           {"round": 2, "gflops": 0.35, "map50_95_before": 0.2, "map50_95_after": 0.355}]}},
            "overhead": "# Distillation time overhead\n\nsetting\n\n| method | x |\n|---|---|\n| plain | 1 |\n"}
     text, summary = format_study(study, {"d": got}, "abc123")
-    assert "commit abc123" in text
+    assert "commit abc123" in text and "Experiments ran the code of commit f00d." in text
+    assert summary["parts"]["d"]["commits"] == ["f00d"]
     assert "Teacher: 8 epochs, plateaued (last quarter gained +0.00 points)" in text
     assert "seed 0: plateaued (last quarter gained +0.10 points)" in text
     assert "| logit | 0 1 | 0.3550 ± 0.0071 | 0.3350 ± 0.0212 |" in text
@@ -231,6 +232,8 @@ def test_study_runs_over_the_real_queue_and_resumes(tiny_repo: tuple[Path, dict[
     assert "| plain | 1 |" in text and "| logit | 1 |" in text
     assert "### Pruning `study-tiny-short-logit-s1`" in text and "| default | - | " in text
     assert "### Distillation time, side by side" in text and "Not finished" not in text
+    head = run([*GIT, "rev-parse", "--short", "HEAD"], repo, env).stdout.strip()
+    assert f"Experiments ran the code of commit {head}." in text  # the experiments' baseline, not the ref's sha
     summary = json.loads((repo / "reports" / "study.json").read_text())
     rows = summary["parts"]["tiny"]["schedules"]["short"]["rows"]
     for row in rows:

@@ -144,7 +144,13 @@ class Experiment:
     """A finished experiment's files, read from git and the DVC cache at its commit."""
 
     def __init__(self, name: str, rev: str) -> None:
-        self.name, self.fs = name, DVCFileSystem(".", rev=rev)
+        self.name, self.rev, self.fs = name, rev, DVCFileSystem(".", rev=rev)
+
+    @property
+    def code_commit(self) -> str:
+        """The commit the experiment ran (its baseline: the experiment commit's parent), short."""
+        return subprocess.run(["git", "rev-parse", "--short", f"{self.rev}^"], capture_output=True, text=True,
+                              check=True).stdout.strip()
 
     def json(self, path: str) -> Any:
         return json.loads(self.fs.read_text(path))
@@ -207,11 +213,13 @@ def finished(p: Planned, done: dict[str, str], missing: list[str]) -> Experiment
 def collect_part(name: str, part: StudyPart, scorer: Scorer) -> dict[str, Any]:
     """Everything the report says about one part, from the finished experiments."""
     done = finished_experiments()
-    result: dict[str, Any] = {"schedules": {}, "missing": [], "teacher": None, "prune": {}}
+    result: dict[str, Any] = {"schedules": {}, "missing": [], "teacher": None, "prune": {}, "commits": []}
+    used: list[Experiment] = []
     for p in plan_part(name, part):
         exp = finished(p, done, result["missing"])
         if exp is None:
             continue
+        used.append(exp)
         sched = result["schedules"].setdefault(p.schedule, {"epochs": part.schedules[p.schedule], "runs": {}})
         runs = sched["runs"]
         student, distilled = exp.json("metrics/student.json"), exp.json("metrics/distill.json")
@@ -234,11 +242,14 @@ def collect_part(name: str, part: StudyPart, scorer: Scorer) -> dict[str, Any]:
         for p in plan_prune(name, part, best):
             exp = finished(p, done, result["missing"])
             if exp is not None:
+                used.append(exp)
                 result["prune"][p.recipe] = {
                     "experiment": exp.name, "overrides": part.prune[p.recipe],
                     "metrics": exp.json("metrics/prune.json"), "rounds": exp.json("plots/prune.json"),
                     "scores": scorer.score(exp, "models/pruned.pt", part.metric),
                     "distilled": scorer.score(exp, "models/distilled.pt", part.metric)}
+    # experiments are found by name, whatever commit ran them: the report names those commits
+    result["commits"] = sorted({exp.code_commit for exp in used})
     source = overhead_source(name, part)
     overhead = overhead_table(name, source) if source is not None else None
     result["overhead"] = overhead.read_text() if overhead is not None and overhead.is_file() else None

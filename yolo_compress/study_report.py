@@ -104,6 +104,9 @@ def part_section(name: str, part: StudyPart, got: dict[str, Any], bound: float) 
     summary: dict[str, Any] = {"metric": part.metric, "schedules": {}}
     if "error" in got:
         return [*lines, f"Not collected: {got['error']}; fix it and rerun with --collect-only."], dict(got)
+    if got.get("commits"):
+        lines += [f"Experiments ran the code of commit {', '.join(got['commits'])}.", ""]
+        summary["commits"] = got["commits"]
     teacher = got.get("teacher")
     if teacher:
         lines.append(f"Teacher: {len(teacher['curve'])} epochs, {_plateau(teacher['curve'], bound)}; "
@@ -145,11 +148,12 @@ def part_section(name: str, part: StudyPart, got: dict[str, Any], bound: float) 
 def format_study(study: StudyConfig, collected: dict[str, dict[str, Any]], commit: str) -> tuple[str, dict[str, Any]]:
     """The Markdown report and a JSON-ready summary of the same numbers."""
     lines = ["# Study: distillation and pruning in the users' setting", "",
-             f"Made by `python -m yolo_compress.study` from study.yaml at commit {commit}, on {platform.machine()} "
-             f"with {os.cpu_count()} CPUs. Scores are pycocotools on each split (box mAP50-95; OKS keypoint AP for "
-             "pose); ± is the std over seeds; gains are paired by `student.seed` (mean ± std of the per-seed "
-             "differences, in points = 1/100 of the score). Time/epoch comes from the separate experiments; the "
-             "side-by-side table below it is the one to quote.", ""]
+             f"Collected by `python -m yolo_compress.study` from study.yaml at commit {commit}, on "
+             f"{platform.machine()} with {os.cpu_count()} CPUs; each part names the commits its experiments ran. "
+             "Scores are pycocotools on each split (box mAP50-95; OKS keypoint AP for pose); ± is the std over "
+             "seeds; gains are paired by `student.seed` (mean ± std of the per-seed differences, in points = 1/100 "
+             "of the score). Time/epoch comes from the separate experiments; the side-by-side table below it is the "
+             "one to quote.", ""]
     summary: dict[str, Any] = {"commit": commit, "parts": {}}
     for name, got in collected.items():
         part_lines, summary["parts"][name] = part_section(name, study.parts[name], got, study.plateau_gain)

@@ -1,6 +1,6 @@
 """The study: distillation and pruning in the users' setting, run as DVC experiments from study.yaml.
 
-    python -m yolo_compress.study [--parts detect pose] [--jobs 1]   # queue what is missing, wait, then report
+    python -m yolo_compress.study [--parts digits pose] [--jobs 1]   # queue what is missing, wait, then report
     python -m yolo_compress.study --collect-only                     # report what has finished, run nothing
 
 Each (part, schedule, loss, seed) is one `dvc exp run --queue` of the committed pipeline up to `distill`, with

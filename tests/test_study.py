@@ -40,9 +40,9 @@ def _study(tmp_path: Path, text: str) -> Path:
 
 def test_the_shipped_study_loads_and_its_params_are_valid(tmp_path: Path) -> None:
     study = load_study(REPO / "study.yaml")
-    assert {"detect", "pose"} <= set(study.parts)
-    assert study.parts["detect"].metric == "map50_95" and study.parts["pose"].metric == "pose_map50_95"
-    assert study.parts["detect"].longest == "plateau"
+    assert {"digits", "pose"} <= set(study.parts)
+    assert study.parts["digits"].metric == "map50_95" and study.parts["pose"].metric == "pose_map50_95"
+    assert study.parts["digits"].longest == "plateau"
     from yolo_compress.config import load_params  # every experiment's params.yaml must validate
     base = yaml.safe_load((REPO / "params.yaml").read_text())
     for name, part in study.parts.items():

@@ -141,7 +141,7 @@ class TrainConfig(_Section):
     def nominal_batch(self) -> int:
         """Ultralytics' `nbs`: it accumulates gradients over nbs / batch batches per optimizer step. Its default 64
         left a 150-image dataset two steps per epoch at batch 16; one step per batch learnt 3.4x the val mAP50-95 in
-        40 epochs (README, Training)."""
+        40 epochs (README, "Teacher and student")."""
         return self.nbs or self.batch
 
 

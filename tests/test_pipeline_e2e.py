@@ -94,17 +94,18 @@ def test_student_param_change_reruns_only_the_student(repo: tuple[Path, dict]) -
 
 def test_unknown_params_key_stops_the_pipeline_with_one_line(repo: tuple[Path, dict]) -> None:
     root, env = repo
-    with edited_params(root, lambda p: p["student"].update(epoch=3)):
-        # DVC tracks the whole student section, so the typo reruns its readers, which refuse it before any work
-        proc = run(["dvc", "repro"], root, env, check=False)
+    try:
+        with edited_params(root, lambda p: p["student"].update(epoch=3)):
+            # DVC tracks the whole student section, so the typo reruns its readers, which refuse it before any work
+            proc = run(["dvc", "repro"], root, env, check=False)
         assert proc.returncode != 0
         errors = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("error: ")]
         assert errors == [
             "error: params.yaml: unknown key 'student.epoch'; valid keys in student: model, epochs, imgsz, batch, "
-            "lr0, optimizer, warmup_epochs, mosaic, close_mosaic, workers, device, amp, min_teacher_gap, seed"]
-    # DVC removed train_student's outputs before running it: bring back the committed ones for the other tests
-    run(["git", "checkout", "--", "metrics", "plots"], root, env)
-    run(["dvc", "checkout", "-q"], root, env)
+            "nbs, lr0, optimizer, warmup_epochs, mosaic, close_mosaic, workers, device, amp, min_teacher_gap, seed"]
+    finally:  # DVC removed train_student's outputs before running it: bring back the committed ones for the others
+        run(["git", "checkout", "--", "metrics", "plots"], root, env)
+        run(["dvc", "checkout", "-q"], root, env)
     assert "Running stage" not in run(["dvc", "repro", "--dry"], root, env).stdout
 
 

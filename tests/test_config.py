@@ -79,5 +79,5 @@ def test_evaluate_splits_default_to_the_prepared_data(tmp_path: Path) -> None:
 
 
 def test_the_last_prune_round_can_fine_tune_longer() -> None:
-    assert [PruneConfig(rounds=3).round_epochs(k) for k in (1, 2, 3)] == [3, 3, 3]
+    assert [PruneConfig(rounds=3, last_round_epochs=None).round_epochs(k) for k in (1, 2, 3)] == [3, 3, 3]
     assert [PruneConfig(rounds=3, last_round_epochs=6).round_epochs(k) for k in (1, 2, 3)] == [3, 3, 6]

@@ -22,7 +22,8 @@ from yolo_compress.pruning import finetune, pick_round
 REPO = Path(__file__).resolve().parents[1]
 TINY_DATA = DataConfig(image_size=64, train_images=8, val_images=4, test_images=1, test_shift_images=1)
 STUDENT = {"model": "yolo11n.yaml", "imgsz": 64, "batch": 4, "workers": 0, "device": "cpu"}
-PRUNE = {"rounds": 2, "target": 0.5, "importance": "l2", "finetune_epochs": 1, "max_map_drop": 1.0}
+PRUNE = {"rounds": 2, "target": 0.5, "importance": "l2", "finetune_epochs": 1, "last_round_epochs": None,
+         "max_map_drop": 1.0}
 
 
 @pytest.fixture(scope="module")

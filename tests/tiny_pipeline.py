@@ -20,7 +20,7 @@ TINY = {
     "data": {"image_size": 96, "train_images": 12, "val_images": 6, "test_images": 4, "test_shift_images": 4},
     "teacher": {"model": "yolo11n.yaml", "epochs": 2, "imgsz": 96, "batch": 4, "close_mosaic": 1},
     "student": {"model": "yolo11n.yaml", "epochs": 1, "imgsz": 96, "batch": 4, "close_mosaic": 0},
-    "prune": {"rounds": 2, "target": 0.5, "finetune_epochs": 1},
+    "prune": {"rounds": 2, "target": 0.5, "finetune_epochs": 1, "last_round_epochs": None},
     "export": {"imgsz": 96, "calib_images": 4},
     "evaluate": {"imgsz": 96, "batch": 4},
     "benchmark": {"imgsz": 96, "batch": 2, "warmup": 1, "repeats": 3, "rounds": 3},

@@ -213,8 +213,8 @@ class PruneConfig(_Section):
     """`prune:` section: iterative prune + fine-tune rounds on the distilled student (or `model`)."""
 
     model: str = "models/distilled.pt"  # (str) the YOLO .pt to prune; default: distill's model
-    rounds: int = 6  # (int) prune + fine-tune rounds
-    target: float = 0.75  # (float) fraction of `measure` removed in total after all rounds, in (0, 1)
+    rounds: int = 5  # (int) prune + fine-tune rounds
+    target: float = 0.72  # (float) fraction of `measure` removed in total after all rounds, in (0, 1)
     measure: str = "flops"  # (str) what `target` counts: flops | params
     schedule: str = "geometric"  # (str) per-round share: geometric (same keep ratio each round) | linear
     importance: str = "taylor"  # (str) l1 | l2 | bn (network slimming) | taylor (best on real images) | random
@@ -223,7 +223,7 @@ class PruneConfig(_Section):
     round_to: int = 8  # (int) keep channel counts multiples of this (fast kernels)
     head: str = "inputs"  # (str) head channels that may shrink: none | inputs (depthwise input convs) | hidden
     finetune_epochs: int = 3  # (int) fine-tune epochs per round
-    last_round_epochs: int | None = None  # (int) fine-tune epochs of the last round; null = finetune_epochs
+    last_round_epochs: int | None = 12  # (int) fine-tune epochs of the last round; null = finetune_epochs
     lr0: float = 0.001  # (float) fine-tune learning rate
     distill: bool = False  # (bool) fine-tune with the teacher and the distill: loss
     max_map_drop: float = 0.01  # (float) stop early, keeping the best round, once val mAP50-95 falls more than this

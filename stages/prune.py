@@ -115,7 +115,7 @@ def main() -> None:
                 t0, dst = time.perf_counter(), tmp_rounds / f"round_{k}.pt"
                 info = pruning.prune_finetune_round(
                     current, dst, ratio, work / f"round_{k}", score, importance=cfg.importance, round_to=cfg.round_to,
-                    measure=cfg.measure, head=cfg.head,
+                    measure=cfg.measure, head=cfg.head, activation=cfg.activation,
                     epochs=cfg.round_epochs(k), calib=calib, meta={"round": k}, **ft)
                 rows.append(row(k, dst, info["map50_95_before"], t0))
                 current = dst

@@ -39,6 +39,7 @@ def test_repo_params_load_with_documented_types() -> None:
         ("data:\n  max_unlabeled_share: 1.5\n", "data.max_unlabeled_share: expected a float in [0, 1], got 1.5"),
         ("prune:\n  last_round_epochs: -1\n", "prune.last_round_epochs: expected an int >= 0, or null for "
                                               "finetune_epochs, got -1"),
+        ("prune:\n  activation: gelu\n", "prune.activation: expected one of keep, relu, got 'gelu'"),
         ("distill:\n  teacher: ''\n", "distill.teacher: expected a local .pt path, got ''"),
         ("evaluate:\n  splits: [val, tset]\n", "evaluate.splits: expected a non-empty list of distinct names from "
                                                "val, test, test_shift, got ['val', 'tset']"),

@@ -24,6 +24,7 @@ from yolo_compress.pruning import (
     finetune,
     prune_schedule,
     recalibrate_bn,
+    replace_activation,
     save_pruned,
     taylor_backward,
 )
@@ -429,6 +430,28 @@ def test_round_to_keeps_the_nearest_multiple_so_a_narrow_layer_is_not_halved() -
     assert [net[0].conv.out_channels, net[1].conv.out_channels, net[2].conv.out_channels] == [16, 64, 64]
     prune_round(net, X64, 0.2, "l2", round_to=8, target="channels", protect=[net[3]])
     assert [net[0].conv.out_channels, net[1].conv.out_channels, net[2].conv.out_channels] == [16, 48, 48]
+
+
+def test_relu_swap_survives_reload_and_leaves_only_the_heads_sigmoid_in_onnx(tmp_path: Path) -> None:
+    import onnx
+
+    from yolo_compress.benchmark import export_onnx
+
+    def count(net: nn.Module, kind: type) -> int:  # Ultralytics' Convs share one SiLU module: count each use
+        return sum(isinstance(m, kind) for _, m in net.named_modules(remove_duplicate=False))
+
+    model = detection_model()
+    silus = count(model, nn.SiLU)
+    assert replace_activation(model, "keep") == 0 and silus > 50
+    assert replace_activation(model, "relu") == silus > 0
+    assert replace_activation(model, "relu") == 0  # a second round finds nothing left to swap
+    pt = save_pruned(model, tmp_path / "relu.pt")
+    reloaded = YOLO(str(pt)).model  # the safe (weights_only) loader accepts nn.ReLU
+    assert count(reloaded, nn.ReLU) == silus and count(reloaded, nn.SiLU) == 0
+    ops = [n.op_type for n in onnx.load(str(export_onnx(pt, 64, tmp_path / "relu.onnx"))).graph.node]
+    assert ops.count("Relu") == silus and ops.count("Sigmoid") == 1  # the class scores' sigmoid in the head
+    with pytest.raises(ValueError, match="prune.activation"):
+        replace_activation(model, "gelu")
 
 
 def test_recalibrated_batchnorm_holds_the_statistics_of_the_calibration_batches() -> None:

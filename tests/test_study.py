@@ -13,7 +13,7 @@ import yaml
 
 from tests.tiny_pipeline import GIT, REPO, copy_repo, run
 from yolo_compress.errors import ParamsError, UserError
-from yolo_compress.study import check_committed, check_params, overhead_path
+from yolo_compress.study import check_committed, check_params, keys_that_differ, overhead_path
 from yolo_compress.study_plan import (
     PLAIN,
     Scored,
@@ -105,6 +105,14 @@ def test_overrides_create_keys_and_leave_the_input_alone() -> None:
     out = apply_overrides(base, {"data.image_size": 192, "teacher.model": "yolo11s.yaml"})
     assert out == {"seed": 0, "data": {"source": "synthetic", "image_size": 192}, "teacher": {"model": "yolo11s.yaml"}}
     assert base["data"]["image_size"] == 256
+
+
+def test_an_experiment_made_before_a_key_existed_matches_the_behaviour_it_had() -> None:
+    old = {"prune": {"rounds": 5}}  # ran before params.yaml had prune.activation: SiLU kept
+    assert keys_that_differ(old, {"prune.rounds": 5, "prune.activation": "keep"}) == []
+    assert keys_that_differ(old, {"prune.activation": "relu"}) == ["prune.activation 'keep' -> 'relu'"]
+    assert keys_that_differ(old, {"prune.rounds": 6}) == ["prune.rounds 5 -> 6"]
+    assert keys_that_differ(old, {"teacher.epochs": 3}) == ["teacher.epochs None -> 3"]
 
 
 def test_plateau_is_the_last_quarter_against_the_best_before() -> None:

@@ -165,6 +165,7 @@ PRUNE_IMPORTANCES = ("l1", "l2", "bn", "taylor", "random")
 PRUNE_SCHEDULES = ("geometric", "linear")
 PRUNE_MEASURES = ("flops", "params")
 PRUNE_HEAD_MODES = ("none", "inputs", "hidden")
+PRUNE_ACTIVATIONS = ("keep", "relu")
 MODEL_NAMES = ("teacher", "student", "distilled", "pruned")
 EVAL_SPLITS = ("val", "test", "test_shift")
 EXPORT_FORMATS = ("fp32", "int8", "fp16")
@@ -222,6 +223,7 @@ class PruneConfig(_Section):
     sparsity_l1: float = 1e-4  # (float) importance bn: L1 strength on BN gammas
     round_to: int = 8  # (int) keep channel counts multiples of this (fast kernels)
     head: str = "inputs"  # (str) head channels that may shrink: none | inputs (depthwise input convs) | hidden
+    activation: str = "relu"  # (str) relu (SiLU -> ReLU from round 1: INT8 ONNX fuses it into the conv) | keep
     finetune_epochs: int = 3  # (int) fine-tune epochs per round
     last_round_epochs: int | None = 12  # (int) fine-tune epochs of the last round; null = finetune_epochs
     lr0: float = 0.001  # (float) fine-tune learning rate
@@ -245,6 +247,8 @@ class PruneConfig(_Section):
         _check(self.sparsity_l1 >= 0, "sparsity_l1", "a float >= 0", self.sparsity_l1)
         _check(self.round_to >= 1, "round_to", "an int >= 1", self.round_to)
         _check(self.head in PRUNE_HEAD_MODES, "head", f"one of {', '.join(PRUNE_HEAD_MODES)}", self.head)
+        _check(self.activation in PRUNE_ACTIVATIONS, "activation", f"one of {', '.join(PRUNE_ACTIVATIONS)}",
+               self.activation)
         _check(self.finetune_epochs >= 0, "finetune_epochs", "an int >= 0", self.finetune_epochs)
         _check(self.last_round_epochs is None or self.last_round_epochs >= 0, "last_round_epochs",
                "an int >= 0, or null for finetune_epochs", self.last_round_epochs)

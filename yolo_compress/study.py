@@ -54,6 +54,8 @@ from yolo_compress.study_report import format_study
 
 log = logging.getLogger("yolo_compress.study")
 WORK = Path(".study")  # scratch: fetched data and models, score cache, overhead tables (git-ignored)
+# What the pipeline did before params.yaml had the key: experiments made then match a recipe that sets it so.
+PARAMS_BEFORE_THE_KEY = {"prune.activation": "keep"}
 CODE = ("stages", "yolo_compress", "dvc.yaml", "params.yaml", "study.yaml")
 
 
@@ -108,12 +110,19 @@ def finished_experiments() -> dict[str, str]:
 
 def params_differ(exp: Experiment, overrides: dict[str, Any]) -> list[str]:
     """The dotted keys whose value in the experiment's params.yaml is not the one planned (study.yaml changed)."""
-    got = yaml.safe_load(exp.fs.read_text("params.yaml")) or {}
+    return keys_that_differ(yaml.safe_load(exp.fs.read_text("params.yaml")) or {}, overrides)
+
+
+def keys_that_differ(params: dict[str, Any], overrides: dict[str, Any]) -> list[str]:
+    """`overrides`' dotted keys whose value in `params` differs, as "key old -> new"; a key added to params.yaml
+    after an experiment ran reads as the behaviour it had then (`PARAMS_BEFORE_THE_KEY`)."""
     differ = []
     for key, value in overrides.items():
-        node: Any = got
+        node: Any = params
         for k in key.split("."):
             node = node.get(k) if isinstance(node, dict) else None
+        if node is None:
+            node = PARAMS_BEFORE_THE_KEY.get(key)
         if node != value:
             differ.append(f"{key} {node!r} -> {value!r}")
     return differ

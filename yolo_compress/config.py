@@ -214,8 +214,8 @@ class PruneConfig(_Section):
     """`prune:` section: iterative prune + fine-tune rounds on the distilled student (or `model`)."""
 
     model: str = "models/distilled.pt"  # (str) the YOLO .pt to prune; default: distill's model
-    rounds: int = 6  # (int) prune + fine-tune rounds
-    target: float = 0.75  # (float) fraction of `measure` removed in total after all rounds, in (0, 1)
+    rounds: int = 4  # (int) prune + fine-tune rounds
+    target: float = 0.66  # (float) fraction of `measure` removed in total after all rounds, in (0, 1)
     measure: str = "flops"  # (str) what `target` counts: flops | params
     schedule: str = "geometric"  # (str) per-round share: geometric (same keep ratio each round) | linear
     importance: str = "taylor"  # (str) l1 | l2 | bn (network slimming) | taylor (best on real images) | random

@@ -22,6 +22,7 @@ from yolo_compress.study_plan import (
     apply_overrides,
     load_study,
     method_rows,
+    models_to_prune,
     plan_part,
     plan_prune,
     plateau_gain,
@@ -49,6 +50,15 @@ def test_the_shipped_study_loads_and_its_params_are_valid(tmp_path: Path) -> Non
         for p in plan_part(name, part):
             (tmp_path / "p.yaml").write_text(yaml.safe_dump(apply_overrides(base, p.overrides)))
             assert load_params(tmp_path / "p.yaml").student.epochs == part.schedules[p.schedule]
+
+
+def test_the_prune_seeds_follow_up_shares_the_studys_experiments() -> None:
+    # same part name, params and recipe: its experiments are study.yaml's by name, so the two must not disagree
+    main, follow = load_study(REPO / "study.yaml").parts["digits"], load_study(REPO / "study_prune_seeds.yaml")
+    part = follow.parts["digits"]
+    assert part.params == main.params and set(part.prune_seeds) == set(part.seeds) == {0, 1}
+    assert all(part.prune[r] == main.prune[r] for r in part.prune)
+    assert {p.name for p in plan_part("digits", part)} <= {p.name for p in plan_part("digits", main)}
 
 
 @pytest.mark.parametrize(("text", "message"), [
@@ -83,6 +93,18 @@ def test_grid_pairs_every_loss_with_each_seed_and_schedule() -> None:
     assert default.target == ft10.target == "prune"
     assert default.name == "study-x-long-pruned_default-logit-s3" and default.overrides == p.overrides
     assert ft10.recipe == "ft10" and ft10.overrides == {**p.overrides, "prune.finetune_epochs": 10}
+
+
+def test_recipes_prune_the_best_model_or_each_seed_of_the_best_loss() -> None:
+    part = StudyPart(schedules={"short": 2, "long": 8}, losses=["sl2", "logit"], seeds=[0, 1], prune={"r": {}})
+    val = {("sl2", 0): 0.50, ("logit", 0): 0.45, ("logit", 1): 0.44, ("sl2", 1): 0.30}
+    assert [p.name for p in models_to_prune("x", part, val)] == ["study-x-long-sl2-s0"]  # best single model
+    seeds = StudyPart(schedules=part.schedules, losses=part.losses, seeds=[0, 1], prune={"r": {}}, prune_seeds=[0, 1])
+    # sl2 has the best single model but logit the best mean (0.445 vs 0.40): both of logit's seeds are pruned
+    assert [p.name for p in models_to_prune("x", seeds, val)] == ["study-x-long-logit-s0", "study-x-long-logit-s1"]
+    assert models_to_prune("x", seeds, {}) == []
+    with pytest.raises(ParamsError, match=r"^prune_seeds: expected some of seeds \[0, 1\], got \[2\]"):
+        StudyPart(seeds=[0, 1], prune_seeds=[2])
 
 
 def test_set_arguments_are_read_back_by_dvc(tmp_path: Path) -> None:
@@ -161,14 +183,14 @@ def test_report_states_targets_plateaus_and_what_is_missing() -> None:
     scores = {"val": 0.36, "test": 0.35, "test_shift": 0.25}
     got = {"schedules": {"long": {"epochs": 8, "runs": runs}}, "missing": ["study-d-long-x-s9"], "commits": ["f00d"],
            "teacher": {"scores": scores, "curve": [0.1] * 8, "gflops": 3.0, "student_gflops": 1.0},
-           "best": "study-d-long-logit-s1",
-           "prune": {"default": {
+           "best": ["study-d-long-logit-s1"],
+           "prune": {"default": {1: {
                "experiment": "p", "overrides": {}, "scores": {"val": 0.355, "test": 0.345, "test_shift": 0.23},
                "metrics": {"ratio": {"gflops_removed": 0.65}, "pruned": {"rounds_done": 2, "best_round": 2}},
                "distilled": scores,
                "rounds": [{"round": 0, "gflops": 1.0, "map50_95_before": 0.36, "map50_95_after": 0.36},
                           {"round": 1, "gflops": 0.6, "map50_95_before": 0.1, "map50_95_after": 0.35},
-                          {"round": 2, "gflops": 0.35, "map50_95_before": 0.2, "map50_95_after": 0.355}]}},
+                          {"round": 2, "gflops": 0.35, "map50_95_before": 0.2, "map50_95_after": 0.355}]}}},
            "overhead": "# Distillation time overhead\n\nsetting\n\n| method | x |\n|---|---|\n| plain | 1 |\n"}
     text, summary = format_study(study, {"d": got}, "abc123")
     assert "commit abc123" in text and "Experiments ran the code of commit f00d." in text
@@ -177,13 +199,21 @@ def test_report_states_targets_plateaus_and_what_is_missing() -> None:
     assert "seed 0: plateaued (last quarter gained +0.10 points)" in text
     assert "| logit | 0 1 | 0.3550 ± 0.0071 | 0.3350 ± 0.0212 |" in text
     assert "- **logit**, on test: gain +4.50 points (met the +1.5 target)" in text
-    assert "| default | - | 2 | 2 | 65.0% | +0.50 | +0.50 | +2.00 | **missed** |" in text  # test_shift lost 2
-    assert "- `default`: r1 0.100 -> 0.350 (40%), r2 0.200 -> 0.355 (65%)" in text
+    assert "| default | 1 | - | 2 | 2 | 65.0% | +0.50 | +0.50 | +2.00 | **missed** |" in text  # test_shift lost 2
+    assert "- `default`, seed 1: r1 0.100 -> 0.350 (40%), r2 0.200 -> 0.355 (65%)" in text
+    assert "` over seeds" not in text  # one pruned seed: no std
     assert "| plain | 1 |" in text and "study-d-long-x-s9" in text
-    assert summary["parts"]["d"]["prune"]["default"]["target_met"] is False
+    assert summary["parts"]["d"]["prune"]["default"][1]["target_met"] is False
     assert summary["parts"]["d"]["teacher"]["plateaued"] is True
     assert summary["parts"]["d"]["schedules"]["long"]["plain_plateau"][0]["plateaued"] is True
     json.dumps(summary)  # the JSON twin is plain data
+    second = json.loads(json.dumps(got["prune"]["default"][1]))  # seed 0 lost 1 point less on test_shift: met
+    second["scores"] = {"val": 0.355, "test": 0.345, "test_shift": 0.245}
+    got["prune"]["default"][0] = second
+    text, summary = format_study(study, {"d": got}, "abc123")
+    assert "| default | 0 | - | 2 | 2 | 65.0% | +0.50 | +0.50 | +0.50 | **met** |" in text
+    assert ("- `default` over seeds 0 1: lost +0.50 ± 0.00 on val, +0.50 ± 0.00 on test, +1.25 ± 1.06 on "
+            "test_shift; target met on 1 of 2 seeds.") in text
     got["teacher"]["curve"] = [0.0] * 8  # flat at zero is not a plateau, in the text and in the JSON
     text, summary = format_study(study, {"d": got}, "abc123")
     assert "Teacher: 8 epochs, NOT plateaued: nothing learnt yet (best val 0.0000)" in text
@@ -238,7 +268,7 @@ def test_study_runs_over_the_real_queue_and_resumes(tiny_repo: tuple[Path, dict[
     text = (repo / "reports" / "study.md").read_text()
     assert "### Schedule `short`: 1 student epochs" in text
     assert "| plain | 1 |" in text and "| logit | 1 |" in text
-    assert "### Pruning `study-tiny-short-logit-s1`" in text and "| default | - | " in text
+    assert "### Pruning `study-tiny-short-logit-s1`" in text and "| default | 1 | - | " in text
     assert "### Distillation time, side by side" in text and "Not finished" not in text
     head = run([*GIT, "rev-parse", "--short", "HEAD"], repo, env).stdout.strip()
     assert f"Experiments ran the code of commit {head}." in text  # the experiments' baseline, not the ref's sha

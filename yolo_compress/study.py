@@ -6,8 +6,9 @@
 Each (part, schedule, loss, seed) is one `dvc exp run --queue` of the committed pipeline up to `distill`, with
 study.yaml's overrides; it trains that seed's plain student too, and DVC's run cache shares the teacher and the
 plain students between experiments. When the distill grid is done, the best distilled model of the longest
-schedule (chosen on val) goes through the `prune` stage once per recipe of study.yaml, and the distillation time
-of each loss is measured side by side against plain training (yolo_compress.distill_overhead) on the part's data.
+schedule (chosen on val; or each `prune_seeds` model of the best loss) goes through the `prune` stage once per
+recipe of study.yaml, and the distillation time of each loss is measured side by side against plain training
+(yolo_compress.distill_overhead) on the part's data.
 Every model is then scored with pycocotools on val, test and test_shift, from the experiment's own outputs in the
 DVC cache. Writes reports/study.md and reports/study.json.
 
@@ -46,6 +47,7 @@ from yolo_compress.study_plan import (
     StudyPart,
     apply_overrides,
     load_study,
+    models_to_prune,
     plan_part,
     plan_prune,
     set_arguments,
@@ -71,7 +73,7 @@ def check_committed(paths: Sequence[str] = CODE) -> None:
                         "commit that names their code; commit (or stash) them first")
 
 
-def check_params(study: StudyConfig, parts: Sequence[str]) -> None:
+def check_params(study: StudyConfig, parts: Sequence[str], config: str = "study.yaml") -> None:
     """Every experiment's params.yaml must load: a bad override stops here, before anything is queued."""
     base = yaml.safe_load(Path("params.yaml").read_text()) or {}
     for name in parts:
@@ -85,14 +87,14 @@ def check_params(study: StudyConfig, parts: Sequence[str]) -> None:
             try:
                 load_params(path)
             except ParamsError as err:
-                raise ParamsError(f"study.yaml: {where}: {str(err).split(': ', 1)[1]}") from None
+                raise ParamsError(f"{config}: {where}: {str(err).split(': ', 1)[1]}") from None
 
 
-def tree_changed_for_queue() -> bool:
+def tree_changed_for_queue(paths: Sequence[str]) -> bool:
     """True (with a warning) when code or params differ from the last commit: a queued experiment would run them.
     Checked again before the prune, which is queued an hour or more after the grid."""
     try:
-        check_committed()
+        check_committed(paths)
     except UserError as err:
         log.warning("prune not queued: %s; then rerun the study", err)
         return True
@@ -245,18 +247,17 @@ def collect_part(name: str, part: StudyPart, scorer: Scorer) -> dict[str, Any]:
                                  "curve": [row.get(part.metric, 0.0) for row in exp.json("plots/train_teacher.json")],
                                  "gflops": exp.json("metrics/teacher.json")["model"]["gflops"],
                                  "student_gflops": student["model"]["gflops"]}
-    best = best_distilled(name, part, result)
-    if best is not None:
-        result["best"] = best.name
-        for p in plan_prune(name, part, best):
-            exp = finished(p, done, result["missing"])
-            if exp is not None:
-                used.append(exp)
-                result["prune"][p.recipe] = {
-                    "experiment": exp.name, "overrides": part.prune[p.recipe],
-                    "metrics": exp.json("metrics/prune.json"), "rounds": exp.json("plots/prune.json"),
-                    "scores": scorer.score(exp, "models/pruned.pt", part.metric),
-                    "distilled": scorer.score(exp, "models/distilled.pt", part.metric)}
+    pruned = to_prune(name, part, result)
+    result["best"] = [best.name for best in pruned]
+    for p in (p for best in pruned for p in plan_prune(name, part, best)):
+        exp = finished(p, done, result["missing"])
+        if exp is not None:
+            used.append(exp)
+            result["prune"].setdefault(p.recipe, {})[p.seed] = {
+                "experiment": exp.name, "overrides": part.prune[p.recipe],
+                "metrics": exp.json("metrics/prune.json"), "rounds": exp.json("plots/prune.json"),
+                "scores": scorer.score(exp, "models/pruned.pt", part.metric),
+                "distilled": scorer.score(exp, "models/distilled.pt", part.metric)}
     # experiments are found by name, whatever commit ran them: the report names those commits
     result["commits"] = sorted({exp.code_commit for exp in used})
     source = overhead_source(name, part)
@@ -265,15 +266,11 @@ def collect_part(name: str, part: StudyPart, scorer: Scorer) -> dict[str, Any]:
     return result
 
 
-def best_distilled(name: str, part: StudyPart, result: dict[str, Any]) -> Planned | None:
-    """The distilled model of the longest schedule with the best val score (None until that schedule has runs)."""
+def to_prune(name: str, part: StudyPart, result: dict[str, Any]) -> list[Planned]:
+    """The distilled models of the longest schedule that the recipes prune (study_plan.models_to_prune)."""
     runs = result["schedules"].get(part.longest, {}).get("runs", {})
-    scored = [(r["scores"]["val"], loss, seed) for loss, by_seed in runs.items() if loss != PLAIN
-              for seed, r in by_seed.items()]
-    if not scored:
-        return None
-    _, loss, seed = max(scored)
-    return next(p for p in plan_part(name, part) if (p.schedule, p.loss, p.seed) == (part.longest, loss, seed))
+    return models_to_prune(name, part, {(loss, seed): r["scores"]["val"] for loss, by_seed in runs.items()
+                                        if loss != PLAIN for seed, r in by_seed.items()})
 
 
 def overhead_source(name: str, part: StudyPart) -> Experiment | None:
@@ -333,19 +330,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     unknown = [p for p in parts if p not in study.parts]
     if unknown:
         raise UserError(f"--parts: {unknown[0]!r} is not in {args.config} (it has {', '.join(study.parts)})")
+    code = (*CODE, str(args.config))  # a follow-up study's own config, too
     if not args.collect_only:
-        check_committed()
-        check_params(study, parts)
+        check_committed(code)
+        check_params(study, parts, str(args.config))
         run_queue([p for name in parts for p in plan_part(name, study.parts[name])], args.jobs, args.poll)
     scorer = Scorer()
     if not args.collect_only:
         prunes = []
         for name in parts:
             part = study.parts[name]
-            best = best_distilled(name, part, collect_part(name, part, scorer))
-            if best is not None:
-                prunes += plan_prune(name, part, best)
-        if prunes and tree_changed_for_queue():
+            prunes += [p for best in to_prune(name, part, collect_part(name, part, scorer))
+                       for p in plan_prune(name, part, best)]
+        if prunes and tree_changed_for_queue(code):
             prunes = []
         run_queue(prunes, args.jobs, args.poll)
         for name in parts:

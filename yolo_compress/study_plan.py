@@ -32,6 +32,8 @@ class StudyPart:
     seeds: list[int] = field(default_factory=lambda: [0, 1])  # (list) student.seed values; gains paired by seed
     prune: dict = field(default_factory=dict)  # (dict) recipe name -> prune.* overrides; each recipe prunes the best
     # distilled model of the longest schedule (chosen on val) as one experiment; {} = no pruning
+    prune_seeds: list[int] = field(default_factory=list)  # (list) seeds whose distilled model each recipe prunes,
+    # all of the loss best on val (mean over seeds), so a recipe's loss has a std; [] = the one best model on val
 
     def __post_init__(self) -> None:
         bad = [m for m in self.losses if m not in DISTILL_LOSSES]
@@ -48,6 +50,8 @@ class StudyPart:
             if not isinstance(overrides, dict) or any(not str(k).startswith("prune.") for k in overrides):
                 raise ParamsError(f"prune.{recipe}: expected a mapping of prune.* keys (e.g. prune.finetune_epochs: "
                                   f"10), or {{}} for the default recipe; got {overrides!r}")
+        if any(s not in self.seeds for s in self.prune_seeds):
+            raise ParamsError(f"prune_seeds: expected some of seeds {self.seeds}, got {self.prune_seeds!r}")
 
     @property
     def metric(self) -> str:
@@ -126,6 +130,23 @@ def plan_part(name: str, part: StudyPart) -> list[Planned]:
                 out.append(Planned(experiment_name(name, schedule, loss, seed), name, schedule, loss, seed,
                                    overrides, "distill"))
     return out
+
+
+def models_to_prune(name: str, part: StudyPart, val: Mapping[tuple[str, int], float]) -> list[Planned]:
+    """The distilled models of the longest schedule that the recipes prune, from the val scores of its finished
+    runs ({(loss, seed): score}): the best one, or with `prune_seeds` those seeds' models of the loss best on mean
+    val. Empty until the schedule has a finished run."""
+    if not val:
+        return []
+    if part.prune_seeds:
+        by_loss: dict[str, list[float]] = {}
+        for (loss, _), score in val.items():
+            by_loss.setdefault(loss, []).append(score)
+        loss = max(by_loss, key=lambda m: (sum(by_loss[m]) / len(by_loss[m]), m))
+        wanted = {(loss, s) for s in part.prune_seeds}
+    else:
+        wanted = {max(val, key=lambda k: (val[k], k))}
+    return [p for p in plan_part(name, part) if p.schedule == part.longest and (p.loss, p.seed) in wanted]
 
 
 def plan_prune(name: str, part: StudyPart, best: Planned) -> list[Planned]:

@@ -7,6 +7,7 @@ import os
 import platform
 from typing import Any
 
+from yolo_compress.compare_distill import mean_std
 from yolo_compress.study_plan import (
     PLAIN,
     REFERENCE,
@@ -63,34 +64,57 @@ def method_table(rows: list[MethodRow]) -> list[str]:
     return lines
 
 
-def prune_section(best: str, schedule: str, recipes: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
-    """One row per prune recipe: GFLOPs removed by the kept round (chosen on val), points lost on each split, and
-    the val score after every round's fine-tune, so a recipe that stopped early still shows how far it got."""
-    distilled = next(iter(recipes.values()))["distilled"]
-    lines = [f"### Pruning `{best}` (the best distilled model of `{schedule}`, chosen on val)", "",
-             "Distilled model: " + ", ".join(f"{s} {v:.4f}" for s, v in distilled.items()) + ". Target: >= "
+def prune_row(r: dict[str, Any]) -> tuple[float | None, dict[str, float], bool]:
+    """GFLOPs removed by the kept round, points lost per split against the model it pruned, and the target verdict."""
+    cut = r["metrics"].get("ratio", {}).get("gflops_removed")
+    drops = {s: r["distilled"][s] - r["scores"][s] for s in r["distilled"] if s in r["scores"]}
+    ok = (cut is not None and cut >= MIN_GFLOPS_CUT
+          and all(s in drops and drops[s] <= MAX_PRUNE_DROP for s in ("test", "test_shift")))
+    return cut, drops, ok
+
+
+def prune_section(best: list[str], schedule: str, recipes: dict[str, dict[int, Any]]) -> tuple[list[str], dict]:
+    """One row per prune recipe and pruned seed: GFLOPs removed by the kept round (chosen on val), points lost on
+    each split, the val score after every round's fine-tune (so a recipe that stopped early still shows how far it
+    got), and per recipe pruned on several seeds the mean ± std of what it lost."""
+    distilled = {seed: r["distilled"] for by_seed in recipes.values() for seed, r in sorted(by_seed.items())}
+    splits = list(next(iter(distilled.values())))
+    lines = [f"### Pruning {', '.join(f'`{b}`' for b in best)} (distilled, `{schedule}`; "
+             f"{'the best on val' if len(best) == 1 else 'the loss best on mean val, one model per seed'})", "",
+             "Distilled model" + ("s" if len(distilled) > 1 else "") + ": " + "; ".join(
+                 f"seed {seed}: " + ", ".join(f"{s} {v:.4f}" for s, v in scores.items())
+                 for seed, scores in sorted(distilled.items())) + ". Target: >= "
              f"{MIN_GFLOPS_CUT:.0%} fewer GFLOPs, <= {MAX_PRUNE_DROP * 100:.1f} point lost on test and test_shift.", "",
-             "| recipe | overrides | rounds run | kept | GFLOPs removed | "
-             + " | ".join(f"lost, {s}" for s in distilled) + " | target |", "|---" * (6 + len(distilled)) + "|"]
-    summary, curves = {}, []
-    for recipe, r in recipes.items():
-        m = r["metrics"]
-        cut = m.get("ratio", {}).get("gflops_removed")
-        drops = {s: r["distilled"][s] - r["scores"][s] for s in distilled if s in r["scores"]}
-        ok = (cut is not None and cut >= MIN_GFLOPS_CUT
-              and all(s in drops and drops[s] <= MAX_PRUNE_DROP for s in ("test", "test_shift")))
-        overrides = ", ".join(f"{k.removeprefix('prune.')} {json.dumps(v)}" for k, v in r["overrides"].items()) or "-"
-        lines.append(f"| {recipe} | {overrides} | {m['pruned'].get('rounds_done', '?')} | "
-                     f"{m['pruned'].get('best_round', '?')} | {'?' if cut is None else f'{cut:.1%}'} | "
-                     + " | ".join(f"{drops[s] * 100:+.2f}" if s in drops else "-" for s in distilled)
-                     + f" | **{'met' if ok else 'missed'}** |")
-        base = r["rounds"][0]["gflops"]
-        curves.append(f"- `{recipe}`: " + ", ".join(
-            f"r{row['round']} {row['map50_95_before']:.3f} -> {row['map50_95_after']:.3f} "
-            f"({1 - row['gflops'] / base:.0%})" for row in r["rounds"][1:]))
-        summary[recipe] = {"experiment": r["experiment"], "overrides": r["overrides"], "gflops_reduction": cut,
-                           "scores": r["scores"], "distilled": r["distilled"], "lost": drops, "target_met": ok,
-                           "rounds": r["rounds"]}
+             "| recipe | seed | overrides | rounds run | kept | GFLOPs removed | "
+             + " | ".join(f"lost, {s}" for s in splits) + " | target |", "|---" * (7 + len(splits)) + "|"]
+    summary: dict[str, Any] = {}
+    curves, over_seeds = [], []
+    for recipe, by_seed in recipes.items():
+        summary[recipe] = {}
+        for seed, r in sorted(by_seed.items()):
+            m = r["metrics"]
+            cut, drops, ok = prune_row(r)
+            overrides = ", ".join(f"{k.removeprefix('prune.')} {json.dumps(v)}" for k, v in r["overrides"].items())
+            lines.append(f"| {recipe} | {seed} | {overrides or '-'} | {m['pruned'].get('rounds_done', '?')} | "
+                         f"{m['pruned'].get('best_round', '?')} | {'?' if cut is None else f'{cut:.1%}'} | "
+                         + " | ".join(f"{drops[s] * 100:+.2f}" if s in drops else "-" for s in splits)
+                         + f" | **{'met' if ok else 'missed'}** |")
+            base = r["rounds"][0]["gflops"]
+            curves.append(f"- `{recipe}`, seed {seed}: " + ", ".join(
+                f"r{row['round']} {row['map50_95_before']:.3f} -> {row['map50_95_after']:.3f} "
+                f"({1 - row['gflops'] / base:.0%})" for row in r["rounds"][1:]))
+            summary[recipe][seed] = {"experiment": r["experiment"], "overrides": r["overrides"],
+                                     "gflops_reduction": cut, "scores": r["scores"], "distilled": r["distilled"],
+                                     "lost": drops, "target_met": ok, "rounds": r["rounds"]}
+        rows = list(summary[recipe].values())
+        if len(rows) > 1:
+            lost = {s: mean_std([row["lost"][s] for row in rows]) for s in splits
+                    if all(s in row["lost"] for row in rows)}
+            over_seeds.append(f"- `{recipe}` over seeds {' '.join(map(str, sorted(by_seed)))}: lost "
+                              + ", ".join(f"{_pm(v, True)} on {s}" for s, v in lost.items())
+                              + f"; target met on {sum(row['target_met'] for row in rows)} of {len(rows)} seeds.")
+    if over_seeds:
+        lines += ["", *over_seeds]
     lines += ["", "Val mAP50-95 of each round, straight after pruning -> after its fine-tune (GFLOPs removed):", "",
               *curves]
     return lines, summary

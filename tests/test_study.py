@@ -212,6 +212,8 @@ def test_report_states_targets_plateaus_and_what_is_missing() -> None:
     got["prune"]["default"][0] = second
     text, summary = format_study(study, {"d": got}, "abc123")
     assert "| default | 0 | - | 2 | 2 | 65.0% | +0.50 | +0.50 | +0.50 | **met** |" in text
+    assert "from study.yaml at commit abc123" in text
+    assert "from follow_up.yaml at commit" in format_study(study, {"d": got}, "abc123", "follow_up.yaml")[0]
     assert ("- `default` over seeds 0 1: lost +0.50 ± 0.00 on val, +0.50 ± 0.00 on test, +1.25 ± 1.06 on "
             "test_shift; target met on 1 of 2 seeds.") in text
     got["teacher"]["curve"] = [0.0] * 8  # flat at zero is not a plateau, in the text and in the JSON

@@ -356,7 +356,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             log.warning("%s: not collected (%s: %s); the other parts are reported", name, type(err).__name__, err)
             collected[name] = {"error": f"{type(err).__name__}: {err}"}
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    text, summary = format_study(study, collected, commit)
+    text, summary = format_study(study, collected, commit, args.config.as_posix())
     files.write_text(args.out, text)
     files.write_json(args.out.with_suffix(".json"), summary)
     print(text)

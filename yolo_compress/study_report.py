@@ -169,10 +169,11 @@ def part_section(name: str, part: StudyPart, got: dict[str, Any], bound: float) 
     return lines, summary
 
 
-def format_study(study: StudyConfig, collected: dict[str, dict[str, Any]], commit: str) -> tuple[str, dict[str, Any]]:
+def format_study(study: StudyConfig, collected: dict[str, dict[str, Any]], commit: str,
+                 config: str = "study.yaml") -> tuple[str, dict[str, Any]]:
     """The Markdown report and a JSON-ready summary of the same numbers."""
     lines = ["# Study: distillation and pruning in the users' setting", "",
-             f"Collected by `python -m yolo_compress.study` from study.yaml at commit {commit}, on "
+             f"Collected by `python -m yolo_compress.study` from {config} at commit {commit}, on "
              f"{platform.machine()} with {os.cpu_count()} CPUs; each part names the commits its experiments ran. "
              "Scores are pycocotools on each split (box mAP50-95; OKS keypoint AP for pose); ± is the std over "
              "seeds; gains are paired by `student.seed` (mean ± std of the per-seed differences, in points = 1/100 "

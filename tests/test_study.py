@@ -39,11 +39,16 @@ def _study(tmp_path: Path, text: str) -> Path:
     return path
 
 
-def test_the_shipped_study_loads_and_its_params_are_valid(tmp_path: Path) -> None:
+def test_the_shipped_study_has_its_parts() -> None:
     study = load_study(REPO / "study.yaml")
     assert {"digits", "pose"} <= set(study.parts)
     assert study.parts["digits"].metric == "map50_95" and study.parts["pose"].metric == "pose_map50_95"
     assert study.parts["digits"].longest == "plateau"
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in REPO.glob("study*.yaml")))
+def test_every_shipped_study_configs_params_are_valid(tmp_path: Path, config: str) -> None:
+    study = load_study(REPO / config)
     from yolo_compress.config import load_params  # every experiment's params.yaml must validate
     base = yaml.safe_load((REPO / "params.yaml").read_text())
     for name, part in study.parts.items():

@@ -114,7 +114,12 @@ def test_logit_kd_zero_for_identical_positive_otherwise(mode: str, reg_max: int)
     base = logit_kd_loss(cls2, cls, box, box, mode=mode)
     assert base > 0
     assert logit_kd_loss(cls, cls, box2, box, mode=mode) > 0
-    assert logit_kd_loss(cls, cls, box, box, mode=mode, s_kpt=kpt2, t_kpt=kpt) > 0
+    kpt_term = logit_kd_loss(cls, cls, box, box, mode=mode, s_kpt=kpt2, t_kpt=kpt)
+    assert kpt_term > 0
+    # kpt_weight scales the keypoint term alone; 0 leaves the class and box terms as without keypoints
+    both = logit_kd_loss(cls2, cls, box, box, mode=mode, s_kpt=kpt2, t_kpt=kpt, kpt_weight=2.0)
+    assert torch.isclose(both, base + 2 * kpt_term)
+    assert logit_kd_loss(cls2, cls, box, box, mode=mode, s_kpt=kpt2, t_kpt=kpt, kpt_weight=0.0) == base
     # the gate: no anchor passes a gate of 1.0, so nothing is distilled
     assert logit_kd_loss(cls2, cls, box2, box, mode=mode, conf_gate=1.0) == 0
 

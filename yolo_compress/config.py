@@ -187,6 +187,7 @@ class DistillConfig(_Section):
     ld_T: float = 10.0  # (float) logit: temperature on the DFL box-edge distributions
     kd_mode: str = "kl"  # (str) logit: kl | l2 on class scores
     conf_gate: float = 0.0  # (float) logit: anchors whose teacher max class score is below this are ignored
+    kpt_weight: float = 1.0  # (float) logit: weight of the keypoint term (pose); 0 distils boxes and classes only
     unlabeled: str = ""  # (str) '' or a folder of unlabeled images under data/sources/; distillation loss only
     fuse_teacher: bool = True  # (bool) fold the teacher's BatchNorm into its convs (cheaper teacher forward)
 
@@ -203,6 +204,7 @@ class DistillConfig(_Section):
         _check(self.ld_T > 0, "ld_T", "a float > 0", self.ld_T)
         _check(self.kd_mode in ("kl", "l2"), "kd_mode", "one of kl, l2", self.kd_mode)
         _check(0 <= self.conf_gate < 1, "conf_gate", "a float in [0, 1)", self.conf_gate)
+        _check(self.kpt_weight >= 0, "kpt_weight", "a float >= 0", self.kpt_weight)
 
     @property
     def base_weight(self) -> float:

@@ -98,14 +98,15 @@ def logit_kd_loss(
     box_T: float = 10.0,
     s_kpt: torch.Tensor | None = None,
     t_kpt: torch.Tensor | None = None,
+    kpt_weight: float = 1.0,
 ) -> torch.Tensor:
     """Output-level KD on raw head outputs, each anchor weighted by the teacher's max class score.
 
     cls (B,nc,A) logits: 'kl' = Bernoulli KL of sigmoid(x/T) summed over classes, * T^2; 'l2' = squared difference
     of sigmoid scores summed over classes. Box (B,4*reg_max,A): LD, KL of the softmax(x/box_T) edge distributions
     summed over the 4 edges, * box_T^2; when reg_max differs between the two (or is 1, YOLO26) the L1 of the expected
-    edge distances instead. Keypoints (B,nk,A) raw channels: mean squared difference. Anchors whose teacher score is
-    below `conf_gate` get weight 0; each term is the weighted mean over anchors.
+    edge distances instead. Keypoints (B,nk,A) raw channels: mean squared difference, * kpt_weight. Anchors whose
+    teacher score is below `conf_gate` get weight 0; each term is the weighted mean over anchors.
     """
     if mode not in ("kl", "l2"):
         raise ValueError(f"logit_kd_loss: mode must be 'kl' or 'l2', got {mode!r}")
@@ -130,8 +131,8 @@ def logit_kd_loss(
         box_term = (_box_ltrb(s_dfl) - _box_ltrb(t_dfl)).abs().sum(1)
     loss = loss + _weighted_mean(box_term, weight)
 
-    if s_kpt is not None and t_kpt is not None:
-        loss = loss + _weighted_mean((s_kpt - t_kpt).pow(2).mean(1), weight)
+    if s_kpt is not None and t_kpt is not None and kpt_weight > 0:
+        loss = loss + kpt_weight * _weighted_mean((s_kpt - t_kpt).pow(2).mean(1), weight)
     return loss
 
 
@@ -186,7 +187,7 @@ def _logit(s: list[Branch], t: list[Branch], adapters: nn.ModuleDict, cfg: Disti
         tb = t[min(i, len(t) - 1)]
         losses.append(logit_kd_loss(sb["scores"], tb["scores"], sb["boxes"], tb["boxes"], T=cfg.kd_T,
                                     mode=cfg.kd_mode, conf_gate=cfg.conf_gate, box_T=cfg.ld_T,
-                                    s_kpt=sb.get("kpts"), t_kpt=tb.get("kpts")))
+                                    s_kpt=sb.get("kpts"), t_kpt=tb.get("kpts"), kpt_weight=cfg.kpt_weight))
     return torch.stack(losses).mean()
 
 

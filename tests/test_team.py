@@ -12,7 +12,7 @@ from mlflow.tracking import MlflowClient
 
 from yolo_compress.compare_distill import PENDING, parse_exp_show, queue_status
 
-from .tiny_pipeline import GIT, STAGES, copy_repo, run
+from .tiny_pipeline import GIT, copy_repo, run
 
 pytestmark = pytest.mark.e2e
 
@@ -24,12 +24,15 @@ def test_whole_pipeline_logs_to_a_shared_mlflow_server(tiny_repo: tuple[Path, di
     local_exp = local.get_experiment_by_name("yolo-compress").experiment_id
     local_runs = len(local.search_runs([local_exp]))
 
-    run(["dvc", "repro", "--force"], root, {**env, "MLFLOW_TRACKING_URI": mlflow_server})
+    # three stages, not all nine: every stage logs through the same tracking code, which test_pipeline_e2e checks
+    # stage by stage on the local store; this checks the server's side (runs, artifacts, the parent across stages)
+    shared = ("prepare", "train_student", "report")
+    run(["dvc", "repro", "--force", "--single-item", *shared], root, {**env, "MLFLOW_TRACKING_URI": mlflow_server})
 
     client = MlflowClient(mlflow_server)
     runs = client.search_runs([client.get_experiment_by_name("yolo-compress").experiment_id])
     stages = {r.data.tags["dvc.stage"]: r for r in runs if r.data.tags.get("kind") == "stage"}
-    assert set(stages) == STAGES
+    assert set(stages) == set(shared)
     assert len({r.data.tags["mlflow.parentRunId"] for r in stages.values()}) == 1
     student = stages["train_student"]
     assert json.loads((root / "metrics/student.json").read_text())["mlflow_run_id"] == student.info.run_id

@@ -13,12 +13,27 @@ from pathlib import Path
 
 import pytest
 import requests
+import torch
 
 from yolo_compress.models import YOLO
 
 from .tiny_pipeline import REPO, make_repo
 
 __all__ = ["REPO", "MlflowServer", "free_port"]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist, pin each worker (and every process it starts) to one core of its own.
+
+    Unpinned, two workers each sized torch's thread pool to every core and their spinning threads slowed training
+    4-7x (../shared/NOTES.md); pinned, the code's own sizing (training.use_all_cores, benchmark.default_threads)
+    reads the affinity mask and uses the one core.
+    """
+    worker = os.environ.get("PYTEST_XDIST_WORKER")  # gw0, gw1, ...
+    if worker and hasattr(os, "sched_setaffinity"):
+        cores = sorted(os.sched_getaffinity(0))
+        os.sched_setaffinity(0, {cores[int(worker.removeprefix("gw")) % len(cores)]})
+        torch.set_num_threads(1)  # torch was imported above, its pool sized before the pinning
 
 
 @pytest.fixture(scope="session")

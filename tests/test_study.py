@@ -140,6 +140,9 @@ def test_an_experiment_made_before_a_key_existed_matches_the_behaviour_it_had() 
     assert keys_that_differ(old, {"prune.activation": "relu"}) == ["prune.activation 'keep' -> 'relu'"]
     assert keys_that_differ(old, {"prune.rounds": 6}) == ["prune.rounds 5 -> 6"]
     assert keys_that_differ(old, {"teacher.epochs": 3}) == ["teacher.epochs None -> 3"]
+    before_kpt_weight = {"distill": {"loss": "logit"}}  # logit distilled raw keypoints before the key existed
+    assert keys_that_differ(before_kpt_weight, {"distill.kpt_weight": 1.0}) == []
+    assert keys_that_differ(before_kpt_weight, {"distill.kpt_weight": 0}) == ["distill.kpt_weight 1.0 -> 0"]
 
 
 def test_plateau_is_the_last_quarter_against_the_best_before() -> None:

@@ -57,7 +57,7 @@ from yolo_compress.study_report import format_study
 log = logging.getLogger("yolo_compress.study")
 WORK = Path(".study")  # scratch: fetched data and models, score cache, overhead tables (git-ignored)
 # What the pipeline did before params.yaml had the key: experiments made then match a recipe that sets it so.
-PARAMS_BEFORE_THE_KEY = {"prune.activation": "keep"}
+PARAMS_BEFORE_THE_KEY = {"prune.activation": "keep", "distill.kpt_weight": 1.0}
 CODE = ("stages", "yolo_compress", "dvc.yaml", "params.yaml", "study.yaml")
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import functools
 import os
 import subprocess
@@ -33,7 +34,15 @@ from yolo_compress.distill import (
     loss_weight,
     prepare_teacher,
 )
-from yolo_compress.distill_losses import LOSSES, cwd_loss, head_branches, logit_kd_loss, mgd_loss, sl2_loss
+from yolo_compress.distill_losses import (
+    LOSSES,
+    cwd_loss,
+    head_branches,
+    logit_kd_loss,
+    mgd_loss,
+    sl2_loss,
+    split_keypoints,
+)
 from yolo_compress.errors import ModelError
 from yolo_compress.trainer import ADAPTERS_FILE, SPEC_ENV, CompressDetectionTrainer, TrainerSpec, trainer_for
 
@@ -110,6 +119,7 @@ def test_logit_kd_zero_for_identical_positive_otherwise(mode: str, reg_max: int)
     g = torch.Generator().manual_seed(0)
     cls, box, kpt = (torch.randn(2, c, 30, generator=g) for c in (3, 4 * reg_max, 15))
     cls2, box2, kpt2 = (torch.randn(2, c, 30, generator=g) for c in (3, 4 * reg_max, 15))
+    kpt, kpt2 = kpt.view(2, 5, 3, 30), kpt2.view(2, 5, 3, 30)  # 5 keypoints of x, y, visibility
     assert logit_kd_loss(cls, cls, box, box, mode=mode, s_kpt=kpt, t_kpt=kpt) == 0
     base = logit_kd_loss(cls2, cls, box, box, mode=mode)
     assert base > 0
@@ -120,6 +130,13 @@ def test_logit_kd_zero_for_identical_positive_otherwise(mode: str, reg_max: int)
     both = logit_kd_loss(cls2, cls, box, box, mode=mode, s_kpt=kpt2, t_kpt=kpt, kpt_weight=2.0)
     assert torch.isclose(both, base + 2 * kpt_term)
     assert logit_kd_loss(cls2, cls, box, box, mode=mode, s_kpt=kpt2, t_kpt=kpt, kpt_weight=0.0) == base
+    # visibility is compared as probabilities: logits 20 and 30 (both visible) cost almost nothing, 0 and 1 do
+    def kpt_loss(s_vis: float, t_vis: float) -> torch.Tensor:
+        s_kpt, t_kpt = (torch.cat([kpt[:, :, :2], torch.full((2, 5, 1, 30), v)], 2) for v in (s_vis, t_vis))
+        return logit_kd_loss(cls, cls, box, box, mode=mode, s_kpt=s_kpt, t_kpt=t_kpt)
+
+    assert kpt_loss(30.0, 20.0) < 1e-6 and kpt_loss(1.0, 0.0) > 0.1
+    assert logit_kd_loss(cls, cls, box, box, mode=mode, s_kpt=kpt2[:, :, :2], t_kpt=kpt[:, :, :2]) > 0  # K x (x, y)
     # the gate: no anchor passes a gate of 1.0, so nothing is distilled
     assert logit_kd_loss(cls2, cls, box2, box, mode=mode, conf_gate=1.0) == 0
 
@@ -223,6 +240,12 @@ def test_pose_pair_distills_keypoints() -> None:
     assert "dis_loss" in items and items["dis_loss"] > 0
     t_out = head_branches(crit.teacher(batch["img"]))[0]
     assert "kpts" in head_branches(preds)[0] and "kpts" in t_out
+    # keypoint by keypoint as Ultralytics decodes them: visibility is every third raw channel from the third
+    raw = t_out["kpts"]
+    split = split_keypoints([t_out], crit.kpt_shape)[0]["kpts"]
+    assert list(crit.kpt_shape) == [5, 3] and torch.equal(split[:, :, 2], raw[:, 2::3]) and t_out["kpts"] is raw
+    crit.cfg = dataclasses.replace(crit.cfg, kpt_weight=1.0)
+    assert crit(preds, batch)[1]["dis_loss"] > items["dis_loss"]  # the keypoint term adds to the loss
 
 
 # ------------------------------------------------------------------------------------------------------- alignment

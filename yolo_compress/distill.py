@@ -30,7 +30,7 @@ from ultralytics.utils.torch_utils import fuse_conv_and_bn
 
 from yolo_compress.config import DISTILL_LOSSES, DISTILL_SCHEDULES, DistillConfig, TrainConfig
 from yolo_compress.dataset import load_summary
-from yolo_compress.distill_losses import LOSSES, clone_tree, head_branches, take_images
+from yolo_compress.distill_losses import LOSSES, clone_tree, head_branches, split_keypoints, take_images
 from yolo_compress.errors import DatasetError, ModelError, ParamsError
 from yolo_compress.models import (
     YOLO,
@@ -196,6 +196,7 @@ class DistillCriterion:
 
     def __init__(self, base: Any, teacher: nn.Module | None, adapters: nn.ModuleDict, cfg: DistillConfig) -> None:
         self.base, self.teacher, self.adapters, self.cfg = base, teacher, adapters, cfg
+        self.kpt_shape = getattr(teacher.model[-1], "kpt_shape", None) if teacher is not None else None
         self.weight = cfg.base_weight  # set per step by the trainer
 
     def __getstate__(self) -> dict[str, Any]:
@@ -213,8 +214,9 @@ class DistillCriterion:
         if self.teacher is not None and self.weight > 0 and self.adapters.training and isinstance(preds, dict):
             with torch.inference_mode():
                 t_out = head_branches(self.teacher(batch["img"]))
-            t_out = clone_tree(t_out)  # outside inference_mode, so the copies are normal tensors
-            dis = LOSSES[self.cfg.loss](head_branches(preds), t_out, self.adapters, self.cfg) * self.weight
+            t_out = split_keypoints(clone_tree(t_out), self.kpt_shape)  # clone outside inference_mode: normal tensors
+            s_out = split_keypoints(head_branches(preds), self.kpt_shape)
+            dis = LOSSES[self.cfg.loss](s_out, t_out, self.adapters, self.cfg) * self.weight
         items["dis_loss"] = dis.detach()
         return torch.cat([loss, (dis * batch["img"].shape[0]).view(1)]), items
 

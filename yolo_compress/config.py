@@ -187,7 +187,7 @@ class DistillConfig(_Section):
     ld_T: float = 10.0  # (float) logit: temperature on the DFL box-edge distributions
     kd_mode: str = "kl"  # (str) logit: kl | l2 on class scores
     conf_gate: float = 0.0  # (float) logit: anchors whose teacher max class score is below this are ignored
-    kpt_weight: float = 0.0  # (float) logit: weight of the keypoint term (pose); 0: boxes and classes only
+    kpt_weight: float = 4.0  # (float) logit: weight of the keypoint term (pose); 0: boxes and classes only
     unlabeled: str = ""  # (str) '' or a folder of unlabeled images under data/sources/; distillation loss only
     fuse_teacher: bool = True  # (bool) fold the teacher's BatchNorm into its convs (cheaper teacher forward)
 

@@ -30,7 +30,9 @@ __all__ = [
     "clone_tree",
 ]
 
-Branch = dict[str, Any]  # one head branch in training format: boxes (B,4*reg_max,A), scores (B,nc,A), feats, kpts
+# One head branch in training format: boxes (B,4*reg_max,A), scores (B,nc,A), feats, and for pose kpts (B,K*D,A),
+# (B,K,D,A) after split_keypoints.
+Branch = dict[str, Any]
 
 
 def mgd_loss(

@@ -19,7 +19,14 @@ from yolo_compress.channel_pruning import prune_round
 from yolo_compress.config import DataConfig
 from yolo_compress.dataset import prepare_dataset
 from yolo_compress.errors import ModelError
-from yolo_compress.export import SIDECAR_KEYS, ExportError, calibration_images, check_loads, exported_files
+from yolo_compress.export import (
+    SIDECAR_KEYS,
+    ExportError,
+    calibration_images,
+    check_loads,
+    exported_files,
+    quantize_int8,
+)
 from yolo_compress.models import YOLO
 from yolo_compress.pruning import save_pruned
 from yolo_compress.timing import onnx_timer
@@ -152,6 +159,29 @@ def test_int8_keeps_only_the_head_decoding_in_float(work: dict) -> None:
     assert len(in_branches) >= 10 and all(in_branches.values())  # yolo11n: 6 SiLUs per scale, all QDQ
     assert not ops["/model.23/dfl/Softmax"]
     assert ops["/model.23/dfl/conv/Conv"]  # a fixed 1x1 conv: float, it slowed the default pruned file by 14-22%
+
+
+def int8_weight_extremes(path: Path) -> tuple[int, int]:
+    """The smallest and largest int8 value among a quantized ONNX file's int8 initializers (the conv weights)."""
+    import onnx
+    from onnx import numpy_helper
+
+    weights = [numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer
+               if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 4]
+    assert weights
+    return min(int(w.min()) for w in weights), max(int(w.max()) for w in weights)
+
+
+def test_int8_reduce_range_quantizes_the_weights_to_7_bits(work: dict, tmp_path: Path) -> None:
+    """The default (params.yaml) ships 7-bit weights and says so; `false` uses the whole int8 range."""
+    root = work["root"]
+    assert json.loads((root / "models/export/pruned_int8.json").read_text())["reduce_range"] is True
+    lo, hi = int8_weight_extremes(root / "models/export/pruned_int8.onnx")
+    assert -64 <= lo and hi <= 64 and max(-lo, hi) == 64  # per-channel: each channel's extreme weight hits the edge
+    calib = calibration_images(root / "data/prepared/images/train", 3)
+    quantize_int8(root / "models/export/pruned_fp32.onnx", tmp_path / "full.onnx", calib, 64, reduce_range=False)
+    lo, hi = int8_weight_extremes(tmp_path / "full.onnx")
+    assert max(-lo, hi) == 127
 
 
 def test_bad_rows_are_one_line_each_and_keep_the_other_rows(work: dict, tmp_path: Path) -> None:

@@ -78,6 +78,42 @@ def test_an_interrupted_stage_says_so_in_one_line(tmp_path: Path, sig: signal.Si
     assert not any((tmp_path / rel).exists() for rel in ("models/student.pt", "metrics/student.json"))
 
 
+SWALLOWED_SIGNAL_STAGE = """
+import os, signal, sys
+from yolo_compress import files
+from yolo_compress.errors import stage_entrypoint
+
+class SignalledWhileCollected:
+    def __del__(self):  # Python drops what a __del__ raises ("Exception ignored in"), so the handler's exception too
+        os.kill(os.getpid(), signal.{sig})
+        for _ in range(10 ** 6):  # the handler runs between bytecodes, still inside __del__
+            pass
+
+@stage_entrypoint
+def main():
+    SignalledWhileCollected()
+    files.write_text(sys.argv[1], "written after the signal")
+    with files.atomic_dir(sys.argv[2]) as tmp:
+        (tmp / "a.txt").write_text("written after the signal")
+
+main()
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["sigint", "sigterm"])
+def test_a_signal_whose_exception_python_swallows_still_stops_the_stage_before_it_writes(
+        tmp_path: Path, sig: signal.Signals) -> None:
+    """The CI failure this guards against: SIGTERM landed in importlib's module-lock weakref callback, its exception
+    was dropped, and train_student wrote models/student.pt and exited 0."""
+    script = SWALLOWED_SIGNAL_STAGE.format(sig=sig.name)
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "out.txt"), str(tmp_path / "outdir")],
+                          cwd=REPO, capture_output=True, text=True, timeout=120, env={**os.environ, "DVC_STAGE": "s"})
+    assert "Exception ignored in" in done.stderr, done.stderr  # the swallowing really happened
+    assert done.returncode == 128 + sig, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == "interrupted; outputs of s were not written; rerun to start it again"
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
 def kill_when_first_epoch_is_saved(root: Path, env: dict[str, str], sig: signal.Signals) -> str:
     """What `dvc repro train_student` wrote to stderr before `sig` (to its process group) ended it."""
     with (root.parent / "repro_stderr.txt").open("w+") as err:

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from yolo_compress.errors import ModelError
+from yolo_compress.errors import ModelError, raise_if_interrupted
 from yolo_compress.models import YOLO, count_params, load_model
 
 __all__ = [
@@ -141,6 +141,7 @@ def export_onnx(model_pt: str | Path, imgsz: int, out_path: str | Path, batch: i
         except Exception as err:  # noqa: BLE001 - torch.onnx, onnx and Ultralytics raise many types
             reason = " ".join(str(err).split())[:300] or type(err).__name__
             raise OnnxExportError(f"{model_pt}: ONNX export failed: {reason}") from err
+        raise_if_interrupted()
         os.replace(made, out_path)
         return out_path
     finally:

@@ -295,6 +295,7 @@ class ExportConfig(_Section):
     opset: int = 17  # (int) ONNX opset (fixed, so an upgrade does not silently change the graph)
     simplify: bool = False  # (bool) run onnxslim on the FP32 graph (needs `pip install onnxslim`)
     calib_images: int = 64  # (int) int8: training images that calibrate the activation ranges
+    int8_reduce_range: bool = True  # (bool) int8: 7-bit weights, ONNX Runtime's advice for x86 CPUs without VNNI
 
     def __post_init__(self) -> None:
         _check_names(self.models, MODEL_NAMES, "models")

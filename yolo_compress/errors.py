@@ -62,15 +62,36 @@ def stage_name() -> str:
     return os.environ.get("DVC_STAGE") or Path(sys.argv[0]).stem
 
 
-def sigterm_handler(owner: int) -> Callable[[int, Any], None]:
+# The interrupting signal once one has arrived. Python drops an exception raised while it runs a weakref callback,
+# a __del__ or the garbage collector ("Exception ignored in ..."), so a signal landing there would be lost and the
+# stage would go on to write its outputs: raise_if_interrupted() raises it again where outputs are committed.
+_pending: int | None = None
+
+
+def _interruption(signum: int) -> KeyboardInterrupt:
+    return Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+
+def interrupt_handler(owner: int) -> Callable[[int, Any], None]:
+    """SIGINT/SIGTERM handler for process `owner`: record the signal, then raise it as KeyboardInterrupt/Terminated."""
     def handler(signum: int, frame: Any) -> None:
-        if os.getpid() != owner:  # a forked data-loader worker inherited this handler: die as the signal says
+        global _pending
+        if os.getpid() != owner:  # a forked data-loader worker inherited this handler: behave as if it had not
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt  # what Python's own handler, which it replaced, does
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
             return
-        raise Terminated
+        _pending = signum
+        raise _interruption(signum)
 
     return handler
+
+
+def raise_if_interrupted() -> None:
+    """Raise the interruption again if a signal arrived and its first exception was swallowed."""
+    if _pending is not None:
+        raise _interruption(_pending)
 
 
 def resume_from() -> int | None:
@@ -98,7 +119,10 @@ def stage_entrypoint(main: Callable[..., Any]) -> Callable[..., Any]:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
         # SIGTERM (a job scheduler, `kill`, a lost terminal) unwinds like Ctrl-C: context managers close the MLflow
         # run and atomic writes drop their temp files, instead of the process dying mid-way.
-        signal.signal(signal.SIGTERM, sigterm_handler(os.getpid()))
+        global _pending
+        _pending = None
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, interrupt_handler(os.getpid()))
         try:
             return main(*args, **kwargs)
         except UserError as err:

@@ -126,8 +126,13 @@ def _copy_metadata(src: Any, dst_path: Path) -> None:
     onnx.save(dst, str(dst_path))
 
 
-def quantize_int8(fp32_path: str | Path, out_path: str | Path, images: Sequence[str | Path], imgsz: int) -> Path:
-    """Static INT8 quantization (QDQ, per-channel) of an FP32 ONNX file, calibrated on `images`; written atomically."""
+def quantize_int8(fp32_path: str | Path, out_path: str | Path, images: Sequence[str | Path], imgsz: int,
+                  reduce_range: bool = False) -> Path:
+    """Static INT8 quantization (QDQ, per-channel) of an FP32 ONNX file, calibrated on `images`; written atomically.
+
+    `reduce_range` quantizes the weights to 7 bits: without VNNI, x86 CPUs add pairs of uint8 x int8 products in
+    int16, which 8-bit weights can overflow (ONNX Runtime's quantization docs).
+    """
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -140,7 +145,7 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path, images: Sequence[
         quantize_static(str(pre), str(made), LetterboxReader(images, imgsz, src.graph.input[0].name),
                         quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8,
                         weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
-                        nodes_to_exclude=head_decode_nodes(onnx.load(str(pre))))
+                        reduce_range=reduce_range, nodes_to_exclude=head_decode_nodes(onnx.load(str(pre))))
         _copy_metadata(src, made)
         files.copy_file(made, out_path)
     return out_path
@@ -231,9 +236,9 @@ def export_model(name: str, model_pt: str | Path, cfg: ExportConfig, out_dir: st
                         raise calib
                     if not calib:
                         raise ExportError("no calibration images given; set export.calib_images >= 1")
-                    quantize_int8(fp32, dst, calib, cfg.imgsz)
+                    quantize_int8(fp32, dst, calib, cfg.imgsz, reduce_range=cfg.int8_reduce_range)
                     extra = {"calib_images": len(calib), "calib_first": calib[0].name, "calib_method": "minmax",
-                             "quant_format": "QDQ", "per_channel": True}
+                             "quant_format": "QDQ", "per_channel": True, "reduce_range": cfg.int8_reduce_range}
                 else:
                     convert_fp16(fp32, dst)
                 check_loads(dst)

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from yolo_compress.errors import UserError
+from yolo_compress.errors import UserError, raise_if_interrupted
 
 
 def _replace_from_temp(dst: Path, write: Any) -> None:
@@ -21,6 +21,7 @@ def _replace_from_temp(dst: Path, write: Any) -> None:
     try:
         write(Path(tmp))
         os.chmod(tmp, 0o644)  # mkstemp makes it private to the user; an output should read like any other file
+        raise_if_interrupted()
         os.replace(tmp, dst)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -69,6 +70,7 @@ def atomic_dir(dst: str | Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent))
     try:
         yield tmp
+        raise_if_interrupted()
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -29,7 +29,7 @@ from filelock import FileLock
 from mlflow.tracking import MlflowClient
 
 from yolo_compress import mlflow_buffer as buf
-from yolo_compress.errors import UserError, sigterm_handler, stage_entrypoint
+from yolo_compress.errors import UserError, interrupt_handler, stage_entrypoint
 
 log = logging.getLogger(__name__)
 
@@ -238,7 +238,7 @@ def stage_run(stage: str, params: dict[str, Any]) -> Iterator[mlflow.ActiveRun]:
     installed, err = None, None
     if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) in (
             signal.SIG_DFL, None):
-        installed = signal.signal(signal.SIGTERM, sigterm_handler(os.getpid()))
+        installed = signal.signal(signal.SIGTERM, interrupt_handler(os.getpid()))
     try:
         log_params(flat(params))
         log.info("MLflow run %s (%s) in %s", run_id, stage, uri)

@@ -18,7 +18,7 @@ import torch
 
 from yolo_compress import files
 from yolo_compress.config import TrainConfig
-from yolo_compress.errors import ParamsError, set_resume_hint
+from yolo_compress.errors import ParamsError, raise_if_interrupted, set_resume_hint
 from yolo_compress.models import YOLO, read_checkpoint
 from yolo_compress.trainer import TrainerSpec, trainer_for
 
@@ -209,6 +209,7 @@ def train_model(
     model.add_callback("on_pretrain_routine_start", use_all_cores)
     model.add_callback("on_train_epoch_start", recorder.epoch_start)
     model.add_callback("on_fit_epoch_end", recorder.fit_epoch_end)
+    model.add_callback("on_train_batch_end", lambda _: raise_if_interrupted())  # a swallowed signal stops it here
     model.train(trainer=trainer_for(model.task, spec), **args)
     set_resume_hint(None)  # not in a finally: an interruption must keep the hint for the stage's one line
     trained = model.trainer

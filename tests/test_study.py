@@ -237,13 +237,14 @@ def test_report_states_targets_plateaus_and_what_is_missing() -> None:
     assert summary["parts"]["d"]["teacher"] == {"scores": scores, "plateau_gain": 0.0, "plateaued": False}
 
 
-def test_a_resized_part_is_timed_again() -> None:
-    # the first study reused a 192 px timing table for the 160 px part: the table is keyed by what it timed
-    same = overhead_path("detect", "data1", "teacher1", "student: {imgsz: 160}\n")
-    assert overhead_path("detect", "data1", "teacher1", "student: {imgsz: 160}\n") == same
-    assert overhead_path("detect", "data2", "teacher1", "student: {imgsz: 160}\n") != same
-    assert overhead_path("detect", "data1", "teacher2", "student: {imgsz: 160}\n") != same
-    assert overhead_path("detect", "data1", "teacher1", "student: {imgsz: 192}\n") != same
+def test_the_timing_table_is_keyed_by_what_it_timed_not_by_the_part() -> None:
+    # the first study reused a 192 px timing table for the 160 px part; renaming a part used to lose its table
+    same = overhead_path("data1", "teacher1", "student: {imgsz: 160}\n", ["sl2", "logit"])
+    assert overhead_path("data1", "teacher1", "student: {imgsz: 160}\n", ["sl2", "logit"]) == same
+    assert overhead_path("data2", "teacher1", "student: {imgsz: 160}\n", ["sl2", "logit"]) != same
+    assert overhead_path("data1", "teacher2", "student: {imgsz: 160}\n", ["sl2", "logit"]) != same
+    assert overhead_path("data1", "teacher1", "student: {imgsz: 192}\n", ["sl2", "logit"]) != same
+    assert overhead_path("data1", "teacher1", "student: {imgsz: 160}\n", ["sl2", "logit", "mgd"]) != same
 
 
 def test_a_bad_prune_recipe_is_refused_before_anything_is_queued(tmp_path: Path,

@@ -261,7 +261,7 @@ def collect_part(name: str, part: StudyPart, scorer: Scorer) -> dict[str, Any]:
     # experiments are found by name, whatever commit ran them: the report names those commits
     result["commits"] = sorted({exp.code_commit for exp in used})
     source = overhead_source(name, part)
-    overhead = overhead_table(name, source) if source is not None else None
+    overhead = overhead_table(part, source) if source is not None else None
     result["overhead"] = overhead.read_text() if overhead is not None and overhead.is_file() else None
     return result
 
@@ -280,15 +280,17 @@ def overhead_source(name: str, part: StudyPart) -> Experiment | None:
     return None if first is None else Experiment(first.name, done[first.name])
 
 
-def overhead_path(name: str, data_md5: str, teacher_md5: str, params_text: str) -> Path:
-    """Where the timing table of this data, teacher and params lives: a resized part is timed again."""
-    key = hashlib.md5(f"{data_md5} {teacher_md5} {params_text}".encode()).hexdigest()[:12]
-    return WORK / name / f"overhead-{key}.md"
+def overhead_path(data_md5: str, teacher_md5: str, params_text: str, losses: Sequence[str]) -> Path:
+    """Where the timing table of these data, teacher, params and losses lives, whatever part timed them: a resized
+    part or a new loss is timed again, a renamed part is not."""
+    key = hashlib.md5(f"{data_md5} {teacher_md5} {params_text} {' '.join(losses)}".encode()).hexdigest()[:12]
+    return WORK / "overhead" / f"{key}.md"
 
 
-def overhead_table(name: str, exp: Experiment) -> Path:
-    """The timing table's path for the data, teacher and params of `exp`."""
-    return overhead_path(name, exp.md5("data/prepared"), exp.md5("models/teacher.pt"), exp.fs.read_text("params.yaml"))
+def overhead_table(part: StudyPart, exp: Experiment) -> Path:
+    """The timing table's path for the data, teacher and params of `exp` and the part's losses."""
+    return overhead_path(exp.md5("data/prepared"), exp.md5("models/teacher.pt"), exp.fs.read_text("params.yaml"),
+                         part.losses)
 
 
 def measure_overhead(name: str, part: StudyPart) -> None:
@@ -297,7 +299,7 @@ def measure_overhead(name: str, part: StudyPart) -> None:
     exp = overhead_source(name, part)
     if exp is None:
         return
-    out = overhead_table(name, exp)
+    out = overhead_table(part, exp)
     if out.is_file():
         return
     params = WORK / name / "overhead_params.yaml"

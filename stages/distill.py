@@ -3,8 +3,8 @@
     python stages/distill.py --data data/prepared --teacher models/teacher.pt --student-metrics metrics/student.json \
         --out models/distilled.pt --metrics metrics/distill.json --plots plots/distill.json
 
-sl2 runs Ultralytics' native distillation (`distill_model=`, `dis=`); mgd, cwd and logit add their loss through the
-project's trainer (yolo_compress.trainer). Either way models/distilled.pt is a plain student checkpoint.
+Every loss (sl2, mgd, cwd, logit) goes in through the project's trainer (yolo_compress.train.trainer);
+models/distilled.pt is a plain student checkpoint.
 """
 
 from __future__ import annotations
@@ -14,16 +14,18 @@ import logging
 import statistics
 from pathlib import Path
 
-from yolo_compress import distill, files
+from yolo_compress import files
 from yolo_compress.config import load_params, section_dict
-from yolo_compress.dataset import training_view
+from yolo_compress.data.prepared import training_view
+from yolo_compress.devices import check_device, use_all_cores
 from yolo_compress.errors import stage_entrypoint
 from yolo_compress.models import model_size, set_checkpoint_trust
-from yolo_compress.tracking import log_artifact, log_epoch, log_metrics, stage_run
-from yolo_compress.trainer import distill_setup
-from yolo_compress.training import check_device, train_model
+from yolo_compress.tracking.runs import log_artifact, log_epoch, log_metrics, stage_run
+from yolo_compress.train import distill
+from yolo_compress.train.trainer import distill_setup
+from yolo_compress.train.training import train_model
 
-log = logging.getLogger("yolo_compress.distill")
+log = logging.getLogger("yolo_compress.train.distill")
 STAGE = "distill"
 
 
@@ -43,6 +45,7 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     params = load_params(args.params)
+    use_all_cores()  # torch threads: one per core, whatever the import order left
     cfg, dcfg, seed = params.student, params.distill, params.student_seed
 
     # Every check before the first epoch: a bad input costs seconds, not a training run.
@@ -53,8 +56,6 @@ def main() -> None:
         distill.unlabeled_images(dcfg.unlabeled)
     model = distill.checked_inputs(cfg, args.data, args.teacher)
     student_metrics = files.read_json(args.student_metrics)
-    if dcfg.loss == "sl2" and dcfg.fuse_teacher:
-        log.info("distill.fuse_teacher does not apply to sl2: Ultralytics' native path runs the teacher as saved")
 
     work = Path("runs") / STAGE
     data_yaml = training_view(args.data, work / "data")
@@ -101,7 +102,7 @@ def main() -> None:
                  gain, args.out)
     else:
         log.warning("distill (%s): NO GAIN: val %s %.4f is %+.4f against the plain student, so the distilled model is "
-                    "not an improvement here; ship the student, or see README 'The study' -> %s", dcfg.loss, key,
+                    "not an improvement here; ship the student (reports/study_findings.md) -> %s", dcfg.loss, key,
                     result.val[key], gain, args.out)
 
 

@@ -25,12 +25,13 @@ from pathlib import Path
 
 from yolo_compress import files
 from yolo_compress.config import load_params, section_dict
-from yolo_compress.dataset import eval_splits, load_summary, training_view
+from yolo_compress.data.prepared import eval_splits, load_summary, training_view
+from yolo_compress.devices import use_all_cores
 from yolo_compress.errors import DatasetError, UserError, stage_entrypoint
-from yolo_compress.evaluation import evaluate_split_with_predictions, gt_json_for, map_lost
-from yolo_compress.export import exported_files
+from yolo_compress.measure.evaluation import evaluate_split_with_predictions, gt_json_for, map_lost
 from yolo_compress.models import pipeline_models, set_checkpoint_trust
-from yolo_compress.tracking import log_artifact, log_metrics, stage_run
+from yolo_compress.ship.export import exported_files
+from yolo_compress.tracking.runs import log_artifact, log_metrics, stage_run
 
 log = logging.getLogger("yolo_compress.evaluate")
 
@@ -60,6 +61,7 @@ def check_splits(splits: list[str], data: Path) -> None:
 def main() -> None:
     args = parse_args()
     params = load_params(args.params)
+    use_all_cores()  # torch threads: one per core, whatever the import order left
     cfg = params.evaluate
     set_checkpoint_trust(params.trust_checkpoints)
     models = pipeline_models(args.models_dir, cfg.models, "evaluate.models")

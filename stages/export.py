@@ -19,12 +19,13 @@ from pathlib import Path
 
 from yolo_compress import files
 from yolo_compress.config import load_params, section_dict
+from yolo_compress.devices import use_all_cores
 from yolo_compress.errors import stage_entrypoint
-from yolo_compress.export import ExportError, calibration_images, export_model
 from yolo_compress.models import MADE_BY, set_checkpoint_trust
-from yolo_compress.tracking import log_artifact, log_metrics, set_tag, stage_run
+from yolo_compress.ship.export import ExportError, calibration_images, export_model
+from yolo_compress.tracking.runs import log_artifact, log_metrics, set_tag, stage_run
 
-log = logging.getLogger("yolo_compress.export")
+log = logging.getLogger("yolo_compress.ship.export")
 
 NOTES = "notes.json"
 
@@ -43,6 +44,7 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     params = load_params(args.params)
+    use_all_cores()  # torch threads: one per core, whatever the import order left
     cfg = params.export
     set_checkpoint_trust(params.trust_checkpoints)
     problems: dict[str, list[str]] = {}

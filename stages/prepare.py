@@ -2,8 +2,8 @@
 
     python stages/prepare.py --out data/prepared --metrics metrics/prepare.json
 
-First it checks that every file params.yaml names is one DVC tracks (yolo_compress/inputs.py). Then, before any stage
-trains, it checks what the later stages will need from this dataset: every model params.yaml names (teacher.model,
+First it checks that every file params.yaml names is one DVC tracks (yolo_compress/data/inputs.py). Then, before any
+stage trains, it checks what the later stages will need from this dataset: every model params.yaml names (teacher.model,
 student.model, distill.teacher, prune.model) and an explicit evaluate.splits list. A mistake stops the pipeline here
 with one line instead of in its own stage, an hour of training later.
 """
@@ -16,11 +16,13 @@ from pathlib import Path
 
 from yolo_compress import files
 from yolo_compress.config import load_params, section_dict
-from yolo_compress.dataset import eval_splits, prepare_dataset
+from yolo_compress.data.dataset import prepare_dataset
+from yolo_compress.data.inputs import check_tracked
+from yolo_compress.data.prepared import eval_splits
 from yolo_compress.errors import stage_entrypoint
-from yolo_compress.inputs import check_tracked
-from yolo_compress.models import check_params_models, set_checkpoint_trust
-from yolo_compress.tracking import log_artifact, stage_run
+from yolo_compress.models import set_checkpoint_trust
+from yolo_compress.preflight import check_params_models
+from yolo_compress.tracking.runs import log_artifact, stage_run
 
 log = logging.getLogger("yolo_compress.prepare")
 

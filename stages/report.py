@@ -20,11 +20,11 @@ from pathlib import Path
 from yolo_compress import files
 from yolo_compress.config import load_params, section_dict
 from yolo_compress.errors import stage_entrypoint
-from yolo_compress.report import build_summary, plot_pareto, plot_prune_curve
-from yolo_compress.report_inputs import load_inputs
-from yolo_compress.tracking import log_artifact, log_artifacts_to_parent, stage_run
+from yolo_compress.ship.report import build_summary, plot_pareto, plot_prune_curve
+from yolo_compress.ship.report_inputs import load_inputs
+from yolo_compress.tracking.runs import log_artifact, log_artifacts_to_parent, stage_run
 
-log = logging.getLogger("yolo_compress.report")
+log = logging.getLogger("yolo_compress.ship.report")
 
 
 def parse_args() -> argparse.Namespace:

@@ -12,9 +12,9 @@ from pathlib import Path
 
 from yolo_compress import files
 from yolo_compress.config import load_params, section_dict
-from yolo_compress.dataset import load_summary, training_view
+from yolo_compress.data.prepared import load_summary, training_view
+from yolo_compress.devices import check_device, use_all_cores
 from yolo_compress.errors import stage_entrypoint
-from yolo_compress.metrics import teacher_gap
 from yolo_compress.models import (
     check_same_head,
     check_task,
@@ -24,8 +24,9 @@ from yolo_compress.models import (
     model_size,
     set_checkpoint_trust,
 )
-from yolo_compress.tracking import log_artifact, log_epoch, log_metrics, set_tag, stage_run
-from yolo_compress.training import check_device, train_model
+from yolo_compress.tracking.runs import log_artifact, log_epoch, log_metrics, set_tag, stage_run
+from yolo_compress.train.metrics import teacher_gap
+from yolo_compress.train.training import train_model
 
 log = logging.getLogger("yolo_compress.train")
 
@@ -47,6 +48,7 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     params = load_params(args.params)
+    use_all_cores()  # torch threads: one per core, whatever the import order left
     cfg = getattr(params, args.role)
     check_device(cfg.device, f"{args.role}.device")
     set_checkpoint_trust(params.trust_checkpoints)

@@ -26,8 +26,8 @@ def pytest_configure(config: pytest.Config) -> None:
     """Under pytest-xdist, pin each worker (and every process it starts) to one core of its own.
 
     Unpinned, each worker's torch would size its thread pool to every core, and a training epoch beside another such
-    job ran 4-7x slower (../shared/NOTES.md); pinned, the code's own sizing (training.use_all_cores,
-    benchmark.default_threads) reads the affinity mask and uses the one core.
+    job ran 4-7x slower (docs/measured-facts.md); pinned, the code's own sizing (devices.all_cores) reads the affinity
+    mask and uses the one core.
     """
     worker = os.environ.get("PYTEST_XDIST_WORKER")  # gw0, gw1, ...
     if worker and hasattr(os, "sched_setaffinity"):

@@ -10,7 +10,8 @@ import pytest
 import torch
 from ultralytics.utils.torch_utils import get_num_params
 
-from yolo_compress.benchmark import (
+from yolo_compress.errors import ModelError
+from yolo_compress.measure.benchmark import (
     OnnxExportError,
     export_onnx,
     file_size_mb,
@@ -18,9 +19,8 @@ from yolo_compress.benchmark import (
     gflops_ultralytics,
     inference_copy,
 )
-from yolo_compress.errors import ModelError
+from yolo_compress.measure.timing import latency_onnx, latency_torch
 from yolo_compress.models import YOLO, count_params
-from yolo_compress.timing import latency_onnx, latency_torch
 
 IMGSZ = 64
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from yolo_compress.compare_distill import (
+from yolo_compress.experiments.compare_distill import (
     Record,
     experiment_name,
     format_table,

@@ -18,16 +18,10 @@ import pytest
 import yaml
 
 from yolo_compress.config import DataConfig
-from yolo_compress.dataset import (
-    EVAL_SPLITS,
-    eval_splits,
-    load_summary,
-    prepare_dataset,
-    training_view,
-    validate_layout,
-)
+from yolo_compress.data.dataset import prepare_dataset, validate_layout
+from yolo_compress.data.prepared import EVAL_SPLITS, eval_splits, load_summary, training_view
+from yolo_compress.data.prepared_layout import SPLITS, LabeledImage, coco_gt
 from yolo_compress.errors import DatasetError
-from yolo_compress.prepared_layout import SPLITS, LabeledImage, coco_gt
 
 TINY = {"image_size": 64, "train_images": 4, "val_images": 2, "test_images": 2, "test_shift_images": 2}
 
@@ -397,7 +391,7 @@ def test_eval_splits_default_to_what_the_data_has() -> None:
 def test_params_models_are_checked_against_the_prepared_dataset(tmp_path: Path, detect_root: Path) -> None:
     from yolo_compress.config import DistillConfig, Params, PruneConfig, StudentConfig, TrainConfig
     from yolo_compress.errors import ModelError
-    from yolo_compress.models import check_params_models
+    from yolo_compress.preflight import check_params_models
 
     from .conftest import random_model
 

@@ -23,7 +23,8 @@ from ultralytics.nn.tasks import DetectionModel, PoseModel
 from ultralytics.utils.patches import torch_load
 
 from yolo_compress.config import DistillConfig
-from yolo_compress.distill import (
+from yolo_compress.errors import ModelError
+from yolo_compress.train.distill import (
     ADAPTERS,
     METHODS,
     DistillCriterion,
@@ -34,7 +35,7 @@ from yolo_compress.distill import (
     loss_weight,
     prepare_teacher,
 )
-from yolo_compress.distill_losses import (
+from yolo_compress.train.distill_losses import (
     LOSSES,
     cwd_loss,
     head_branches,
@@ -43,8 +44,7 @@ from yolo_compress.distill_losses import (
     sl2_loss,
     split_keypoints,
 )
-from yolo_compress.errors import ModelError
-from yolo_compress.trainer import ADAPTERS_FILE, SPEC_ENV, CompressDetectionTrainer, TrainerSpec, trainer_for
+from yolo_compress.train.trainer import ADAPTERS_FILE, SPEC_ENV, CompressDetectionTrainer, TrainerSpec, trainer_for
 
 IMGSZ = 64
 REPO = Path(__file__).resolve().parents[1]
@@ -433,8 +433,8 @@ def test_ddp_file_rebuilds_the_distillation_trainer(tiny_data: Path, teacher_pt:
 def test_pretrained_checkpoints_on_other_classes_are_reheaded_then_checked(tiny_data: Path, tmp_path: Path) -> None:
     """Teacher and student start from local .pt files trained on other classes (3 and 5; the data has 1): the trainer
     rebuilds each head for the dataset, as Ultralytics does, and the distillation check runs on the re-headed models."""
-    from yolo_compress.distill import check_teacher
     from yolo_compress.models import YOLO, ModelInfo
+    from yolo_compress.train.distill import check_teacher
 
     starts = {}
     for name, yaml, nc in (("teacher", "yolo11s.yaml", 3), ("student", "yolo11n.yaml", 5)):
@@ -486,7 +486,7 @@ def test_interrupted_distill_stage_run_resumes_to_a_plain_student(tiny_data: Pat
                                                                   tmp_path: Path) -> None:
     from yolo_compress.config import TrainConfig
     from yolo_compress.models import YOLO
-    from yolo_compress.training import train_model
+    from yolo_compress.train.training import train_model
 
     cfg = TrainConfig(model="yolo11n.yaml", epochs=2, imgsz=IMGSZ, batch=4, mosaic=0.0, close_mosaic=0, workers=0)
     spec = TrainerSpec(distill=DistillConfig(teacher=str(teacher_pt), loss="cwd"))

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from yolo_compress.distill_overhead import PLAIN, main, ratios, rotated
+from yolo_compress.experiments.distill_overhead import PLAIN, main, ratios, rotated
 
 
 def test_each_method_runs_first_once_per_cycle_of_rounds() -> None:

@@ -17,7 +17,7 @@ import yaml
 from PIL import Image
 
 from yolo_compress.errors import DatasetError, ModelError, UserError
-from yolo_compress.evaluation import (
+from yolo_compress.measure.evaluation import (
     BOX_KEYS,
     coco_scores,
     evaluate_split,
@@ -323,7 +323,7 @@ def test_pycocotools_agrees_with_ultralytics_on_a_trained_tiny_model(tmp_path: P
 
 
 def test_border_share_counts_boxes_touching_any_image_edge() -> None:
-    from yolo_compress.map_agreement import border_share
+    from yolo_compress.experiments.map_agreement import border_share
 
     gt = {"images": [{"id": 1, "width": 100, "height": 50}],
           "annotations": [{"image_id": 1, "bbox": b} for b in ([0, 10, 5, 5], [10, 10, 5, 5], [90, 10, 10, 5],

@@ -14,12 +14,15 @@ import torch
 import yaml
 from ultralytics.nn.tasks import DetectionModel
 
-from yolo_compress.benchmark import inference_copy
-from yolo_compress.channel_pruning import prune_round
 from yolo_compress.config import DataConfig
-from yolo_compress.dataset import prepare_dataset
+from yolo_compress.data.dataset import prepare_dataset
 from yolo_compress.errors import ModelError
-from yolo_compress.export import (
+from yolo_compress.measure.benchmark import inference_copy
+from yolo_compress.measure.timing import onnx_timer
+from yolo_compress.models import YOLO
+from yolo_compress.prune.channel_pruning import prune_round
+from yolo_compress.prune.rounds import save_pruned
+from yolo_compress.ship.export import (
     SIDECAR_KEYS,
     ExportError,
     calibration_images,
@@ -27,9 +30,6 @@ from yolo_compress.export import (
     exported_files,
     quantize_int8,
 )
-from yolo_compress.models import YOLO
-from yolo_compress.pruning import save_pruned
-from yolo_compress.timing import onnx_timer
 
 from .conftest import REPO
 
@@ -193,12 +193,12 @@ def test_bad_rows_are_one_line_each_and_keep_the_other_rows(work: dict, tmp_path
     # no pruned.pt, and more calibration images than the 3 training images
     proc = run_export(root, calib_images=4)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    warnings = [line for line in proc.stderr.splitlines() if line.startswith("WARNING yolo_compress.export")]
+    warnings = [line for line in proc.stderr.splitlines() if line.startswith("WARNING yolo_compress.ship.export")]
     assert warnings == [
-        "WARNING yolo_compress.export: pruned: export.models lists 'pruned' but models/pruned.pt does not exist; "
+        "WARNING yolo_compress.ship.export: pruned: export.models lists 'pruned' but models/pruned.pt does not exist; "
         "make it with `dvc repro prune` or remove 'pruned' from export.models",
-        "WARNING yolo_compress.export: student: int8: export.calib_images is 4 but data/prepared/images/train holds "
-        "3 training images; set it between 1 and 3"]
+        "WARNING yolo_compress.ship.export: student: int8: export.calib_images is 4 but data/prepared/images/train "
+        "holds 3 training images; set it between 1 and 3"]
     assert sorted(exported_files(root / "models/export")) == ["student_fp32"]
     notes = json.loads((root / "models/export/notes.json").read_text())["problems"]
     assert sorted(notes) == ["pruned", "student"]

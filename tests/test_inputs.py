@@ -1,4 +1,4 @@
-"""Files named by params.yaml must live where DVC tracks them (yolo_compress/inputs.py)."""
+"""Files named by params.yaml must live where DVC tracks them (yolo_compress/data/inputs.py)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 import yaml
 
 from yolo_compress.config import DataConfig, DistillConfig, Params, TrainConfig
+from yolo_compress.data.inputs import check_tracked, user_files
 from yolo_compress.errors import ParamsError
-from yolo_compress.inputs import check_tracked, user_files
 
 
 def dataset(folder: Path, path: str | None = None) -> Path:

@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from yolo_compress.config import DataConfig
-from yolo_compress.dataset import prepare_dataset
+from yolo_compress.data.dataset import prepare_dataset
 from yolo_compress.models import YOLO
 
 from .tiny_pipeline import REPO, copy_repo, run

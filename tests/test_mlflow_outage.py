@@ -14,9 +14,9 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from yolo_compress import mlflow_buffer as buf
 from yolo_compress.config import DataConfig
-from yolo_compress.dataset import prepare_dataset
+from yolo_compress.data.dataset import prepare_dataset
+from yolo_compress.tracking import mlflow_buffer as buf
 
 from .conftest import REPO, MlflowServer, free_port
 

@@ -34,7 +34,7 @@ def _fresh(code: str, cwd: Path, **env: str) -> dict:
 
 def test_a_module_that_imports_ultralytics_first_gets_the_offline_settings(tmp_path: Path) -> None:
     # distill_losses' first imports are torch and ultralytics; yolo_compress.models is never imported
-    got = _fresh("import yolo_compress.distill_losses", tmp_path)
+    got = _fresh("import yolo_compress.train.distill_losses", tmp_path)
     assert not got["models_imported"]
     config = tmp_path / ".ultralytics"
     assert got["env"] == {"YOLO_CONFIG_DIR": str(config), "YOLO_OFFLINE": "1", "ULTRALYTICS_SAFE_LOAD": "1"}

@@ -15,11 +15,11 @@ from torch import nn
 from ultralytics.nn.modules.block import C2, C2PSA, ELAN1, PSA, Attention, C2f, C2fAttn, C2fCIB, C2fPSA, RepNCSPELAN4
 from ultralytics.nn.tasks import DetectionModel, PoseModel
 
-from yolo_compress import channel_pruning
-from yolo_compress.channel_pruning import PruneConfigError, add_bn_l1_grad, build_importance, prune_round
 from yolo_compress.errors import ModelError, ParamsError
 from yolo_compress.models import YOLO, count_params
-from yolo_compress.pruning import (
+from yolo_compress.prune import channel_pruning
+from yolo_compress.prune.channel_pruning import PruneConfigError, build_importance, prune_round
+from yolo_compress.prune.rounds import (
     calibration_batches,
     finetune,
     prune_schedule,
@@ -29,7 +29,7 @@ from yolo_compress.pruning import (
     taylor_backward,
 )
 from yolo_compress.splitfree import SplitFreeC2, SplitFreeC2f, SplitFreeC2PSA, make_split_free
-from yolo_compress.trainer import CompressDetectionTrainer, CompressPoseTrainer, TrainerSpec
+from yolo_compress.train.trainer import CompressDetectionTrainer, CompressPoseTrainer, TrainerSpec, add_bn_l1_grad
 
 FAMILIES = ["yolov8n.yaml", "yolo11n.yaml", "yolo26n.yaml", "yolo11n-pose.yaml"]
 X64 = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
@@ -435,7 +435,7 @@ def test_round_to_keeps_the_nearest_multiple_so_a_narrow_layer_is_not_halved() -
 def test_relu_swap_survives_reload_and_leaves_only_the_heads_sigmoid_in_onnx(tmp_path: Path) -> None:
     import onnx
 
-    from yolo_compress.benchmark import export_onnx
+    from yolo_compress.measure.benchmark import export_onnx
 
     def count(net: nn.Module, kind: type) -> int:  # Ultralytics' Convs share one SiLU module: count each use
         return sum(isinstance(m, kind) for _, m in net.named_modules(remove_duplicate=False))

@@ -1,4 +1,4 @@
-"""The built-in `digits` dataset (yolo_compress/real_scenes.py): real handwriting on real photos, made offline."""
+"""The built-in `digits` dataset (yolo_compress/data/real_scenes.py): real handwriting on real photos, made offline."""
 
 from __future__ import annotations
 
@@ -10,11 +10,10 @@ import numpy as np
 import pytest
 
 from yolo_compress.config import DataConfig, Params, load_params
-from yolo_compress.dataset import prepare_dataset, validate_layout
-from yolo_compress.errors import ParamsError
-from yolo_compress.inputs import check_tracked, user_files
-from yolo_compress.prepared_layout import bucket
-from yolo_compress.real_scenes import (
+from yolo_compress.data.dataset import prepare_dataset, validate_layout
+from yolo_compress.data.inputs import check_tracked, user_files
+from yolo_compress.data.prepared_layout import bucket
+from yolo_compress.data.real_scenes import (
     DIGIT_NAMES,
     background,
     load_collection,
@@ -24,6 +23,7 @@ from yolo_compress.real_scenes import (
     visible_boxes,
     yolo_lines,
 )
+from yolo_compress.errors import ParamsError
 
 SPLITS = ("train", "val", "test", "test_shift")
 TINY = DataConfig(source="digits", image_size=96, max_objects=3, train_images=4, val_images=2, test_images=2,

@@ -14,7 +14,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from yolo_compress.errors import UserError
-from yolo_compress.report import (
+from yolo_compress.ship.report import (
     _pareto_points,
     build_summary,
     pareto_front,
@@ -23,8 +23,8 @@ from yolo_compress.report import (
     prune_ratio,
     recommend,
 )
-from yolo_compress.report_inputs import load_inputs, missing_report_keys
-from yolo_compress.tracking import log_artifacts_to_parent
+from yolo_compress.ship.report_inputs import load_inputs, missing_report_keys
+from yolo_compress.tracking.runs import log_artifacts_to_parent
 
 from .conftest import REPO
 

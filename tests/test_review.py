@@ -10,13 +10,15 @@ import json
 import subprocess
 import sys
 import time
+from dataclasses import astuple
 from pathlib import Path
 
 import pytest
 import yaml
 
-from yolo_compress.freshness import check
-from yolo_compress.review import Row, split_headline
+from yolo_compress.errors import UserError
+from yolo_compress.review.freshness import check
+from yolo_compress.review.page import SEED_GRID, Row, default_base, map_noise, split_headline
 
 from .tiny_pipeline import GIT, REPO, clean_env, copy_repo, run
 
@@ -78,7 +80,7 @@ def toy(tmp_path: Path) -> tuple[Path, dict[str, str]]:
 
 
 def freshness_cli(root: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
-    return run([sys.executable, "-m", "yolo_compress.freshness", "--root", str(root)], root, env, check=False)
+    return run([sys.executable, "-m", "yolo_compress.review.freshness", "--root", str(root)], root, env, check=False)
 
 
 def test_fresh_results_pass_and_a_params_edit_without_rerun_fails_with_one_line(toy: tuple[Path, dict]) -> None:
@@ -197,7 +199,10 @@ def test_split_headline_orders_rows_and_keeps_only_changed_others() -> None:
     head, rest = split_headline(rows)
     assert [r.key for r in head] == ["test.map50_95", "model.gflops"]
     assert rest == [rows[3]]
-    assert rows[1].noise_note().startswith("within seed spread") and rows[3].noise_note() == ""
+    assert rows[1].noise_note() == ""  # no seed grid given: no mAP change is called noise
+    noisy = Row(*astuple(rows[1])[:4], map_noise=(0.01, "grid"))
+    assert noisy.noise_note() == "within seed spread (±0.0100, grid)"
+    assert Row("f", "test.map50_95", 0.2, 0.22, (0.01, "grid")).noise_note() == ""
     assert Row("f", "onnx.latency_ms_p50", 10.0, 13.0).noise_note().startswith("within timing noise")
     assert Row("f", "onnx.latency_ms_p50", 10.0, 14.0).noise_note() == ""
 
@@ -205,17 +210,19 @@ def test_split_headline_orders_rows_and_keeps_only_changed_others() -> None:
 def test_share_stops_on_an_unreachable_remote_with_one_line(toy: tuple[Path, dict], tmp_path: Path) -> None:
     root, env = toy
     run(["git", "remote", "add", "origin", str(tmp_path / "no-such-repo.git")], root, env)
-    proc = run([sys.executable, "-m", "yolo_compress.share", "push", "origin", "--root", str(root)], root, env,
+    proc = run([sys.executable, "-m", "yolo_compress.review.share", "push", "origin", "--root", str(root)], root, env,
                check=False)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: git remote 'origin'") and "not reachable" in lines[0]
     run(["git", "init", "-q", "--bare", str(tmp_path / "ok.git")], root, env)
     run(["git", "remote", "set-url", "origin", str(tmp_path / "ok.git")], root, env)
-    proc = run([sys.executable, "-m", "yolo_compress.share", "push", "--root", str(root)], root, env, check=False)
+    proc = run([sys.executable, "-m", "yolo_compress.review.share", "push", "--root", str(root)], root, env,
+               check=False)
     assert proc.returncode == 2 and "no default DVC remote" in proc.stderr
     run(["dvc", "remote", "add", "-d", "shared", str(tmp_path / "gone")], root, env)
-    proc = run([sys.executable, "-m", "yolo_compress.share", "push", "--root", str(root)], root, env, check=False)
+    proc = run([sys.executable, "-m", "yolo_compress.review.share", "push", "--root", str(root)], root, env,
+               check=False)
     assert proc.returncode == 2 and "DVC remote 'shared'" in proc.stderr and "does not exist" in proc.stderr
 
 
@@ -245,10 +252,10 @@ def test_experiment_review_and_sharing_between_two_machines(tiny_repo: tuple[Pat
     assert "| `prune.target` | 0.5 | 0.7 |" in page
     assert "### prune rounds, val mAP50-95 vs GFLOPs" in page  # the prune curve changed: redrawn, both sides
 
-    run([sys.executable, "-m", "yolo_compress.share", "push", "origin"], root, env)
+    run([sys.executable, "-m", "yolo_compress.review.share", "push", "origin"], root, env)
     mate = tmp_path / "teammate"
     run(["git", "clone", "-q", "-b", "main", str(tmp_path / "team.git"), str(mate)], tmp_path, env)
-    out = run([sys.executable, "-m", "yolo_compress.share", "pull", "origin"], mate, env).stdout
+    out = run([sys.executable, "-m", "yolo_compress.review.share", "pull", "origin"], mate, env).stdout
     assert "harder" in out
     shown = json.loads(run(["dvc", "exp", "show", "--json"], mate, env).stdout)
     exps = [e for rev in shown for e in (rev.get("experiments") or []) if e.get("name") == "harder"]
@@ -261,3 +268,37 @@ def test_experiment_review_and_sharing_between_two_machines(tiny_repo: tuple[Pat
     run(["dvc", "exp", "apply", "harder"], mate, env)
     run(["dvc", "pull", "-q", "models/pruned.pt"], mate, env)  # the model travelled through the DVC remote
     assert (mate / "models/pruned.pt").read_bytes() == (root / "models/pruned.pt").read_bytes()
+
+
+def test_map_noise_comes_from_the_committed_seed_grid(tmp_path: Path) -> None:
+    from yolo_compress.experiments.compare_distill import format_table
+
+    # the line compare_distill writes is the line review reads
+    (tmp_path / "reports").mkdir()
+    (tmp_path / SEED_GRID).write_text(format_table([], student=(0.36, 0.05)).replace("(seeds )", "(seeds 0 1 2)"))
+    bound, source = map_noise(tmp_path)
+    assert bound == pytest.approx(1.96 * 2 ** 0.5 * 0.05) and source.startswith("3-seed grid")
+    assert map_noise(REPO) is not None  # the committed grid parses
+    assert map_noise(tmp_path / "nowhere") is None
+
+
+def test_default_base_is_the_last_results_commit_before_the_workspace(tmp_path: Path) -> None:
+    env = clean_env()
+
+    def commit(text: str) -> str:
+        (tmp_path / "dvc.lock").write_text(text)
+        run([*GIT, "add", "dvc.lock"], tmp_path, env)
+        run([*GIT, "commit", "-q", "-m", text], tmp_path, env)
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True, text=True).stdout.strip()
+
+    run([*GIT, "init", "-q"], tmp_path, env)
+    with pytest.raises(UserError, match="no earlier commit"):
+        default_base(tmp_path)
+    first = commit("a")
+    second = commit("b")
+    (tmp_path / "other").write_text("x")  # a later commit that leaves results alone
+    run([*GIT, "add", "other"], tmp_path, env)
+    run([*GIT, "commit", "-q", "-m", "other"], tmp_path, env)
+    assert default_base(tmp_path) == first  # the workspace holds second's results: compare with the ones before
+    (tmp_path / "dvc.lock").write_text("c")  # a fresh `dvc repro`, not committed yet
+    assert default_base(tmp_path) == second

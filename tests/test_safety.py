@@ -12,7 +12,7 @@ import torch
 import yaml
 
 from yolo_compress.config import DataConfig
-from yolo_compress.dataset import prepare_dataset
+from yolo_compress.data.dataset import prepare_dataset
 from yolo_compress.errors import ModelError
 from yolo_compress.models import load_model, read_checkpoint, set_checkpoint_trust
 
@@ -90,9 +90,9 @@ def test_the_train_stage_refuses_it_before_training(payload_pt: tuple[Path, Path
 def test_a_pruned_checkpoint_loads_safely_in_a_fresh_process(tmp_path: Path) -> None:
     from ultralytics.nn.tasks import DetectionModel
 
-    from yolo_compress.channel_pruning import prune_round
     from yolo_compress.models import count_params
-    from yolo_compress.pruning import save_pruned
+    from yolo_compress.prune.channel_pruning import prune_round
+    from yolo_compress.prune.rounds import save_pruned
     from yolo_compress.splitfree import make_split_free
 
     model = make_split_free(DetectionModel("yolo11n.yaml", nc=2, verbose=False))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -17,9 +18,8 @@ from mlflow.tracking import MlflowClient
 from ultralytics.nn.tasks import DetectionModel
 
 from yolo_compress.config import DataConfig, DistillConfig
-from yolo_compress.dataset import prepare_dataset
-from yolo_compress.errors import ParamsError
-from yolo_compress.trainer import TrainerSpec, distill_setup
+from yolo_compress.data.dataset import prepare_dataset
+from yolo_compress.train.trainer import TrainerSpec, distill_setup
 
 from .conftest import REPO
 
@@ -75,8 +75,6 @@ def stage_argv(params: str, teacher: str = "teacher.pt", out: str = "out") -> li
      "error: distill.unlabeled: no images under empty_unlabeled"),
     ("missing unlabeled", {"unlabeled": "nowhere"}, "teacher.pt",
      "error: distill.unlabeled: folder nowhere not found"),
-    ("sl2 cannot use unlabeled", {"loss": "sl2", "unlabeled": "empty_unlabeled"}, "teacher.pt",
-     "error: distill.unlabeled: sl2 is Ultralytics' native distillation"),
 ])
 def test_bad_input_exits_2_with_one_line(workspace: Path, monkeypatch: pytest.MonkeyPatch,
                                          capsys: pytest.CaptureFixture[str], case: str, distill: dict[str, Any],
@@ -97,16 +95,14 @@ def test_bad_input_exits_2_with_one_line(workspace: Path, monkeypatch: pytest.Mo
     assert not (tmp_path / "runs").exists() and not (tmp_path / "out").exists()  # refused before training
 
 
-def test_distill_setup_routes_sl2_to_ultralytics_native(tmp_path: Path) -> None:
+@pytest.mark.parametrize("loss", ["sl2", "mgd", "cwd", "logit"])
+def test_every_loss_goes_through_the_projects_criterion(tmp_path: Path, loss: str) -> None:
+    # one sl2: the same path as the other losses, with schedules and unlabeled images (no native special case)
     teacher = tmp_path / "t.pt"
-    sl2 = distill_setup(DistillConfig(loss="sl2"), teacher)
-    assert sl2 == {"extra_args": {"distill_model": str(teacher.resolve()), "dis": 6.0}}
-    assert distill_setup(DistillConfig(loss="sl2", weight=2.5), teacher)["extra_args"]["dis"] == 2.5
-    spec = distill_setup(DistillConfig(loss="cwd"), teacher)["spec"]
-    assert spec.distill.teacher == str(teacher.resolve()) and spec.distill.loss == "cwd" and not spec.keep_model
+    cfg = DistillConfig(loss=loss, schedule="cosine", unlabeled="extra")
+    (spec,) = distill_setup(cfg, teacher).values()
+    assert spec.distill == dataclasses.replace(cfg, teacher=str(teacher.resolve())) and not spec.keep_model
     assert TrainerSpec.from_json(spec.to_json()) == spec  # what a DDP process reads back
-    with pytest.raises(ParamsError, match="distill.schedule: sl2 is Ultralytics' native"):
-        distill_setup(DistillConfig(loss="sl2", schedule="cosine"), teacher)
 
 
 @pytest.mark.slow

@@ -16,8 +16,8 @@ import yaml
 
 from yolo_compress import files
 from yolo_compress.config import DataConfig
-from yolo_compress.dataset import prepare_dataset
-from yolo_compress.timing import interleaved_summary
+from yolo_compress.data.dataset import prepare_dataset
+from yolo_compress.measure.timing import interleaved_summary
 
 from .conftest import REPO, random_model
 

@@ -15,9 +15,10 @@ import torch
 import yaml
 
 from yolo_compress.config import DataConfig, DistillConfig
-from yolo_compress.dataset import prepare_dataset, training_view
+from yolo_compress.data.dataset import prepare_dataset
+from yolo_compress.data.prepared import training_view
 from yolo_compress.models import count_params
-from yolo_compress.pruning import finetune, pick_round
+from yolo_compress.prune.rounds import finetune, pick_round
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_DATA = DataConfig(image_size=64, train_images=8, val_images=4, test_images=1, test_shift_images=1)

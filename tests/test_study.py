@@ -13,8 +13,8 @@ import yaml
 
 from tests.tiny_pipeline import GIT, REPO, copy_repo, run
 from yolo_compress.errors import ParamsError, UserError
-from yolo_compress.study import check_committed, check_params, keys_that_differ, overhead_path
-from yolo_compress.study_plan import (
+from yolo_compress.experiments.study import check_committed, check_params, keys_that_differ, overhead_path
+from yolo_compress.experiments.study_plan import (
     PLAIN,
     Scored,
     StudyConfig,
@@ -30,7 +30,7 @@ from yolo_compress.study_plan import (
     set_arguments,
     verdict,
 )
-from yolo_compress.study_report import format_study
+from yolo_compress.experiments.study_report import format_study
 
 
 def _study(tmp_path: Path, text: str) -> Path:
@@ -282,7 +282,7 @@ def test_study_runs_over_the_real_queue_and_resumes(tiny_repo: tuple[Path, dict[
         "prune": {"default": {}}}}}))
     run([*GIT, "add", "study.yaml"], repo, env)
     run([*GIT, "commit", "-qm", "tiny study"], repo, env)
-    run(["python", "-m", "yolo_compress.study", "--poll", "1"], repo, env)
+    run(["python", "-m", "yolo_compress.experiments.study", "--poll", "1"], repo, env)
     text = (repo / "reports" / "study.md").read_text()
     assert "### Schedule `short`: 1 student epochs" in text
     assert "| plain | 1 |" in text and "| logit | 1 |" in text
@@ -299,7 +299,7 @@ def test_study_runs_over_the_real_queue_and_resumes(tiny_repo: tuple[Path, dict[
     scored = json.loads((repo / ".study" / "scores.json").read_text())
     assert len(scored) == 4  # teacher, plain, distilled, pruned
 
-    run(["python", "-m", "yolo_compress.study", "--poll", "1"], repo, env)  # resumed: nothing left to run
+    run(["python", "-m", "yolo_compress.experiments.study", "--poll", "1"], repo, env)  # resumed: nothing left to run
     assert sorted(run(["dvc", "exp", "list", "--all-commits", "--name-only"], repo, env).stdout.split()) == sorted(exps)
     assert (repo / "reports" / "study.md").read_text().split("\n", 3)[3] == text.split("\n", 3)[3]
 
@@ -308,7 +308,7 @@ def test_study_runs_over_the_real_queue_and_resumes(tiny_repo: tuple[Path, dict[
     study["parts"]["tiny"]["params"]["teacher.epochs"] = 3
     (repo / "study.yaml").write_text(yaml.safe_dump(study))
     run([*GIT, "commit", "-qam", "more teacher epochs"], repo, env)
-    proc = run(["python", "-m", "yolo_compress.study", "--poll", "1"], repo, env, check=False)
+    proc = run(["python", "-m", "yolo_compress.experiments.study", "--poll", "1"], repo, env, check=False)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == (
         "error: experiment study-tiny-short-logit-s1 exists with other params (teacher.epochs 2 -> 3): remove it "

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from yolo_compress.config import DataConfig
-from yolo_compress.synthetic import MAX_CLASSES, SPLIT_CODES, class_names, generate_synthetic, pose_layout
+from yolo_compress.data.synthetic import MAX_CLASSES, SPLIT_CODES, class_names, generate_synthetic, pose_layout
 
 TINY = {"image_size": 64, "train_images": 4, "val_images": 2, "test_images": 2, "test_shift_images": 2}
 

@@ -10,7 +10,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from yolo_compress.compare_distill import PENDING, parse_exp_show, queue_status
+from yolo_compress.experiments.compare_distill import PENDING, parse_exp_show, queue_status
 
 from .tiny_pipeline import GIT, copy_repo, run
 

@@ -12,9 +12,9 @@ import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
-from yolo_compress import mlflow_buffer as buf
-from yolo_compress import tracking
 from yolo_compress.errors import UserError
+from yolo_compress.tracking import mlflow_buffer as buf
+from yolo_compress.tracking import runs as tracking
 
 
 def test_default_store_is_sqlite_at_dvc_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -69,7 +69,7 @@ def test_pipeline_id_is_none_outside_dvc(tmp_path: Path, monkeypatch: pytest.Mon
     assert tracking.pipeline_id() is None
 
 
-PROBE = ("import json, os, sys; from yolo_compress import tracking; "
+PROBE = ("import json, os, sys; from yolo_compress.tracking import runs as tracking; "
          "json.dump([tracking.pipeline_id(), tracking.dvc_invoker().pid], open(sys.argv[1] + '.json', 'w'))")
 
 
@@ -100,7 +100,7 @@ def test_stages_of_one_dvc_invocation_share_its_id_and_know_its_pid(tmp_path: Pa
 def test_parallel_first_use_of_a_fresh_sqlite_store_is_safe(tmp_path: Path) -> None:
     # Six processes creating one fresh SQLite store at once corrupted it before the file lock.
     uri = f"sqlite:///{tmp_path / 'fresh.db'}"
-    code = "import sys; from yolo_compress.tracking import open_experiment; print(open_experiment(sys.argv[1])[1])"
+    code = "import sys; from yolo_compress.tracking.runs import open_experiment; print(open_experiment(sys.argv[1])[1])"
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     procs = [subprocess.Popen([sys.executable, "-c", code, uri], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True, env=env) for _ in range(6)]
@@ -153,7 +153,8 @@ def test_a_stage_that_fails_or_is_interrupted_ends_its_runs_so(isolated_mlflow: 
 
 
 def test_sigterm_marks_the_run_killed_and_exits_143(isolated_mlflow: str, tmp_path: Path) -> None:
-    code = ("import time; from yolo_compress import tracking; from yolo_compress.errors import stage_entrypoint\n"
+    code = ("import time; from yolo_compress.tracking import runs as tracking\n"
+            "from yolo_compress.errors import stage_entrypoint\n"
             "@stage_entrypoint\n"
             "def main():\n"
             "    with tracking.stage_run('train_student', {}) as run:\n"

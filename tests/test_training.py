@@ -9,11 +9,13 @@ import torch
 import yaml
 
 from yolo_compress.config import DataConfig, TrainConfig
-from yolo_compress.dataset import prepare_dataset, training_view
+from yolo_compress.data.dataset import prepare_dataset
+from yolo_compress.data.prepared import training_view
+from yolo_compress.devices import check_device, device_problem
 from yolo_compress.errors import ModelError, ParamsError, interrupted_message, resume_from
-from yolo_compress.metrics import teacher_gap
 from yolo_compress.models import YOLO, load_model
-from yolo_compress.training import RUN_KEY, check_device, device_problem, metric_key, resumable_epoch, train_model
+from yolo_compress.train.metrics import teacher_gap
+from yolo_compress.train.training import RUN_KEY, metric_key, resumable_epoch, train_model
 
 from .conftest import REPO
 

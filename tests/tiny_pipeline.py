@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from yolo_compress.config import READS_ENV
+from yolo_compress.typed_params import READS_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {
@@ -73,7 +73,7 @@ def make_repo(dst: Path) -> tuple[Path, dict[str, str]]:
 
 
 def reads_file(repo: Path) -> Path:
-    """Where the first `dvc repro` of a tiny repo left the params keys each stage read (config.READS_ENV)."""
+    """Where the first `dvc repro` of a tiny repo left the params keys each stage read (typed_params.READS_ENV)."""
     return repo.parent / "params_reads.jsonl"
 
 

@@ -6,13 +6,8 @@ out-of-range values raise `ParamsError` naming the key and the valid choices.
 
 from __future__ import annotations
 
-import atexit
 import dataclasses
-import json
-import os
 import re
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,14 +15,10 @@ from typing import Any
 import yaml
 
 from yolo_compress.errors import ParamsError
+from yolo_compress.typed_params import Section, build_checked, check, trace_reads
 
 TASKS = ("detect", "pose")
 OPTIMIZERS = ("SGD", "Adam", "AdamW", "auto")
-
-
-def _check(ok: bool, key: str, expected: str, value: Any) -> None:
-    if not ok:
-        raise ParamsError(f"{key}: expected {expected}, got {value!r}")
 
 
 def _valid_device(device: str | int) -> bool:
@@ -36,42 +27,11 @@ def _valid_device(device: str | int) -> bool:
         re.fullmatch(r"\d+(,\d+)*", str(device).replace(" ", "")))
 
 
-# YOLO_COMPRESS_PARAMS_READS=<file>: each process appends the params keys it read, one JSON line per process
-# ({"stage": $DVC_STAGE, "reads": [...]}); tests/test_params_deps.py compares them with the params dvc.yaml lists.
-READS_ENV = "YOLO_COMPRESS_PARAMS_READS"
-_reads: set[str] | None = None
-
-
-class _Section:
-    """Base of the params dataclasses: records `section.key` reads while READS_ENV is set (no cost otherwise)."""
-
-    def __getattribute__(self, name: str) -> Any:
-        if _reads is not None and not name.startswith("_") and name in type(self).__dataclass_fields__:
-            section = object.__getattribute__(self, "__dict__").get("_section")  # None: a copy (dataclasses.replace)
-            if section is not None and not isinstance(object.__getattribute__(self, name), _Section):
-                _reads.add(f"{section}.{name}" if section else name)
-        return object.__getattribute__(self, name)
-
-
-def _trace_reads() -> None:
-    global _reads
-    if _reads is not None or not os.environ.get(READS_ENV):
-        return
-    _reads = set()
-    out = Path(os.environ[READS_ENV])
-
-    def dump() -> None:
-        with out.open("a") as f:  # one short line per process: appends do not interleave
-            f.write(json.dumps({"stage": os.environ.get("DVC_STAGE", ""), "reads": sorted(_reads)}) + "\n")
-
-    atexit.register(dump)
-
-
 BUILT_IN_SOURCES = ("synthetic", "digits")  # data.source values made in code, not a file the user brings
 
 
 @dataclass(frozen=True)
-class DataConfig(_Section):
+class DataConfig(Section):
     """`data:` section, read by the prepare stage."""
 
     source: str = "synthetic"  # (str) 'synthetic' | 'digits' (real handwriting on photos) | a yaml in data/sources/
@@ -87,25 +47,25 @@ class DataConfig(_Section):
     max_unlabeled_share: float = 0.5  # (float) your dataset: refuse a split with more images lacking a label file
 
     def __post_init__(self) -> None:
-        _check(self.task in TASKS, "task", f"one of {', '.join(TASKS)}", self.task)
-        _check(self.source in BUILT_IN_SOURCES or self.source.endswith((".yaml", ".yml")), "source",
+        check(self.task in TASKS, "task", f"one of {', '.join(TASKS)}", self.task)
+        check(self.source in BUILT_IN_SOURCES or self.source.endswith((".yaml", ".yml")), "source",
                f"a built-in dataset ({', '.join(BUILT_IN_SOURCES)}) or your dataset's .yaml under data/sources/",
                self.source)
-        _check(self.source != "digits" or self.task == "detect", "task",
+        check(self.source != "digits" or self.task == "detect", "task",
                "detect when data.source is digits (it has no keypoints; pose needs source: synthetic)", self.task)
-        _check(64 <= self.image_size <= 2048, "image_size", "an int in [64, 2048]", self.image_size)
-        _check(6 <= self.classes <= 80, "classes", "an int in [6, 80]", self.classes)
-        _check(5 <= self.keypoints <= 17, "keypoints", "an int in [5, 17]", self.keypoints)
-        _check(1 <= self.max_objects <= 50, "max_objects", "an int in [1, 50]", self.max_objects)
+        check(64 <= self.image_size <= 2048, "image_size", "an int in [64, 2048]", self.image_size)
+        check(6 <= self.classes <= 80, "classes", "an int in [6, 80]", self.classes)
+        check(5 <= self.keypoints <= 17, "keypoints", "an int in [5, 17]", self.keypoints)
+        check(1 <= self.max_objects <= 50, "max_objects", "an int in [1, 50]", self.max_objects)
         for split in ("train", "val", "test", "test_shift"):
             n = getattr(self, f"{split}_images")
-            _check(n >= 1, f"{split}_images", "an int >= 1 (an empty split cannot be trained or scored)", n)
-        _check(0 <= self.max_unlabeled_share <= 1, "max_unlabeled_share", "a float in [0, 1]",
+            check(n >= 1, f"{split}_images", "an int >= 1 (an empty split cannot be trained or scored)", n)
+        check(0 <= self.max_unlabeled_share <= 1, "max_unlabeled_share", "a float in [0, 1]",
                self.max_unlabeled_share)
 
 
 @dataclass(frozen=True)
-class TrainConfig(_Section):
+class TrainConfig(Section):
     """`teacher:` and `student:` sections, read by the train stage of that role."""
 
     model: str  # (str) Ultralytics model yaml (from scratch, e.g. yolo11n.yaml), or your .pt/.yaml in models/start/
@@ -123,25 +83,25 @@ class TrainConfig(_Section):
     amp: bool = True  # (bool) mixed precision on GPU (Ultralytics turns it off on CPU by itself)
 
     def __post_init__(self) -> None:
-        _check(_valid_device(self.device), "device", "'cpu', 'mps', a GPU index like 0, or GPU indices like '0,1'",
+        check(_valid_device(self.device), "device", "'cpu', 'mps', a GPU index like 0, or GPU indices like '0,1'",
                self.device)
-        _check(self.model.endswith((".yaml", ".yml", ".pt")), "model", "a model .yaml or a local .pt path", self.model)
-        _check(self.epochs >= 1, "epochs", "an int >= 1", self.epochs)
-        _check(self.imgsz >= 32 and self.imgsz % 32 == 0, "imgsz", "a multiple of 32, >= 32", self.imgsz)
-        _check(self.batch >= 1, "batch", "an int >= 1", self.batch)
-        _check(self.nbs is None or self.nbs >= self.batch, "nbs", f"null or an int >= batch ({self.batch})", self.nbs)
-        _check(0 < self.lr0 < 1, "lr0", "a float in (0, 1)", self.lr0)
-        _check(self.optimizer in OPTIMIZERS, "optimizer", f"one of {', '.join(OPTIMIZERS)}", self.optimizer)
-        _check(self.warmup_epochs >= 0, "warmup_epochs", "a float >= 0", self.warmup_epochs)
-        _check(0 <= self.mosaic <= 1, "mosaic", "a float in [0, 1]", self.mosaic)
-        _check(self.close_mosaic >= 0, "close_mosaic", "an int >= 0", self.close_mosaic)
-        _check(self.workers >= 0, "workers", "an int >= 0", self.workers)
+        check(self.model.endswith((".yaml", ".yml", ".pt")), "model", "a model .yaml or a local .pt path", self.model)
+        check(self.epochs >= 1, "epochs", "an int >= 1", self.epochs)
+        check(self.imgsz >= 32 and self.imgsz % 32 == 0, "imgsz", "a multiple of 32, >= 32", self.imgsz)
+        check(self.batch >= 1, "batch", "an int >= 1", self.batch)
+        check(self.nbs is None or self.nbs >= self.batch, "nbs", f"null or an int >= batch ({self.batch})", self.nbs)
+        check(0 < self.lr0 < 1, "lr0", "a float in (0, 1)", self.lr0)
+        check(self.optimizer in OPTIMIZERS, "optimizer", f"one of {', '.join(OPTIMIZERS)}", self.optimizer)
+        check(self.warmup_epochs >= 0, "warmup_epochs", "a float >= 0", self.warmup_epochs)
+        check(0 <= self.mosaic <= 1, "mosaic", "a float in [0, 1]", self.mosaic)
+        check(self.close_mosaic >= 0, "close_mosaic", "an int >= 0", self.close_mosaic)
+        check(self.workers >= 0, "workers", "an int >= 0", self.workers)
 
     @property
     def nominal_batch(self) -> int:
         """Ultralytics' `nbs`: it accumulates gradients over nbs / batch batches per optimizer step. Its default 64
         left a 150-image dataset two steps per epoch at batch 16; one step per batch learnt 3.4x the val mAP50-95 in
-        40 epochs (README, "Teacher and student")."""
+        40 epochs (docs/training.md)."""
         return self.nbs or self.batch
 
 
@@ -154,8 +114,8 @@ class StudentConfig(TrainConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check(self.seed is None or self.seed >= 0, "seed", "an int >= 0, or null for the global seed", self.seed)
-        _check(0 <= self.min_teacher_gap < 1, "min_teacher_gap", "a float in [0, 1)", self.min_teacher_gap)
+        check(self.seed is None or self.seed >= 0, "seed", "an int >= 0, or null for the global seed", self.seed)
+        check(0 <= self.min_teacher_gap < 1, "min_teacher_gap", "a float in [0, 1)", self.min_teacher_gap)
 
 
 DISTILL_LOSSES = ("sl2", "mgd", "cwd", "logit")
@@ -172,10 +132,10 @@ EXPORT_FORMATS = ("fp32", "int8", "fp16")
 
 
 @dataclass(frozen=True)
-class DistillConfig(_Section):
+class DistillConfig(Section):
     """`distill:` section. The student trains on the `student:` budget (same epochs, lr, seed), plus a teacher."""
 
-    loss: str = "logit"  # (str) sl2 (Ultralytics native) | mgd | cwd | logit
+    loss: str = "logit"  # (str) sl2 (Ultralytics' native formula) | mgd | cwd | logit
     teacher: str = "models/teacher.pt"  # (str) teacher .pt (same task, nc, kpts); default: train_teacher's model
     weight: float | None = None  # (float) global loss weight; null = the loss's default (sl2 6, mgd 1, cwd 10, logit 1)
     schedule: str = "constant"  # (str) weight by global step: constant | cosine (decays to 0) | off_last
@@ -192,19 +152,19 @@ class DistillConfig(_Section):
     fuse_teacher: bool = True  # (bool) fold the teacher's BatchNorm into its convs (cheaper teacher forward)
 
     def __post_init__(self) -> None:
-        _check(self.loss in DISTILL_LOSSES, "loss", f"one of {', '.join(DISTILL_LOSSES)}", self.loss)
-        _check(self.teacher.endswith(".pt"), "teacher", "a local .pt path", self.teacher)
-        _check(self.weight is None or self.weight >= 0, "weight", "a float >= 0, or null for the default", self.weight)
-        _check(self.schedule in DISTILL_SCHEDULES, "schedule", f"one of {', '.join(DISTILL_SCHEDULES)}", self.schedule)
-        _check(self.off_last_epochs >= 0, "off_last_epochs", "an int >= 0", self.off_last_epochs)
-        _check(self.tau > 0, "tau", "a float > 0", self.tau)
-        _check(0 <= self.mask_ratio < 1, "mask_ratio", "a float in [0, 1)", self.mask_ratio)
-        _check(self.alpha > 0, "alpha", "a float > 0", self.alpha)
-        _check(self.kd_T > 0, "kd_T", "a float > 0", self.kd_T)
-        _check(self.ld_T > 0, "ld_T", "a float > 0", self.ld_T)
-        _check(self.kd_mode in ("kl", "l2"), "kd_mode", "one of kl, l2", self.kd_mode)
-        _check(0 <= self.conf_gate < 1, "conf_gate", "a float in [0, 1)", self.conf_gate)
-        _check(self.kpt_weight >= 0, "kpt_weight", "a float >= 0", self.kpt_weight)
+        check(self.loss in DISTILL_LOSSES, "loss", f"one of {', '.join(DISTILL_LOSSES)}", self.loss)
+        check(self.teacher.endswith(".pt"), "teacher", "a local .pt path", self.teacher)
+        check(self.weight is None or self.weight >= 0, "weight", "a float >= 0, or null for the default", self.weight)
+        check(self.schedule in DISTILL_SCHEDULES, "schedule", f"one of {', '.join(DISTILL_SCHEDULES)}", self.schedule)
+        check(self.off_last_epochs >= 0, "off_last_epochs", "an int >= 0", self.off_last_epochs)
+        check(self.tau > 0, "tau", "a float > 0", self.tau)
+        check(0 <= self.mask_ratio < 1, "mask_ratio", "a float in [0, 1)", self.mask_ratio)
+        check(self.alpha > 0, "alpha", "a float > 0", self.alpha)
+        check(self.kd_T > 0, "kd_T", "a float > 0", self.kd_T)
+        check(self.ld_T > 0, "ld_T", "a float > 0", self.ld_T)
+        check(self.kd_mode in ("kl", "l2"), "kd_mode", "one of kl, l2", self.kd_mode)
+        check(0 <= self.conf_gate < 1, "conf_gate", "a float in [0, 1)", self.conf_gate)
+        check(self.kpt_weight >= 0, "kpt_weight", "a float >= 0", self.kpt_weight)
 
     @property
     def base_weight(self) -> float:
@@ -212,7 +172,7 @@ class DistillConfig(_Section):
 
 
 @dataclass(frozen=True)
-class PruneConfig(_Section):
+class PruneConfig(Section):
     """`prune:` section: iterative prune + fine-tune rounds on the distilled student (or `model`)."""
 
     model: str = "models/distilled.pt"  # (str) the YOLO .pt to prune; default: distill's model
@@ -238,34 +198,34 @@ class PruneConfig(_Section):
         return last if k == self.rounds else self.finetune_epochs
 
     def __post_init__(self) -> None:
-        _check(self.model.endswith(".pt"), "model", "a local .pt path", self.model)
-        _check(self.rounds >= 1, "rounds", "an int >= 1", self.rounds)
-        _check(0 < self.target < 1, "target", "a float in (0, 1), the fraction to remove", self.target)
-        _check(self.measure in PRUNE_MEASURES, "measure", f"one of {', '.join(PRUNE_MEASURES)}", self.measure)
-        _check(self.schedule in PRUNE_SCHEDULES, "schedule", f"one of {', '.join(PRUNE_SCHEDULES)}", self.schedule)
-        _check(self.importance in PRUNE_IMPORTANCES, "importance", f"one of {', '.join(PRUNE_IMPORTANCES)}",
+        check(self.model.endswith(".pt"), "model", "a local .pt path", self.model)
+        check(self.rounds >= 1, "rounds", "an int >= 1", self.rounds)
+        check(0 < self.target < 1, "target", "a float in (0, 1), the fraction to remove", self.target)
+        check(self.measure in PRUNE_MEASURES, "measure", f"one of {', '.join(PRUNE_MEASURES)}", self.measure)
+        check(self.schedule in PRUNE_SCHEDULES, "schedule", f"one of {', '.join(PRUNE_SCHEDULES)}", self.schedule)
+        check(self.importance in PRUNE_IMPORTANCES, "importance", f"one of {', '.join(PRUNE_IMPORTANCES)}",
                self.importance)
-        _check(self.sparsity_epochs >= 0, "sparsity_epochs", "an int >= 0", self.sparsity_epochs)
-        _check(self.sparsity_l1 >= 0, "sparsity_l1", "a float >= 0", self.sparsity_l1)
-        _check(self.round_to >= 1, "round_to", "an int >= 1", self.round_to)
-        _check(self.head in PRUNE_HEAD_MODES, "head", f"one of {', '.join(PRUNE_HEAD_MODES)}", self.head)
-        _check(self.activation in PRUNE_ACTIVATIONS, "activation", f"one of {', '.join(PRUNE_ACTIVATIONS)}",
+        check(self.sparsity_epochs >= 0, "sparsity_epochs", "an int >= 0", self.sparsity_epochs)
+        check(self.sparsity_l1 >= 0, "sparsity_l1", "a float >= 0", self.sparsity_l1)
+        check(self.round_to >= 1, "round_to", "an int >= 1", self.round_to)
+        check(self.head in PRUNE_HEAD_MODES, "head", f"one of {', '.join(PRUNE_HEAD_MODES)}", self.head)
+        check(self.activation in PRUNE_ACTIVATIONS, "activation", f"one of {', '.join(PRUNE_ACTIVATIONS)}",
                self.activation)
-        _check(self.finetune_epochs >= 0, "finetune_epochs", "an int >= 0", self.finetune_epochs)
-        _check(self.last_round_epochs is None or self.last_round_epochs >= 0, "last_round_epochs",
+        check(self.finetune_epochs >= 0, "finetune_epochs", "an int >= 0", self.finetune_epochs)
+        check(self.last_round_epochs is None or self.last_round_epochs >= 0, "last_round_epochs",
                "an int >= 0, or null for finetune_epochs", self.last_round_epochs)
-        _check(0 < self.lr0 < 1, "lr0", "a float in (0, 1)", self.lr0)
-        _check(0 <= self.max_map_drop <= 1, "max_map_drop", "a float in [0, 1] (mAP50-95 points / 100)",
+        check(0 < self.lr0 < 1, "lr0", "a float in (0, 1)", self.lr0)
+        check(0 <= self.max_map_drop <= 1, "max_map_drop", "a float in [0, 1] (mAP50-95 points / 100)",
                self.max_map_drop)
 
 
 def _check_names(values: list[str], valid: tuple[str, ...], key: str) -> None:
-    _check(bool(values) and all(v in valid for v in values) and len(set(values)) == len(values), key,
+    check(bool(values) and all(v in valid for v in values) and len(set(values)) == len(values), key,
            f"a non-empty list of distinct names from {', '.join(valid)}", values)
 
 
 @dataclass(frozen=True)
-class EvaluateConfig(_Section):
+class EvaluateConfig(Section):
     """`evaluate:` section: pycocotools scoring of every model on every eval split."""
 
     models: list[str] = field(default_factory=lambda: list(MODEL_NAMES))  # (list) models/<name>.pt to score
@@ -279,14 +239,14 @@ class EvaluateConfig(_Section):
         _check_names(self.models, MODEL_NAMES, "models")
         if self.splits is not None:
             _check_names(self.splits, EVAL_SPLITS, "splits")
-        _check(0 <= self.conf < 1, "conf", "a float in [0, 1)", self.conf)
-        _check(0 < self.iou < 1, "iou", "a float in (0, 1)", self.iou)
-        _check(self.imgsz >= 32 and self.imgsz % 32 == 0, "imgsz", "a multiple of 32, >= 32", self.imgsz)
-        _check(self.batch >= 1, "batch", "an int >= 1", self.batch)
+        check(0 <= self.conf < 1, "conf", "a float in [0, 1)", self.conf)
+        check(0 < self.iou < 1, "iou", "a float in (0, 1)", self.iou)
+        check(self.imgsz >= 32 and self.imgsz % 32 == 0, "imgsz", "a multiple of 32, >= 32", self.imgsz)
+        check(self.batch >= 1, "batch", "an int >= 1", self.batch)
 
 
 @dataclass(frozen=True)
-class ExportConfig(_Section):
+class ExportConfig(Section):
     """`export:` section: the files a user ships (ONNX FP32, INT8 by static quantization, FP16) of some models."""
 
     models: list[str] = field(default_factory=lambda: ["student", "pruned"])  # (list) models/<name>.pt to export
@@ -300,14 +260,14 @@ class ExportConfig(_Section):
     def __post_init__(self) -> None:
         _check_names(self.models, MODEL_NAMES, "models")
         _check_names(self.formats, EXPORT_FORMATS, "formats")
-        _check(self.imgsz >= 32 and self.imgsz % 32 == 0, "imgsz", "a multiple of 32, >= 32", self.imgsz)
-        _check(13 <= self.opset <= 21, "opset", "an int in [13, 21]", self.opset)
-        _check(self.calib_images >= 1, "calib_images", "an int >= 1 (training images for int8 calibration)",
+        check(self.imgsz >= 32 and self.imgsz % 32 == 0, "imgsz", "a multiple of 32, >= 32", self.imgsz)
+        check(13 <= self.opset <= 21, "opset", "an int in [13, 21]", self.opset)
+        check(self.calib_images >= 1, "calib_images", "an int >= 1 (training images for int8 calibration)",
                self.calib_images)
 
 
 @dataclass(frozen=True)
-class BenchmarkConfig(_Section):
+class BenchmarkConfig(Section):
     """`benchmark:` section: size, FLOPs and latency of every model, measured side by side in one run."""
 
     models: list[str] = field(default_factory=lambda: list(MODEL_NAMES))  # (list) models/<name>.pt to measure
@@ -324,30 +284,30 @@ class BenchmarkConfig(_Section):
 
     def __post_init__(self) -> None:
         _check_names(self.models, MODEL_NAMES, "models")
-        _check(self.baseline in self.models, "baseline", f"one of the benchmarked models ({', '.join(self.models)})",
+        check(self.baseline in self.models, "baseline", f"one of the benchmarked models ({', '.join(self.models)})",
                self.baseline)
-        _check(self.imgsz >= 32 and self.imgsz % 32 == 0, "imgsz", "a multiple of 32, >= 32", self.imgsz)
-        _check(self.batch >= 1, "batch", "an int >= 1", self.batch)
-        _check(self.warmup >= 0, "warmup", "an int >= 0", self.warmup)
-        _check(self.repeats >= 3, "repeats", "an int >= 3 (p90 needs a few samples)", self.repeats)
-        _check(self.rounds >= 1, "rounds", "an int >= 1", self.rounds)
-        _check(self.max_spread > 0, "max_spread", "a float > 0", self.max_spread)
-        _check(self.threads >= 0, "threads", "an int >= 0 (0 = all cores)", self.threads)
+        check(self.imgsz >= 32 and self.imgsz % 32 == 0, "imgsz", "a multiple of 32, >= 32", self.imgsz)
+        check(self.batch >= 1, "batch", "an int >= 1", self.batch)
+        check(self.warmup >= 0, "warmup", "an int >= 0", self.warmup)
+        check(self.repeats >= 3, "repeats", "an int >= 3 (p90 needs a few samples)", self.repeats)
+        check(self.rounds >= 1, "rounds", "an int >= 1", self.rounds)
+        check(self.max_spread > 0, "max_spread", "a float > 0", self.max_spread)
+        check(self.threads >= 0, "threads", "an int >= 0 (0 = all cores)", self.threads)
 
 
 @dataclass(frozen=True)
-class ReportConfig(_Section):
+class ReportConfig(Section):
     """`report:` section: which shipped file the report recommends."""
 
     max_map_drop: float = 0.015  # (float) recommend the fastest file whose test mAP50-95 is within this of distilled
 
     def __post_init__(self) -> None:
-        _check(0 <= self.max_map_drop <= 1, "max_map_drop", "a float in [0, 1] (mAP50-95 points / 100)",
+        check(0 <= self.max_map_drop <= 1, "max_map_drop", "a float in [0, 1] (mAP50-95 points / 100)",
                self.max_map_drop)
 
 
 @dataclass(frozen=True)
-class Params(_Section):
+class Params(Section):
     """All of params.yaml."""
 
     data: DataConfig = field(default_factory=DataConfig)  # (section) dataset for prepare
@@ -364,71 +324,12 @@ class Params(_Section):
     report: ReportConfig = field(default_factory=ReportConfig)  # (section) the summary's recommendation
 
     def __post_init__(self) -> None:
-        _check(self.seed >= 0, "seed", "an int >= 0", self.seed)
+        check(self.seed >= 0, "seed", "an int >= 0", self.seed)
 
     @property
     def student_seed(self) -> int:
         """Training seed of the student and of distill: repeats over it leave the data and the teacher alone."""
         return self.seed if self.student.seed is None else self.student.seed
-
-
-def _is_number_text(value: Any) -> bool:
-    # YAML 1.1 reads `1e-3` (no dot) as a string; users mean a float.
-    try:
-        return isinstance(value, str) and float(value) == float(value)
-    except ValueError:
-        return False
-
-
-def _type_ok(value: Any, tp: Any) -> bool:
-    if tp is float:
-        return (isinstance(value, (int, float)) and not isinstance(value, bool)) or _is_number_text(value)
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        return any(_type_ok(value, arg) for arg in typing.get_args(tp))
-    if tp is type(None):
-        return value is None
-    if typing.get_origin(tp) is list:
-        (item,) = typing.get_args(tp)
-        return isinstance(value, list) and all(_type_ok(v, item) for v in value)
-    return isinstance(value, tp)
-
-
-def build_checked(cls: type, raw: Any, prefix: str) -> Any:
-    """Build dataclass `cls` from a mapping, checking keys and types; `prefix` names the section."""
-    where = prefix.rstrip(".") or "top level"
-    if not isinstance(raw, dict):
-        raise ParamsError(f"{where}: expected a mapping of keys, got {raw!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - set(fields))
-    if unknown:
-        raise ParamsError(f"unknown key '{prefix}{unknown[0]}'; valid keys in {where}: {', '.join(fields)}")
-    kwargs = {}
-    for name, value in raw.items():
-        tp = hints[name]
-        if dataclasses.is_dataclass(tp):
-            kwargs[name] = build_checked(tp, value, f"{prefix}{name}.")
-            continue
-        if not _type_ok(value, tp):
-            tname = getattr(tp, "__name__", str(tp))
-            raise ParamsError(f"{prefix}{name}: expected {tname}, got {value!r} ({type(value).__name__})")
-        kwargs[name] = float(value) if tp is float else value
-    missing = [n for n, f in fields.items() if n not in kwargs and f.default is dataclasses.MISSING
-               and f.default_factory is dataclasses.MISSING]
-    if missing:
-        raise ParamsError(f"missing key '{prefix}{missing[0]}'")
-    try:
-        built = cls(**kwargs)
-        for name, value in [("", built), *((f"{prefix}{n}", getattr(built, n)) for n in fields)]:
-            if isinstance(value, _Section) and "_section" not in value.__dict__:  # sections left at their defaults
-                object.__setattr__(value, "_section", name or prefix.rstrip("."))
-        return built
-    except ParamsError as err:
-        msg = str(err)
-        # Section validators name their own keys; prepend the section so the key is complete.
-        raise ParamsError(msg if msg.startswith(prefix) or not prefix else f"{prefix}{msg}") from None
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:
@@ -442,7 +343,7 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         mark = getattr(err, "problem_mark", None)
         line = f":{mark.line + 1}" if mark else ""
         raise ParamsError(f"{path}{line}: not valid YAML ({getattr(err, 'problem', err)})") from None
-    _trace_reads()
+    trace_reads()
     try:
         return build_checked(Params, raw, "")
     except ParamsError as err:

@@ -15,30 +15,39 @@ from typing import TYPE_CHECKING, Any
 import ultralytics.nn.tasks as ultralytics_tasks
 from ultralytics import YOLO
 from ultralytics.engine.model import Model
+from ultralytics.nn.modules.block import AAttn, Attention
+from ultralytics.nn.modules.head import Detect
 from ultralytics.nn.tasks import torch_safe_load
 from ultralytics.utils.torch_utils import get_flops
 
-from yolo_compress.config import Params
 from yolo_compress.errors import ModelError
+from yolo_compress.splitfree import PROJECT_CLASSES  # noqa: F401 - importing it puts them on torch's allow-list
 
 if TYPE_CHECKING:  # annotations only: torch imported here, before Ultralytics, would get another thread count
     from torch import nn
 
 __all__ = ["YOLO", "MADE_BY", "ModelInfo", "dataset_head", "check_task", "load_model", "model_info", "check_same_head",
-           "model_size", "pipeline_models", "check_params_models", "set_checkpoint_trust", "read_checkpoint",
-           "allow_project_classes", "count_params", "is_pruned_yaml", "PRUNED_YAML_KEY", "unwrap_yolo"]
+           "model_size", "pipeline_models", "set_checkpoint_trust", "read_checkpoint",
+           "count_params", "fixed_blocks", "is_pruned_yaml", "PRUNED_YAML_KEY", "unwrap_yolo"]
 
 MADE_BY = {"teacher": "train_teacher", "student": "train_student", "distilled": "distill", "pruned": "prune"}
 
 # Written into a pruned checkpoint's model.yaml: the yaml still describes the unpruned widths and must not be rebuilt.
 PRUNED_YAML_KEY = "pruned"
 PRUNED_YAML_NOTE = ("channel widths differ from this yaml: load the pickled module (YOLO(path)) and fine-tune with "
-                    "yolo_compress.pruning.finetune; a stock trainer would rebuild the unpruned model from this yaml")
+                    "yolo_compress.prune.rounds.finetune; a stock trainer would rebuild the unpruned model from this "
+                    "yaml")
 
 
 def unwrap_yolo(model: Model | nn.Module) -> nn.Module:
     """The torch module inside an Ultralytics `YOLO` wrapper, or `model` itself."""
     return model.model if isinstance(model, Model) else model
+
+
+def fixed_blocks(model: Model | nn.Module) -> list[nn.Module]:
+    """The blocks compression leaves as they are, in module order: every Attention/AAttn block and the Detect/Pose
+    head. torch-pruning hung tracing through attention, and the head's outputs are the predictions."""
+    return [m for m in unwrap_yolo(model).modules() if isinstance(m, (Attention, AAttn, Detect))]
 
 
 def is_pruned_yaml(cfg: Any) -> bool:
@@ -62,7 +71,6 @@ def load_model(spec: str | Path, key: str) -> YOLO:
     if spec.endswith(".pt"):
         if not Path(spec).is_file():
             raise ModelError(f"{key}: model file {spec} not found; train it first or fix the path")
-        allow_project_classes()
         try:
             return YOLO(spec)
         except Exception as err:  # noqa: BLE001 - Ultralytics raises many types for a bad file
@@ -72,11 +80,6 @@ def load_model(spec: str | Path, key: str) -> YOLO:
         return YOLO(spec)
     except FileNotFoundError:
         raise ModelError(f"{key}: model yaml {spec} not found; use e.g. yolo11n.yaml or a local .yaml/.pt") from None
-
-
-def allow_project_classes() -> None:
-    """Put the module classes of this project's pruned checkpoints on torch's weights_only allow-list."""
-    from yolo_compress import splitfree  # noqa: F401 - late (splitfree imports this module); registers on import
 
 
 def set_checkpoint_trust(trusted: bool) -> None:
@@ -108,7 +111,6 @@ def _raise_if_refused(err: BaseException, key: str, path: str | Path) -> None:
 
 def read_checkpoint(path: str | Path, key: str = "checkpoint") -> dict[str, Any]:
     """The checkpoint dict of a .pt, loaded as Ultralytics loads models (weights_only unless trusted)."""
-    allow_project_classes()
     try:
         return torch_safe_load(path)[0]
     except Exception as err:  # noqa: BLE001 - only a refused global gets its own message
@@ -175,51 +177,3 @@ def check_task(model: YOLO, key: str, spec: str | Path, data: ModelInfo, data_pa
         raise ModelError(f"{key}: {spec} is a {model.task} model but the dataset {data_path} is {data.task}; pick a "
                          f"{data.task} model (e.g. {example})")
 
-
-STRIDE_PROBE_IMGSZ = 128  # image side for reading head strides: divisible by every stride Ultralytics builds (8-64)
-
-
-def check_params_models(params: Params, prepared_dir: str | Path) -> None:
-    """Check every model params.yaml names against the prepared dataset, before any training (prepare calls it).
-
-    - teacher.model, student.model: the file exists and loads (a .yaml builds) and its task is the dataset's. Classes
-      and keypoints are not compared: the trainer re-heads a .pt to the dataset (fine-tuning a COCO .pt is normal).
-    - distill.teacher, prune.model are used as they are: task, classes and keypoints must match the data. When they
-      name a model this pipeline trains (models/teacher.pt ...), which does not exist yet, its architecture is checked.
-    - The distillation teacher has the student's head strides, and the model prune starts from has no block
-      torch-pruning cannot follow.
-    Raises ModelError naming the params key; without this each mistake surfaced only in its own stage, hours later.
-    """
-    # late imports: dataset and distill import this module
-    from yolo_compress.dataset import load_summary
-    from yolo_compress.distill import feature_channels
-    from yolo_compress.splitfree import check_prunable
-
-    data = dataset_head(load_summary(prepared_dir))
-    built = {}
-    for key, spec in (("teacher.model", params.teacher.model), ("student.model", params.student.model)):
-        built[key] = load_model(spec, key)
-        check_task(built[key], key, spec, data, prepared_dir)
-
-    def used_as_is(key: str, spec: str) -> tuple[str, str]:
-        """(key, spec) of the model to check for params `key`: its architecture when the pipeline trains it."""
-        made_here = Path(spec).parent == Path("models") and Path(spec).stem in MADE_BY
-        if made_here:
-            return ("teacher.model", params.teacher.model) if Path(spec).stem == "teacher" else \
-                ("student.model", params.student.model)
-        built[key] = load_model(spec, key)
-        check_same_head(model_info(built[key]), data, f"{key} {spec}", f"dataset {prepared_dir}")
-        return key, spec
-
-    teacher_key, teacher_spec = used_as_is("distill.teacher", params.distill.teacher)
-    t_strides = [s for _, s in feature_channels(built[teacher_key], STRIDE_PROBE_IMGSZ)]
-    s_strides = [s for _, s in feature_channels(built["student.model"], STRIDE_PROBE_IMGSZ)]
-    if t_strides != s_strides:
-        raise ModelError(f"{teacher_key}: {teacher_spec} has head strides {t_strides} but student.model "
-                         f"{params.student.model} has {s_strides}; distillation needs the same head levels, so pick "
-                         "a teacher and a student of one family (e.g. yolo11s and yolo11n)")
-    prune_key, prune_spec = used_as_is("prune.model", params.prune.model)
-    check_prunable(built[prune_key].model, f"{prune_key}: {prune_spec}")
-
-
-allow_project_classes()

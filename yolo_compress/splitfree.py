@@ -169,5 +169,7 @@ def check_prunable(model: nn.Module, what: str) -> None:
                          "YOLOv8/11/26 detect or pose model")
 
 
-# Pruned checkpoints hold these classes: once this module is imported, torch's weights_only unpickler accepts them.
-torch.serialization.add_safe_globals([SplitFreeC2f, SplitFreeC2, SplitFreeC2PSA, PSABody])
+# Pruned checkpoints hold these classes: once this module is imported, torch's weights_only unpickler accepts them
+# (models.py imports it, so every checkpoint load does).
+PROJECT_CLASSES = (SplitFreeC2f, SplitFreeC2, SplitFreeC2PSA, PSABody)
+torch.serialization.add_safe_globals(list(PROJECT_CLASSES))

@@ -1,0 +1,1 @@
+"""Measuring models: pycocotools scores, size and FLOPs, latency."""

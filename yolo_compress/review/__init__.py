@@ -1,0 +1,1 @@
+"""Reviewing results: the review page of a change, the freshness check, sharing experiments."""

@@ -1,0 +1,1 @@
+"""Shipping: the exported files and the summary report."""

@@ -1,0 +1,383 @@
+"""The summary report: a markdown table and two plots built only from the pipeline's metrics and plots files.
+
+`build_summary` and the plot functions are deterministic functions of what
+`yolo_compress.ship.report_inputs.load_inputs` read (no timestamps, fixed order), so unchanged metrics give
+byte-identical markdown.
+
+A row the benchmark flagged (its speedup's spread over the rounds was above `benchmark.max_spread`, after one retry)
+is greyed out: its latencies are in italics, never bold, grey in the Pareto plot, and never recommended.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from yolo_compress.config import MODEL_NAMES
+from yolo_compress.ship.report_inputs import (
+    Inputs,
+    bench_value,
+    eval_value,
+    is_flagged,
+    model_order,
+    scored_splits,
+    shipped_rows,
+)
+
+__all__ = ["build_summary", "recommend", "prune_ratio", "pareto_front", "plot_pareto", "plot_prune_curve"]
+
+
+# ------------------------------------------------------------------------------------------------------ numbers
+
+
+def prune_ratio(prune: Mapping[str, Any] | None) -> float | None:
+    """Fraction of GFLOPs the prune stage removed from its input (`ratio.gflops_removed`), or None."""
+    value = (prune or {}).get("ratio", {}).get("gflops_removed")
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def _fmt(v: float | None, digits: int, suffix: str = "") -> str:
+    return "–" if v is None else f"{v:.{digits}f}{suffix}"
+
+
+def _cell(text: Any) -> str:
+    """Markdown-safe table cell: one line, pipes escaped."""
+    return " ".join(str(text).split()).replace("|", "\\|")
+
+
+@dataclass(frozen=True)
+class _Column:
+    title: str
+    value: Callable[[str], float | None]  # model name -> number (None: not available)
+    digits: int
+    better: str = ""  # "high" / "low": the best value is bold; "" leaves the column unmarked
+    suffix: str = ""
+    timing: bool = False  # a latency or speedup: greyed out (italics, never bold) on a flagged row
+
+
+
+def _baseline(inp: Inputs) -> str | None:
+    for groups in inp.benchmark.values():
+        for key in groups.get("torch", {}):
+            if key.startswith("speedup_vs_"):
+                return key[len("speedup_vs_"):]
+    return None
+
+
+def _columns(inp: Inputs) -> list[_Column]:
+    cols: list[_Column] = []
+    for split in scored_splits(inp):
+        cols.append(_Column(f"{split} mAP50", lambda n, s=split: eval_value(inp, n, s, "map50"), 3, "high"))
+        cols.append(_Column(f"{split} mAP50-95", lambda n, s=split: eval_value(inp, n, s, "map50_95"), 3, "high"))
+    if any(eval_value(inp, n, "test", "map50_95_lost") is not None for n in inp.evaluate):
+        cols.append(_Column("test mAP50-95 lost vs .pt", lambda n: eval_value(inp, n, "test", "map50_95_lost"), 3))
+    if inp.benchmark:
+        cols += [
+            _Column("GFLOPs", lambda n: bench_value(inp, n, "model", "gflops"), 2, "low"),
+            _Column("params (M)", lambda n: bench_value(inp, n, "model", "params_m"), 2, "low"),
+            _Column("size MB", lambda n: bench_value(inp, n, "model", "size_mb"), 2, "low"),
+            _Column("torch p50 ms", lambda n: bench_value(inp, n, "torch", "latency_ms_p50"), 1, "low", timing=True),
+            _Column("ONNX p50 ms", lambda n: bench_value(inp, n, "onnx", "latency_ms_p50"), 1, "low", timing=True),
+        ]
+        if any("gpu" in g for g in inp.benchmark.values()):
+            cols.append(_Column("GPU p50 ms", lambda n: bench_value(inp, n, "gpu", "latency_ms_p50"), 2, "low",
+                                timing=True))
+        base = _baseline(inp)
+        if base:
+            key = f"speedup_vs_{base}"
+            cols.append(_Column(f"torch speedup vs {base}", lambda n: bench_value(inp, n, "torch", key), 2, "high", "×",
+                                timing=True))
+            onnx_key = f"{key}_fp32" if any(bench_value(inp, n, "onnx", f"{key}_fp32") for n in inp.benchmark) else key
+            cols.append(_Column(f"ONNX speedup vs {onnx_key[len('speedup_vs_'):]}",
+                                lambda n: bench_value(inp, n, "onnx", onnx_key), 2, "high", "×", timing=True))
+            cols.append(_Column("ONNX speedup spread", lambda n: bench_value(inp, n, "onnx", "speedup_spread"), 2,
+                                timing=True))
+    ratio = prune_ratio(inp.prune)
+    cols.append(_Column("prune ratio", lambda n: ratio * 100 if n == "pruned" and ratio is not None else None, 1,
+                        suffix="%"))
+    return cols
+
+
+def _notes(inp: Inputs, name: str) -> list[str]:
+    notes = [str(p) for p in inp.notes.get("problems", {}).get(name, [])]
+    notes += [f"export: {p}" for p in inp.export_notes.get("problems", {}).get(name, [])]
+    if is_flagged(inp, name):
+        notes.append("timing too noisy (spread over benchmark.max_spread after a retry): greyed out")
+    if inp.benchmark and name not in inp.benchmark:
+        notes.append("not benchmarked")
+    if name not in inp.evaluate:
+        notes.append("not evaluated")
+    gap = (inp.student or {}).get("teacher_gap")
+    if name == "teacher" and isinstance(gap, Mapping) and not gap.get("teacher_clearly_better", 1):
+        notes.append(f"teacher not clearly better than the student (val mAP50-95 gap {gap.get('map50_95', 0):+.3f}, "
+                     "metrics/student.json)")
+    if name == "pruned" and inp.prune is not None and prune_ratio(inp.prune) is None:
+        notes.append("prune.json has no ratio.gflops_removed")
+    return notes
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return lines
+
+
+def _model_table(inp: Inputs) -> list[str]:
+    models = model_order(set(inp.evaluate) | set(inp.benchmark) | set(inp.export_notes.get("problems", {})))
+    cols = _columns(inp)
+    shown = {c.title: {m: (None if c.value(m) is None else round(c.value(m), c.digits)) for m in models} for c in cols}
+    grey = {m for m in models if is_flagged(inp, m)}
+    best: dict[str, float | None] = {}
+    for c in cols:  # compare what is shown: two values that print the same are both best or neither
+        vals = [v for m, v in shown[c.title].items() if v is not None and not (c.timing and m in grey)]
+        # all equal (or one value): nothing stands out, so nothing is bold
+        best[c.title] = (max(vals) if c.better == "high" else min(vals)) if c.better and len(set(vals)) >= 2 else None
+    rows = []
+    for m in models:
+        row = [m]
+        for c in cols:
+            v = shown[c.title][m]
+            text = _fmt(v, c.digits, c.suffix)
+            if v is not None and c.timing and m in grey:
+                row.append(f"*{text}*")
+            else:
+                row.append(f"**{text}**" if v is not None and v == best[c.title] else text)
+        row.append(_cell("; ".join(_notes(inp, m))))
+        rows.append(row)
+    return _table(["model", *(c.title for c in cols), "notes"], rows)
+
+
+def _distill_lines(inp: Inputs) -> list[str]:
+    lines = []
+    splits = scored_splits(inp)
+    pose = any(eval_value(inp, "distilled", s, "pose_map50_95") is not None for s in splits)
+    key, name = ("pose_map50_95", "OKS keypoint AP") if pose else ("map50_95", "mAP50-95")
+    gains = [(s, eval_value(inp, "distilled", s, key), eval_value(inp, "student", s, key)) for s in splits]
+    gains = [(s, d - st) for s, d, st in gains if d is not None and st is not None]
+    if gains:
+        lost = [s for s, g in gains if g <= 0]
+        verdict = (" **No gain: the distilled model is not better than the plain student on any split; ship the "
+                   "student.**" if len(lost) == len(gains) else
+                   f" Not better than the plain student on {', '.join(lost)}." if lost else "")
+        lines.append(f"**Distillation** (distilled − student, {name}): "
+                     + ", ".join(f"{s} {g:+.3f}" for s, g in gains) + "." + verdict)
+    else:
+        lines.append("**Distillation**: needs both the student and the distilled model in the evaluate metrics.")
+    gap = (inp.student or {}).get("teacher_gap")
+    if isinstance(gap, Mapping) and "map50_95" in gap:
+        verdict = "clearly better" if gap.get("teacher_clearly_better", 1) else "NOT clearly better"
+        lines.append(f"Teacher − student at training time (val mAP50-95): {gap['map50_95']:+.3f}, "
+                     f"teacher {verdict}.")
+    return lines
+
+
+def _num_text(v: Any) -> str:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return _cell(v)
+    return str(v) if isinstance(v, int) else f"{v:.4g}"
+
+
+def _rounds_table(rounds: Sequence[Mapping[str, Any]]) -> list[str]:
+    keys: list[str] = []
+    for r in rounds:
+        keys += [k for k in r if k not in keys]
+    return _table(keys, [[_num_text(r.get(k, "–")) for k in keys] for r in rounds])
+
+
+def _machine_line(inp: Inputs) -> str | None:
+    info = inp.notes.get("machine", {})
+    parts = [info.get("cpu_model")]
+    if "threads" in inp.machine:
+        parts.append(f"{int(inp.machine['threads'])} threads")
+    if "matmul_peak_gflops" in inp.machine:
+        parts.append(f"fp32 matmul peak {inp.machine['matmul_peak_gflops']:.1f} GFLOP/s")
+    parts += [f"{k} {info[k]}" for k in ("torch", "onnxruntime") if k in info]
+    parts = [p for p in parts if p]
+    return ("Timings on " + ", ".join(parts) + ". Latencies compare only within one benchmark run.") if parts else None
+
+
+def _int8_lines(inp: Inputs) -> list[str]:
+    """Per model with both files: INT8 against its own FP32 (p50 ratio, test accuracy); whether the CPU has VNNI."""
+    lines = []
+    for model in MODEL_NAMES:
+        fp32, int8 = f"{model}_fp32", f"{model}_int8"
+        p32, p8 = bench_value(inp, fp32, "onnx", "latency_ms_p50"), bench_value(inp, int8, "onnx", "latency_ms_p50")
+        if p32 is None or p8 is None:
+            continue
+        split = "test" if "test" in scored_splits(inp) else "val"
+        a32, a8 = eval_value(inp, fp32, split, "map50_95"), eval_value(inp, int8, split, "map50_95")
+        acc = f", {split} mAP50-95 {a8 - a32:+.3f} ({a32:.3f} → {a8:.3f})" if a32 is not None and a8 is not None else ""
+        lines.append(f"INT8 vs FP32 of {model}: {p32 / p8:.2f}× faster (ONNX Runtime p50 {p32:.1f} → {p8:.1f} ms)"
+                     f"{acc}.")
+    vnni = inp.machine.get("int8_vnni")
+    if lines and vnni is not None:
+        lines.append("This CPU has VNNI (int8 dot products), which ONNX Runtime's INT8 kernels use." if vnni else
+                     "This CPU lacks VNNI (AVX512-VNNI / AVX-VNNI): ONNX Runtime's INT8 kernels fall back to slower "
+                     "int8 arithmetic, so INT8 may not beat FP32 here.")
+    return lines
+
+
+def recommend(inp: Inputs, max_map_drop: float) -> tuple[str | None, str]:
+    """(the recommended shipped file's row name or None, one markdown line saying which and why).
+
+    The fastest shipped file (ONNX p50) whose test mAP50-95 (val when the data has no test split) is at most
+    `max_map_drop` below the distilled PyTorch model's; rows with flagged timings are not candidates.
+    """
+    split = "test" if "test" in scored_splits(inp) else "val"
+    ref = eval_value(inp, "distilled", split, "map50_95")
+    if ref is None:
+        return None, f"**Recommended file**: none; needs the distilled model's {split} mAP50-95 (evaluate metrics)."
+    shipped = [n for n in shipped_rows(inp) if eval_value(inp, n, split, "map50_95") is not None]
+    if not shipped:
+        return None, f"**Recommended file**: none; no shipped file has both an ONNX latency and a {split} score."
+    noisy = [n for n in shipped if is_flagged(inp, n)]
+    low = [n for n in shipped if n not in noisy and eval_value(inp, n, split, "map50_95") < ref - max_map_drop - 1e-12]
+    ok = [n for n in shipped if n not in noisy and n not in low]
+    why = []
+    if low:
+        why.append("below the bound: " + ", ".join(f"{n} ({eval_value(inp, n, split, 'map50_95'):.3f})" for n in low))
+    if noisy:
+        why.append("timing flagged: " + ", ".join(noisy))
+    excluded = f" Excluded: {'; '.join(why)}." if why else ""
+    bound = f"within `report.max_map_drop` = {max_map_drop} of the distilled PyTorch model ({split} {ref:.3f})"
+    if not ok:
+        return None, f"**Recommended file**: none; no shipped file is {bound}.{excluded}"
+    best = min(ok, key=lambda n: (bench_value(inp, n, "onnx", "latency_ms_p50"), n))
+    lat, acc = bench_value(inp, best, "onnx", "latency_ms_p50"), eval_value(inp, best, split, "map50_95")
+    ups = [f"{v:.2f}× vs {k[len('speedup_vs_'):]}" for k, v in sorted(inp.benchmark[best].get("onnx", {}).items())
+           if k.startswith("speedup_vs_")]
+    return best, (f"**Recommended file**: `{best}.onnx`, the fastest shipped file (ONNX Runtime p50 {lat:.1f} ms"
+                  f"{', ' + ups[0] if ups else ''}) whose {split} mAP50-95 ({acc:.3f}, {acc - ref:+.3f}) is {bound}."
+                  f"{excluded}")
+
+
+def build_summary(inp: Inputs, max_map_drop: float = 0.015) -> str:
+    """The whole summary.md: header naming the sources, model table (best per column in bold), the recommended
+    shipped file (`recommend`), notes, rounds."""
+    out = ["# Compression summary", "",
+           "Generated by `stages/report.py` (`dvc repro report`) from "
+           + ", ".join(f"`{s}`" for s in inp.sources) + "; do not edit by hand.", ""]
+    out += _model_table(inp)
+    out += ["", "Bold: best value in its column (higher mAP and speedup, lower size, FLOPs and latency). Rows "
+            "`<model>_<format>` are the shipped ONNX files; italics: timing flagged as too noisy."]
+    if shipped_rows(inp):
+        out += ["", recommend(inp, max_map_drop)[1]]
+        int8 = _int8_lines(inp)
+        if int8:
+            out += ["", " ".join(int8)]
+    line = _machine_line(inp)
+    if line:
+        out += ["", line]
+    for line in _distill_lines(inp):
+        out += ["", line]
+    if inp.prune_rounds:
+        out += ["", "## Prune rounds", "", *_rounds_table(inp.prune_rounds)]
+    if inp.missing:
+        out += ["", "## Missing inputs", "", *(f"- {_cell(m)}" for m in inp.missing)]
+    return "\n".join(out) + "\n"
+
+
+# -------------------------------------------------------------------------------------------------------- plots
+
+
+def pareto_front(points: Mapping[str, tuple[float, float]]) -> list[str]:
+    """Names on the front of (latency, mAP) points: no other point is at least as fast and strictly more accurate,
+    or strictly faster and at least as accurate. Ordered by latency."""
+    front = []
+    for n, (lat, acc) in points.items():
+        dominated = any((ol <= lat and oa > acc) or (ol < lat and oa >= acc)
+                        for o, (ol, oa) in points.items() if o != n)
+        if not dominated:
+            front.append(n)
+    return sorted(front, key=lambda n: (points[n][0], n))
+
+
+def _pareto_points(inp: Inputs) -> tuple[dict[str, tuple[float, float]], str, str]:
+    """The shipped files (one point per model x format, ONNX latency) when there are any, else the PyTorch rows."""
+    splits = scored_splits(inp)
+    split = "test" if "test" in splits else (splits[0] if splits else "val")
+    shipped = [m for m in shipped_rows(inp) if eval_value(inp, m, split, "map50_95") is not None]
+    models = shipped or [m for m in model_order(inp.benchmark) if eval_value(inp, m, split, "map50_95") is not None]
+    runtime = "onnx" if shipped or (models and all(bench_value(inp, m, "onnx", "latency_ms_p50") for m in models)) \
+        else "torch"
+    pts = {m: (bench_value(inp, m, runtime, "latency_ms_p50"), eval_value(inp, m, split, "map50_95")) for m in models}
+    return {m: p for m, p in pts.items() if p[0] is not None}, runtime, split  # type: ignore[misc]
+
+
+def _save(fig: Any, path: str | Path) -> None:
+    from yolo_compress.files import write_with
+
+    # no Software/date metadata: the same numbers give the same bytes
+    write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120, metadata={"Software": None}))
+
+
+def _figure() -> tuple[Any, Any]:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display; DejaVu Sans ships with matplotlib, so nothing is downloaded
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(figsize=(6.4, 4.4))
+
+
+def _close(fig: Any) -> None:
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+
+
+def _placeholder(ax: Any, text: str) -> None:
+    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes)
+    ax.set_axis_off()
+
+
+def plot_pareto(inp: Inputs, path: str | Path) -> None:
+    """Test mAP50-95 vs batch-1 latency p50 of the shipped files (ONNX Runtime; PyTorch rows when nothing was
+    exported), labelled, with the Pareto front of the rows whose timing is trusted (flagged rows are grey)."""
+    pts, runtime, split = _pareto_points(inp)
+    fig, ax = _figure()
+    if not pts:
+        _placeholder(ax, "no model has both evaluate and benchmark metrics")
+    else:
+        for name, (lat, acc) in pts.items():
+            grey = is_flagged(inp, name)
+            ax.scatter([lat], [acc], s=40, **({"color": "lightgrey"} if grey else {}))
+            ax.annotate(name + (" (noisy)" if grey else ""), (lat, acc), textcoords="offset points", xytext=(5, 5),
+                        color="grey" if grey else "black")
+        front = pareto_front({n: p for n, p in pts.items() if not is_flagged(inp, n)} or pts)
+        ax.step([pts[n][0] for n in front], [pts[n][1] for n in front], where="post", color="grey", ls="--",
+                label="Pareto front")
+        ax.set_xlabel(f"{'ONNX Runtime' if runtime == 'onnx' else 'PyTorch'} latency p50, batch 1 (ms)")
+        ax.set_ylabel(f"{split} mAP50-95")
+        ax.set_title("Accuracy vs latency")
+        ax.margins(0.15)  # room for the labels of the corner points
+        ax.legend(loc="lower right")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    _save(fig, path)
+    _close(fig)
+
+
+def plot_prune_curve(inp: Inputs, path: str | Path) -> None:
+    """Val mAP50-95 vs GFLOPs over the prune rounds (plots/prune.json); a placeholder when there are none."""
+    ykey = "map50_95_after"
+    rounds = [r for r in inp.prune_rounds or [] if isinstance(r.get("gflops"), (int, float))
+              and isinstance(r.get(ykey), (int, float))]
+    fig, ax = _figure()
+    if not rounds:
+        _placeholder(ax, "no prune rounds (plots/prune.json missing or without gflops and mAP)")
+    else:
+        xs, ys = [r["gflops"] for r in rounds], [r[ykey] for r in rounds]
+        ax.plot(xs, ys, marker="o")
+        for i, (x, y) in enumerate(zip(xs, ys, strict=True)):
+            ax.annotate(str(rounds[i].get("round", i)), (x, y), textcoords="offset points", xytext=(5, 5))
+        ax.set_xlabel("GFLOPs (one image)")
+        ax.set_ylabel(f"val {ykey.replace('_', ' ')}")
+        ax.set_title("Prune rounds: accuracy vs compute")
+        ax.invert_xaxis()  # rounds go left to right as the model shrinks
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    _save(fig, path)
+    _close(fig)

@@ -1,0 +1,1 @@
+"""MLflow tracking: one run per stage, and a buffer that survives a tracking-server outage."""

@@ -1,0 +1,1 @@
+"""Training and distillation: the one Ultralytics trainer seam, training runs, the teacher losses."""

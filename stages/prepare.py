@@ -21,7 +21,7 @@ from yolo_compress.data.inputs import check_tracked
 from yolo_compress.data.prepared import eval_splits
 from yolo_compress.errors import stage_entrypoint
 from yolo_compress.models import set_checkpoint_trust
-from yolo_compress.preflight import check_params_models
+from yolo_compress.preflight import check_devices, check_params_models
 from yolo_compress.tracking.runs import log_artifact, stage_run
 
 log = logging.getLogger("yolo_compress.prepare")
@@ -48,6 +48,7 @@ def main() -> None:
     set_checkpoint_trust(params.trust_checkpoints)  # prepare loads the .pt files params names, to check them
 
     check_tracked(params)
+    check_devices(params)
     with stage_run("prepare", {**section_dict(params.data), "seed": params.seed}) as run:
         summary = prepare_dataset(params.data, params.seed, args.out)
         eval_splits(params.evaluate.splits, list(summary["images"]), args.out)

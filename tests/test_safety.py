@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -108,3 +109,43 @@ def test_a_pruned_checkpoint_loads_safely_in_a_fresh_process(tmp_path: Path) -> 
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split()[-4:] == ["True", "True", "detect", str(count_params(model))]
+
+
+class SystemCall:
+    """Pickles as os.system(...): a module torch blocks outright (its refusal is worded unlike a plain global's)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Callable[[str], int], tuple[str]]:
+        return os.system, (f"touch {self.marker}",)
+
+
+def _write_bad(kind: str, path: Path, tmp_path: Path) -> str:
+    """Write one kind of bad .pt at `path`; return the start of the message expected after '<key>: <path> '."""
+    if kind == "blocked module":
+        ckpt = torch.load(random_model(tmp_path / "plain.pt"), map_location="cpu", weights_only=False)
+        torch.save({**ckpt, "extra": SystemCall(tmp_path / "ran")}, path)
+        return f"holds {os.system.__module__}.system, which only full unpickling can load"
+    if kind == "text":
+        path.write_text("these are not weights\n")
+        return "is not a PyTorch checkpoint: neither a torch.save archive nor a pickle (it starts with text b'these"
+    if kind == "state_dict":
+        torch.save({"conv.weight": torch.zeros(2, 3, 1, 1)}, path)
+        return "is a dict without a 'model' entry (keys: conv.weight): a bare state_dict"
+    if kind == "another library":
+        torch.save({"model": torch.nn.Linear(2, 2)}, path)
+        return "holds a torch.nn.modules.linear.Linear, a model of another library"
+    raise ValueError(kind)
+
+
+@pytest.mark.parametrize("kind", ["blocked module", "text", "state_dict", "another library"])
+def test_a_refused_checkpoint_says_what_it_holds_in_one_line(tmp_path: Path, kind: str) -> None:
+    path = tmp_path / f"{kind.replace(' ', '_')}.pt"
+    expected = _write_bad(kind, path, tmp_path)
+    with pytest.raises(ModelError) as refused:
+        load_model(path, "teacher.model")
+    message = str(refused.value)
+    assert message.startswith(f"teacher.model: {path} {expected}"), message
+    assert "\n" not in message and "Error)" not in message  # a reason, not an exception class name
+    assert not (tmp_path / "ran").exists()

@@ -91,6 +91,20 @@ def test_a_device_that_does_not_exist_is_one_line_naming_what_the_machine_has() 
         check_device(missing, "teacher.device")
 
 
+@pytest.mark.parametrize("key", ["teacher.device", "student.device", "benchmark.device"])
+def test_prepare_checks_every_device_before_making_the_dataset(tmp_path: Path, key: str) -> None:
+    missing = str(torch.cuda.device_count())
+    section, name = key.split(".")
+    params = {s: {"model": "yolo11n.yaml"} for s in ("teacher", "student")}
+    params.setdefault(section, {})[name] = missing
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    out = subprocess.run([sys.executable, str(REPO / "stages" / "prepare.py"), "--out", "data/prepared", "--metrics",
+                          "m.json"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert out.stderr.strip().splitlines()[-1] == f"error: {device_problem(missing, key, torch.cuda.device_count())}"
+    assert not (tmp_path / "data").exists() and not (tmp_path / "m.json").exists()
+
+
 def test_the_train_stage_checks_the_device_before_loading_anything(tmp_path: Path) -> None:
     missing = str(torch.cuda.device_count())
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"teacher": {"model": "yolo11n.yaml", "device": missing}}))

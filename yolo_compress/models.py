@@ -6,8 +6,7 @@ Ultralytics' offline settings are set by the package entry (yolo_compress/__init
 from __future__ import annotations
 
 import os
-import pickle
-import re
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -17,7 +16,7 @@ from ultralytics import YOLO
 from ultralytics.engine.model import Model
 from ultralytics.nn.modules.block import AAttn, Attention
 from ultralytics.nn.modules.head import Detect
-from ultralytics.nn.tasks import torch_safe_load
+from ultralytics.nn.tasks import BaseModel, torch_safe_load
 from ultralytics.utils.torch_utils import get_flops
 
 from yolo_compress.errors import ModelError
@@ -72,10 +71,14 @@ def load_model(spec: str | Path, key: str) -> YOLO:
         if not Path(spec).is_file():
             raise ModelError(f"{key}: model file {spec} not found; train it first or fix the path")
         try:
-            return YOLO(spec)
+            loaded = YOLO(spec)
         except Exception as err:  # noqa: BLE001 - Ultralytics raises many types for a bad file
-            _raise_if_refused(err, key, spec)
-            raise ModelError(f"{key}: {spec} is not an Ultralytics YOLO checkpoint ({type(err).__name__})") from None
+            raise ModelError(f"{key}: {spec} {why_not_loadable(spec, err)}") from None
+        if not isinstance(loaded.model, BaseModel):  # YOLO() accepts any nn.Module under a 'model' key
+            cls = type(loaded.model)
+            raise ModelError(f"{key}: {spec} holds a {cls.__module__}.{cls.__qualname__}, a model of another "
+                             "library, not an Ultralytics YOLO model")
+        return loaded
     try:
         return YOLO(spec)
     except FileNotFoundError:
@@ -90,23 +93,53 @@ def set_checkpoint_trust(trusted: bool) -> None:
     os.environ["ULTRALYTICS_SAFE_LOAD"] = "0" if trusted else "1"
 
 
-def _refused_global(err: BaseException) -> str | None:
-    """The pickled global a weights_only load refused somewhere in `err`'s chain, else None."""
-    seen: BaseException | None = err
-    while seen is not None:
-        # only a refused global means "needs full unpickling": a file that is no pickle at all also fails weights_only
-        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(seen))
-        if isinstance(seen, pickle.UnpicklingError) and found:
-            return found.group(1)
-        seen = seen.__cause__ or seen.__context__
-    return None
+def refused_global(path: str | Path) -> str | None:
+    """The first global of checkpoint `path` that torch's weights_only unpickler would refuse, after the loader
+    allowed what it knows (Ultralytics' and this project's classes); None when trusted or nothing is refused."""
+    if not ultralytics_tasks.SAFE_LOAD:
+        return None
+    import torch  # late: see the TYPE_CHECKING import above
+
+    try:
+        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    except Exception:  # noqa: BLE001 - not a torch.save archive at all: why_not_loadable says what it is instead
+        return None
+    return unsafe[0] if unsafe else None
 
 
-def _raise_if_refused(err: BaseException, key: str, path: str | Path) -> None:
-    name = _refused_global(err)
+def why_not_loadable(path: str | Path, err: BaseException) -> str:
+    """Why loading checkpoint `path` failed with `err`, as the end of a one-line message (after the path)."""
+    name = refused_global(path)
     if name is not None:
-        raise ModelError(f"{key}: {path} holds {name}, which only full unpickling can load, and that can run any "
-                         "code; if you trust this file, set `trust_checkpoints: true` in params.yaml") from None
+        return (f"holds {name}, which only full unpickling can load, and that can run any code; if you trust this "
+                "file, set `trust_checkpoints: true` in params.yaml")
+    head = Path(path).read_bytes()[:64]
+    if not zipfile.is_zipfile(path) and not head.startswith(b"\x80"):  # a torch.save zip, or a legacy raw pickle
+        kind = "text" if head and all(32 <= b < 127 or b in b"\t\r\n" for b in head) else "binary data"
+        return (f"is not a PyTorch checkpoint: neither a torch.save archive nor a pickle (it starts with {kind} "
+                f"{head[:16]!r})")
+    import torch
+
+    try:  # the globals Ultralytics allows are registered by now (by the load that failed)
+        ckpt = torch.load(path, map_location="cpu", weights_only=bool(ultralytics_tasks.SAFE_LOAD))
+    except Exception:  # noqa: BLE001 - unreadable even as a plain checkpoint: name what failed
+        return f"is not a readable PyTorch checkpoint ({_first_line(err)})"
+    if not isinstance(ckpt, dict):
+        return f"holds a {type(ckpt).__module__}.{type(ckpt).__qualname__}, not an Ultralytics checkpoint dict"
+    model = ckpt.get("ema") or ckpt.get("model")
+    if model is None:
+        keys = ", ".join(map(str, list(ckpt)[:6])) or "none"
+        return (f"is a dict without a 'model' entry (keys: {keys}): a bare state_dict or another tool's checkpoint, "
+                "not one Ultralytics saved; use a .pt written by Ultralytics' training or YOLO.save()")
+    cls = type(model)
+    if not cls.__module__.startswith(("ultralytics.", "yolo_compress.")):
+        return f"holds a {cls.__module__}.{cls.__qualname__}, a model of another library, not an Ultralytics YOLO model"
+    return f"is not an Ultralytics YOLO checkpoint ({_first_line(err)})"
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0][:120]}" if text else type(err).__name__
 
 
 def read_checkpoint(path: str | Path, key: str = "checkpoint") -> dict[str, Any]:
@@ -114,7 +147,9 @@ def read_checkpoint(path: str | Path, key: str = "checkpoint") -> dict[str, Any]
     try:
         return torch_safe_load(path)[0]
     except Exception as err:  # noqa: BLE001 - only a refused global gets its own message
-        _raise_if_refused(err, key, path)
+        name = refused_global(path)
+        if name is not None:
+            raise ModelError(f"{key}: {path} {why_not_loadable(path, err)}") from None
         raise
 
 

@@ -9,12 +9,21 @@ from pathlib import Path
 
 from yolo_compress.config import Params
 from yolo_compress.data.prepared import load_summary
+from yolo_compress.devices import check_device
 from yolo_compress.errors import ModelError
 from yolo_compress.models import MADE_BY, check_same_head, check_task, dataset_head, load_model, model_info
 from yolo_compress.splitfree import check_prunable
 from yolo_compress.train.distill import feature_channels
 
-__all__ = ["check_params_models"]
+__all__ = ["check_devices", "check_params_models"]
+
+def check_devices(params: Params) -> None:
+    """Every device params.yaml names exists on this machine (ParamsError naming the key): the training stages and
+    the benchmark check their own again, but only when they start, after the stages before them have run."""
+    for key, device in (("teacher.device", params.teacher.device), ("student.device", params.student.device),
+                        ("benchmark.device", params.benchmark.device)):
+        check_device(device, key)
+
 
 STRIDE_PROBE_IMGSZ = 128  # image side for reading head strides: divisible by every stride Ultralytics builds (8-64)
 

@@ -53,6 +53,7 @@ def main() -> None:
     cfg = params.benchmark
     check_device(cfg.device, "benchmark.device")
     set_checkpoint_trust(params.trust_checkpoints)
+    files.check_outputs([args.out_dir, args.notes])
     models = pipeline_models(args.models_dir, cfg.models, "benchmark.models")  # fail before the slow part
     shipped = exported_files(args.export_dir) if cfg.onnx and args.export_dir.is_dir() else {}
     threads = cfg.threads or None  # 0 = all cores

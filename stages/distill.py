@@ -23,7 +23,7 @@ from yolo_compress.models import model_size, set_checkpoint_trust
 from yolo_compress.tracking.runs import log_artifact, log_epoch, log_metrics, stage_run
 from yolo_compress.train import distill
 from yolo_compress.train.trainer import distill_setup
-from yolo_compress.train.training import train_model
+from yolo_compress.train.training import checkpoint_room, train_model
 
 log = logging.getLogger("yolo_compress.train.distill")
 STAGE = "distill"
@@ -58,6 +58,7 @@ def main() -> None:
     student_metrics = files.read_json(args.student_metrics)
 
     work = Path("runs") / STAGE
+    files.check_outputs([args.out, args.metrics, args.plots, work], checkpoint_room(model))
     data_yaml = training_view(args.data, work / "data")
     logged = {**section_dict(dcfg), "weight_used": dcfg.base_weight, "teacher_path": str(args.teacher),
               "student": section_dict(cfg), "seed": seed}
@@ -88,9 +89,10 @@ def main() -> None:
         log_metrics({f"{k}.{m}": v for k, sec in metrics.items() if k in ("train", "distill", "vs_student")
                             for m, v in sec.items()})
 
-        files.copy_file(result.best, args.out)
-        files.write_json(args.plots, result.curve)
-        files.write_json(args.metrics, metrics)
+        with files.weights_kept(result.best):
+            files.copy_file(result.best, args.out)
+            files.write_json(args.plots, result.curve)
+            files.write_json(args.metrics, metrics)
         log_artifact(str(args.metrics))
         log_artifact(str(args.plots), artifact_path="plots")  # same file name as the metrics file
         for png in sorted((work / "train").glob("*.png")):

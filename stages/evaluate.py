@@ -64,6 +64,7 @@ def main() -> None:
     use_all_cores()  # torch threads: one per core, whatever the import order left
     cfg = params.evaluate
     set_checkpoint_trust(params.trust_checkpoints)
+    files.check_outputs([args.out_dir, args.predictions_dir])
     models = pipeline_models(args.models_dir, cfg.models, "evaluate.models")
     # evaluate.splits null: every eval split the prepared data has (a user dataset may lack test or test_shift)
     splits = eval_splits(cfg.splits, list(load_summary(args.data)["images"]), args.data)

@@ -47,6 +47,7 @@ def main() -> None:
     use_all_cores()  # torch threads: one per core, whatever the import order left
     cfg = params.export
     set_checkpoint_trust(params.trust_checkpoints)
+    files.check_outputs([args.out_dir, args.metrics])
     problems: dict[str, list[str]] = {}
     models: dict[str, Path] = {}
     for name in cfg.models:

@@ -48,6 +48,7 @@ def main() -> None:
     set_checkpoint_trust(params.trust_checkpoints)  # prepare loads the .pt files params names, to check them
 
     check_tracked(params)
+    files.check_outputs([args.out, args.metrics])
     check_devices(params)
     with stage_run("prepare", {**section_dict(params.data), "seed": params.seed}) as run:
         summary = prepare_dataset(params.data, params.seed, args.out)

@@ -29,7 +29,7 @@ from yolo_compress.models import (
 from yolo_compress.prune.run import RoundsSetup, kept_round, prune_metrics, prune_rounds
 from yolo_compress.splitfree import check_prunable, make_split_free
 from yolo_compress.tracking.runs import child_run, log_artifact, log_metrics, log_params, set_tag, stage_run
-from yolo_compress.train.training import use_all_cores_on_cpu
+from yolo_compress.train.training import checkpoint_room, use_all_cores_on_cpu
 
 log = logging.getLogger("yolo_compress.prune")
 
@@ -72,8 +72,11 @@ def main() -> None:
     check_device(st.device, "student.device")
     set_checkpoint_trust(params.trust_checkpoints)
     input_pt, task, distill = checked_inputs(args, params)
-
     work = Path("runs") / "prune"
+    # every round keeps its fine-tune's checkpoints under runs/prune
+    room = checkpoint_room(load_model(input_pt, "prune.model")) * (cfg.rounds + 1)
+    files.check_outputs([args.out, args.rounds_dir, args.metrics, args.plots, work], room)
+
     val_yaml = training_view(args.data, work / "val", split="val")
     setup = RoundsSetup(
         cfg=cfg, work=work, data_yaml=training_view(args.data, work / "data"), task=task,

@@ -44,6 +44,7 @@ def parse_args() -> argparse.Namespace:
 @stage_entrypoint
 def main() -> None:
     args = parse_args()
+    files.check_outputs([args.out, args.pareto, args.prune_curve])
     cfg = load_params(args.params).report
     inputs = load_inputs(args.metrics_dir, args.prune_plots, args.benchmark_notes, args.export_notes)
     for note in inputs.missing:

@@ -26,7 +26,7 @@ from yolo_compress.models import (
 )
 from yolo_compress.tracking.runs import log_artifact, log_epoch, log_metrics, set_tag, stage_run
 from yolo_compress.train.metrics import teacher_gap
-from yolo_compress.train.training import train_model
+from yolo_compress.train.training import checkpoint_room, train_model
 
 log = logging.getLogger("yolo_compress.train")
 
@@ -64,6 +64,7 @@ def main() -> None:
         teacher_val = files.read_json(args.teacher_metrics)["val"]
 
     work = Path("runs") / stage
+    files.check_outputs([args.out, args.metrics, args.plots, work], checkpoint_room(model))
     data_yaml = training_view(args.data, work / "data")
     seed = params.student_seed if args.role == "student" else params.seed
     logged = {**section_dict(cfg), "seed": seed}
@@ -90,9 +91,10 @@ def main() -> None:
         metrics["mlflow_run_id"] = run.info.run_id
         log_metrics({f"best.{k}": v for k, v in result.val.items()})
 
-        files.copy_file(result.best, args.out)
-        files.write_json(args.plots, result.curve)
-        files.write_json(args.metrics, metrics)
+        with files.weights_kept(result.best):
+            files.copy_file(result.best, args.out)
+            files.write_json(args.plots, result.curve)
+            files.write_json(args.metrics, metrics)
         log_artifact(str(args.metrics))
         log_artifact(str(args.plots))
         for png in sorted((work / "train").glob("*.png")):

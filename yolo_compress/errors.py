@@ -111,8 +111,9 @@ def _say_interrupted() -> None:
 
 
 def stage_entrypoint(main: Callable[..., Any]) -> Callable[..., Any]:
-    """Wrap a stage's main(): a UserError prints `error: ...` and exits 2; Ctrl-C or SIGTERM prints one
-    `interrupted; ...` line and exits 130 (Ctrl-C) or 143 (SIGTERM), as a shell reports those signals."""
+    """Wrap a stage's main(): a UserError, or an OSError about a file (a folder turned read-only, a full disk),
+    prints `error: ...` and exits 2; Ctrl-C or SIGTERM prints one `interrupted; ...` line and exits 130 (Ctrl-C) or
+    143 (SIGTERM), as a shell reports those signals."""
 
     @functools.wraps(main)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -127,6 +128,12 @@ def stage_entrypoint(main: Callable[..., Any]) -> Callable[..., Any]:
             return main(*args, **kwargs)
         except UserError as err:
             print(f"error: {err}{_queued_hint(str(err))}", file=sys.stderr)
+            raise SystemExit(2) from None
+        except OSError as err:
+            if not err.filename:  # not about a file the user can fix
+                raise
+            print(f"error: {err.filename}: {err.strerror}; fix its folder (permissions, space) and rerun",
+                  file=sys.stderr)
             raise SystemExit(2) from None
         except KeyboardInterrupt as err:
             _say_interrupted()

@@ -16,13 +16,25 @@ from typing import Any
 from yolo_compress import devices, files
 from yolo_compress.config import TrainConfig
 from yolo_compress.errors import raise_if_interrupted, set_resume_hint
-from yolo_compress.models import YOLO, read_checkpoint
+from yolo_compress.models import YOLO, count_params, read_checkpoint
 from yolo_compress.train.trainer import TrainerSpec, trainer_for
 
 log = logging.getLogger(__name__)
 
 EpochHook = Callable[[dict[str, float]], None]
-RUN_KEY, CURVE = "run_key.txt", "curve.json"  # beside weights/ in the trainer's work folder
+# beside weights/ in the trainer's work folder; RESULT is written once training has finished
+RUN_KEY, CURVE, RESULT = "run_key.txt", "curve.json", "result.json"
+
+
+# A training run keeps last.pt and best.pt with the optimizer state (about 10 bytes per parameter each: 26 MB each for
+# yolo11n's 2.6M, measured in the distill stage) and the stage copies the stripped fp16 one (2 bytes per parameter):
+# 40 bytes per parameter leaves about twice what that needs.
+CHECKPOINT_BYTES_PER_PARAM = 40
+
+
+def checkpoint_room(model: YOLO) -> int:
+    """Bytes of disk a training run of `model` needs for its checkpoints."""
+    return CHECKPOINT_BYTES_PER_PARAM * count_params(model)
 
 
 def use_all_cores_on_cpu(trainer: Any) -> None:
@@ -154,6 +166,14 @@ def train_model(
         project=str(work_dir.parent.resolve()), name=work_dir.name, exist_ok=True, plots=True, verbose=False,
     )
     key = run_key({**args, "spec": repr(spec), "model": model.model.yaml}, inputs)
+    finished = finished_run(work_dir, key) if resume else None
+    if finished is not None:
+        log.info("%s holds a finished run with the same arguments and inputs: its weights are used, not trained again",
+                 work_dir)
+        for row in finished.curve:
+            if on_epoch:
+                on_epoch(row)
+        return finished
     done = resumable_epoch(work_dir, key, cfg.epochs)
     resumed_after = done if resume and done is not None else 0
     if resumed_after:
@@ -182,4 +202,20 @@ def train_model(
     set_resume_hint(None)  # not in a finally: an interruption must keep the hint for the stage's one line
     trained = model.trainer
     val = {metric_key(k): float(v) for k, v in trained.metrics.items() if k.startswith("metrics/")}
-    return TrainResult(best=Path(trained.best), val=val, curve=recorder.rows, resumed_after=resumed_after)
+    result = TrainResult(best=Path(trained.best), val=val, curve=recorder.rows, resumed_after=resumed_after)
+    # so that a stage that fails to write its outputs can be rerun with `resume: true` without training again
+    files.write_json(work_dir / RESULT, {"key": key, "best": str(result.best), "val": val,
+                                         "resumed_after": resumed_after})
+    return result
+
+
+def finished_run(work_dir: Path, key: str) -> TrainResult | None:
+    """The result of a run in `work_dir` that finished under `key` and whose best.pt is still there, else None."""
+    path = work_dir / RESULT
+    if not path.is_file():
+        return None
+    saved = files.read_json(path)
+    if saved.get("key") != key or not Path(saved["best"]).is_file() or not (work_dir / CURVE).is_file():
+        return None
+    return TrainResult(best=Path(saved["best"]), val=saved["val"], curve=files.read_json(work_dir / CURVE),
+                       resumed_after=saved["resumed_after"])

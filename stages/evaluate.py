@@ -10,6 +10,11 @@ Writes `<out-dir>/<model>.json` = {<split>: {map50_95, map50, ..., f1, ultralyti
 (numbers only, two levels, so `dvc metrics diff` shows e.g. `test.map50_95` per file) and the COCO detections
 behind each score as `<predictions-dir>/<model>_<split>.json`. Both folders are replaced whole, never half-written.
 
+Every mAP50-95 carries its uncertainty (yolo_compress.measure.bootstrap): `map50_95_std`, `map50_95_ci95_low` and
+`map50_95_ci95_high` from 1,000 resamples of the split's images. Models scored on one split share its resamples,
+so differences are paired: `distilled.json` has `map50_95_minus_student` with its interval, `pruned.json`
+`map50_95_minus_distilled`, and every shipped file `map50_95_lost` with its interval.
+
 Every file the export stage made (`<export-dir>/<model>_<format>.onnx`, run through ONNX Runtime by Ultralytics) is
 scored the same way into `<out-dir>/<model>_<format>.json`, with `map50_95_lost` / `map50_lost` per split: its
 PyTorch checkpoint's score minus the file's (when the checkpoint is in evaluate.models). A file ONNX Runtime cannot
@@ -23,17 +28,23 @@ import json
 import logging
 from pathlib import Path
 
+import numpy as np
+
 from yolo_compress import files
 from yolo_compress.config import load_params, section_dict
 from yolo_compress.data.prepared import eval_splits, load_summary, training_view
 from yolo_compress.devices import use_all_cores
 from yolo_compress.errors import DatasetError, UserError, stage_entrypoint
+from yolo_compress.measure.bootstrap import interval_keys, map_samples, paired_keys
 from yolo_compress.measure.evaluation import evaluate_split_with_predictions, gt_json_for, map_lost
 from yolo_compress.models import pipeline_models, set_checkpoint_trust
 from yolo_compress.ship.export import exported_files
 from yolo_compress.tracking.runs import log_artifact, log_metrics, stage_run
 
 log = logging.getLogger("yolo_compress.evaluate")
+# model -> the model it is compared with, image by image: the distillation gain, and pruning's cost
+PAIRED = {"distilled": "student", "pruned": "distilled"}
+MIN_IMAGES_FOR_INTERVALS = 30
 
 def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -69,6 +80,11 @@ def main() -> None:
     # evaluate.splits null: every eval split the prepared data has (a user dataset may lack test or test_shift)
     splits = eval_splits(cfg.splits, list(load_summary(args.data)["images"]), args.data)
     check_splits(splits, args.data)
+    sizes = load_summary(args.data)["images"]
+    for split in splits:
+        if sizes[split] < MIN_IMAGES_FOR_INTERVALS:
+            log.warning("%s has %d images (under %d): its bootstrap intervals below are wide and themselves uncertain",
+                        split, sizes[split], MIN_IMAGES_FOR_INTERVALS)
 
     # Ultralytics writes label caches beside the labels: score scratch views, never the DVC-tracked dataset.
     views = {split: training_view(args.data, Path("runs") / "evaluate" / split, split=split) for split in splits}
@@ -76,6 +92,7 @@ def main() -> None:
     with stage_run("evaluate", {**section_dict(cfg), "splits": splits}) as run:
         with files.atomic_dir(args.out_dir) as out_tmp, files.atomic_dir(args.predictions_dir) as pred_tmp:
             scored: dict[str, dict[str, dict[str, float]]] = {}
+            samples: dict[tuple[str, str], np.ndarray] = {}  # (model, split) -> mAP50-95 of each resample
 
             def score(name: str, model: Path, imgsz: int) -> dict[str, dict[str, float]]:
                 metrics: dict[str, dict[str, float]] = {}
@@ -83,16 +100,26 @@ def main() -> None:
                     scores, dets = evaluate_split_with_predictions(
                         model, views[split], imgsz,
                         conf=cfg.conf, iou=cfg.iou, batch=cfg.batch)
+                    samples[name, split] = map_samples(gt_json_for(views[split]), dets, split)
+                    scores.update(interval_keys("map50_95", samples[name, split]))
                     metrics[split] = scores
                     # compact: at conf 0.001 a split has up to 300 detections per image
                     (pred_tmp / f"{name}_{split}.json").write_text(json.dumps(dets, separators=(",", ":")))
                     log_metrics({f"{name}.{split}.{k}": v for k, v in scores.items()})
-                    log.info("%s on %s: mAP50-95 %.4f  mAP50 %.4f  F1 %.3f", name, split, scores["map50_95"],
+                    log.info("%s on %s: mAP50-95 %.4f (95%% interval %.4f-%.4f)  mAP50 %.4f  F1 %.3f", name, split,
+                             scores["map50_95"], scores.get("map50_95_ci95_low", np.nan),
+                             scores.get("map50_95_ci95_high", np.nan),
                              scores["map50"], scores["f1"])
                 return metrics
 
             for name, pt in models.items():
                 scored[name] = score(name, pt, cfg.imgsz)
+            for name, base in PAIRED.items():  # paired: both models scored on the same resamples of each split
+                for split in splits if name in scored and base in scored else []:
+                    point = scored[name][split]["map50_95"] - scored[base][split]["map50_95"]
+                    scored[name][split].update(paired_keys(f"map50_95_minus_{base}", point, samples[name, split],
+                                                           samples[base, split]))
+            for name in models:
                 files.write_json(out_tmp / f"{name}.json", {**scored[name], "mlflow_run_id": run.info.run_id})
             for key, (onnx_path, meta) in shipped.items():
                 try:
@@ -104,6 +131,9 @@ def main() -> None:
                     continue
                 for split, lost in map_lost(scored.get(meta["model"], {}), metrics).items():
                     metrics[split].update(lost)
+                    if (meta["model"], split) in samples:
+                        metrics[split].update(interval_keys("map50_95_lost", samples[meta["model"], split] -
+                                                            samples[key, split]))
                 files.write_json(out_tmp / f"{key}.json", {**metrics, "mlflow_run_id": run.info.run_id})
         for path in sorted(args.out_dir.glob("*.json")):
             log_artifact(str(path), artifact_path="metrics")

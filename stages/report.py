@@ -2,7 +2,8 @@
 
     python stages/report.py --metrics-dir metrics --prune-plots plots/prune.json --out reports/summary.md \
         --pareto reports/pareto.png --prune-curve reports/prune_map_vs_gflops.png \
-        --benchmark-notes reports/benchmark_notes.json --export-notes models/export/notes.json
+        --benchmark-notes reports/benchmark_notes.json --export-notes models/export/notes.json \
+        --seed-grid reports/distill_comparison.md
 
 The summary recommends the fastest shipped file whose test mAP50-95 is within `report.max_map_drop` of the
 distilled model, and says why.
@@ -20,8 +21,9 @@ from pathlib import Path
 from yolo_compress import files
 from yolo_compress.config import load_params, section_dict
 from yolo_compress.errors import stage_entrypoint
-from yolo_compress.ship.report import build_summary, plot_pareto, plot_prune_curve
+from yolo_compress.ship.report import build_summary
 from yolo_compress.ship.report_inputs import load_inputs
+from yolo_compress.ship.report_plots import plot_pareto, plot_prune_curve
 from yolo_compress.tracking.runs import log_artifact, log_artifacts_to_parent, stage_run
 
 log = logging.getLogger("yolo_compress.ship.report")
@@ -35,6 +37,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--benchmark-notes", type=Path, default=Path("reports/benchmark_notes.json"),
                     help="the benchmark stage's strings: machine, per-row problems, flagged rows")
     ap.add_argument("--export-notes", type=Path, help="the export stage's per-model problems (notes.json)")
+    ap.add_argument("--seed-grid", type=Path, help="compare_distill's committed table: the plain student's seed std")
     ap.add_argument("--out", type=Path, required=True, help="summary markdown")
     ap.add_argument("--pareto", type=Path, required=True, help="mAP vs latency plot (PNG)")
     ap.add_argument("--prune-curve", type=Path, required=True, help="mAP vs GFLOPs over prune rounds (PNG)")
@@ -46,7 +49,7 @@ def main() -> None:
     args = parse_args()
     files.check_outputs([args.out, args.pareto, args.prune_curve])
     cfg = load_params(args.params).report
-    inputs = load_inputs(args.metrics_dir, args.prune_plots, args.benchmark_notes, args.export_notes)
+    inputs = load_inputs(args.metrics_dir, args.prune_plots, args.benchmark_notes, args.export_notes, args.seed_grid)
     for note in inputs.missing:
         log.warning("%s", note)
     files.write_text(args.out, build_summary(inputs, cfg.max_map_drop))

@@ -14,16 +14,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from yolo_compress.errors import UserError
-from yolo_compress.ship.report import (
-    _pareto_points,
-    build_summary,
-    pareto_front,
-    plot_pareto,
-    plot_prune_curve,
-    prune_ratio,
-    recommend,
-)
+from yolo_compress.ship.report import build_summary, prune_ratio, recommend
 from yolo_compress.ship.report_inputs import load_inputs, missing_report_keys
+from yolo_compress.ship.report_plots import _pareto_points, pareto_front, plot_pareto, plot_prune_curve
 from yolo_compress.tracking.runs import log_artifacts_to_parent
 
 from .conftest import REPO
@@ -337,3 +330,27 @@ def test_missing_report_keys_asks_each_row_for_its_own_runtime_and_flag(tmp_path
     del doc["onnx"]["flagged"]
     (m / "benchmark" / "pruned_int8.json").write_text(json.dumps(doc))
     assert f"{m}/benchmark/pruned_int8.json: onnx.flagged" in missing_report_keys(m)
+
+
+def test_scores_show_their_interval_and_paired_gains_say_whether_they_are_noise(tmp_path: Path) -> None:
+    m = write_metrics(tmp_path)
+    for name, extra in {
+        "student": {"map50_95_ci95_low": 0.36, "map50_95_ci95_high": 0.44},
+        "distilled": {"map50_95_minus_student": 0.05, "map50_95_minus_student_ci95_low": 0.02,
+                      "map50_95_minus_student_ci95_high": 0.08},
+        "pruned": {"map50_95_minus_distilled": -0.04, "map50_95_minus_distilled_ci95_low": -0.09,
+                   "map50_95_minus_distilled_ci95_high": 0.01},
+    }.items():
+        doc = json.loads((m / "evaluate" / f"{name}.json").read_text())
+        doc["val"].update(extra)
+        (m / "evaluate" / f"{name}.json").write_text(json.dumps(doc))
+    grid = tmp_path / "distill_comparison.md"
+    grid.write_text("# Distillation losses compared\n\nPlain student (baseline), val mAP50-95: 0.3611 ± 0.0484 "
+                    "(seeds 0 1 2). ± is the std over seeds\n")
+    md = build_summary(load_inputs(m, tmp_path / "prune_plots.json", tmp_path / "notes.json", seed_grid=grid))
+    assert row(md, "student")[header(md).index("val mAP50-95")] == "0.400 ± 0.040"
+    assert row(md, "student")[header(md).index("test mAP50-95")] == "0.390"  # no interval in its metrics: none shown
+    assert "val +0.050 [+0.020, +0.080], outside the noise; test +0.040." in md
+    assert "moves by 0.048 (std over 3 seeds)" in md and str(grid) in md
+    assert "**Pruning** (pruned − distilled, mAP50-95; [95% paired" in md
+    assert "val -0.030 [-0.090, +0.010], within the noise; test -0.020." in md

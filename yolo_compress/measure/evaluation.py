@@ -187,7 +187,7 @@ def predict_coco(
 # ------------------------------------------------------------------------------------------------------- scoring
 
 
-def _load_gt(gt_json: str | Path | Gt) -> tuple[Gt, str]:
+def load_gt(gt_json: str | Path | Gt) -> tuple[Gt, str]:
     """A copy of the ground truth with the fields pycocotools needs filled in, and its name for messages."""
     if isinstance(gt_json, dict):
         gt, name = copy.deepcopy(gt_json), "ground truth"
@@ -241,7 +241,7 @@ def coco_scores(
 
     if iou_type not in ("bbox", "keypoints"):
         raise ValueError(f"iou_type must be 'bbox' or 'keypoints', got {iou_type!r}")
-    gt, name = _load_gt(gt_json)
+    gt, name = load_gt(gt_json)
     dets = [dict(d) for d in detections]  # loadRes adds id/area/segmentation to each dict: keep the caller's intact
     if not gt.get("annotations"):
         raise DatasetError(f"{name}: no annotated objects, so AP is undefined; score a split that has labels")
@@ -351,7 +351,7 @@ def evaluate_split_with_predictions(
 ) -> tuple[dict[str, float], Detections]:
     """`evaluate_split`'s scores and the COCO detections they were computed from (for the predictions file)."""
     gt_path = gt_json_for(split_yaml)  # fail before the slow val pass
-    gt, _ = _load_gt(gt_path)
+    gt, _ = load_gt(gt_path)
     dets, ultra = val_predictions(model_pt, split_yaml, imgsz, batch=batch, device=device)
     out = coco_scores(gt, dets, "bbox")
     if dets and "keypoints" in dets[0]:

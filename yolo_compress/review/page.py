@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import math
-import re
 import subprocess
 import sys
 from collections.abc import Iterable
@@ -29,6 +28,7 @@ import yaml
 from yolo_compress import files
 from yolo_compress.errors import UserError
 from yolo_compress.review.freshness import check, describe_code_changes
+from yolo_compress.ship.report_inputs import seed_grid_std
 
 # (file glob, dotted key, label): the rows a reviewer reads first, in this order.
 # Shipped files (export stage) have rows of their own, e.g. `metrics/evaluate/pruned_int8.json`.
@@ -46,16 +46,14 @@ TIME_KEYS = ("latency_ms", "seconds", "throughput")
 # mAP noise: the committed seed grid of `python -m yolo_compress.experiments.compare_distill` (the plain student's val
 # mAP50-95 std over seeds). Two runs that differ only in seed differ by more than 1.96 * sqrt(2) * std one time in 20.
 SEED_GRID = Path("reports/distill_comparison.md")
-SEED_LINE = re.compile(r"Plain student \(baseline\), val mAP50-95: [\d.]+ ± ([\d.]+) \(seeds ([\d ]+)\)")
 
 
 def map_noise(root: Path) -> tuple[float, str] | None:
     """(95% bound of a reseeding's mAP50-95 change, where it comes from) from the committed seed grid, or None."""
-    path = Path(root) / SEED_GRID
-    found = SEED_LINE.search(path.read_text()) if path.is_file() else None
-    if not found or len(found.group(2).split()) < 2:
+    found = seed_grid_std(Path(root) / SEED_GRID)
+    if found is None:
         return None
-    return 1.96 * math.sqrt(2) * float(found.group(1)), f"{len(found.group(2).split())}-seed grid, {SEED_GRID}"
+    return 1.96 * math.sqrt(2) * found[0], f"{found[1]}-seed grid, {SEED_GRID}"
 
 
 @dataclass(frozen=True)
@@ -67,6 +65,7 @@ class Row:
     old: Any
     new: Any
     map_noise: tuple[float, str] | None = None  # `map_noise()`: no mAP change is called noise without it
+    image_noise: float | None = None  # 95% bound of the change from the two sides' bootstrap std over the images
 
     @property
     def change(self) -> float | None:
@@ -84,6 +83,8 @@ class Row:
             return f"within timing noise (±{TIME_NOISE_REL:.0%} on shared cores)"
         if "map" in leaf and self.map_noise and abs(d) <= self.map_noise[0]:
             return f"within seed spread (±{self.map_noise[0]:.4f}, {self.map_noise[1]})"
+        if "map" in leaf and self.image_noise and abs(d) <= self.image_noise:
+            return f"within the images' bootstrap noise (±{self.image_noise:.4f})"
         return ""
 
 
@@ -136,8 +137,17 @@ def _dvc_diffs(root: Path, base: str) -> tuple[dict, dict]:
 
 
 def metric_rows(diff: dict[str, dict[str, dict[str, Any]]], noise: tuple[float, str] | None = None) -> list[Row]:
-    """`dvc metrics diff --all` result -> rows, files and keys in a stable order."""
-    return [Row(f, k, v.get("old"), v.get("new"), noise) for f in sorted(diff) for k, v in sorted(diff[f].items())]
+    """`dvc metrics diff --all` result -> rows, files and keys in a stable order. A score with a bootstrap std on both
+    sides (the evaluate stage's `<key>_std`) gets the bound of their difference, 1.96 * sqrt(std_old² + std_new²):
+    the two runs' models are scored on the same images, so this unpaired bound is on the safe side."""
+    rows = []
+    for f in sorted(diff):
+        for k, v in sorted(diff[f].items()):
+            std = diff[f].get(f"{k}_std", {})
+            bound = (1.96 * math.hypot(std["old"], std["new"]) if _num(std.get("old")) and _num(std.get("new"))
+                     else None)
+            rows.append(Row(f, k, v.get("old"), v.get("new"), noise, bound))
+    return rows
 
 
 def split_headline(rows: Iterable[Row]) -> tuple[list[Row], list[Row]]:

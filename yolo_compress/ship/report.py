@@ -1,4 +1,5 @@
-"""The summary report: a markdown table and two plots built only from the pipeline's metrics and plots files.
+"""The summary report: a markdown table built only from the pipeline's metrics and plots files (its two plots are
+`yolo_compress.ship.report_plots`).
 
 `build_summary` and the plot functions are deterministic functions of what
 `yolo_compress.ship.report_inputs.load_inputs` read (no timestamps, fixed order), so unchanged metrics give
@@ -10,15 +11,15 @@ is greyed out: its latencies are in italics, never bold, grey in the Pareto plot
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from yolo_compress.config import MODEL_NAMES
 from yolo_compress.ship.report_inputs import (
     Inputs,
     bench_value,
+    eval_interval,
     eval_value,
     is_flagged,
     model_order,
@@ -26,7 +27,7 @@ from yolo_compress.ship.report_inputs import (
     shipped_rows,
 )
 
-__all__ = ["build_summary", "recommend", "prune_ratio", "pareto_front", "plot_pareto", "plot_prune_curve"]
+__all__ = ["build_summary", "recommend", "prune_ratio"]
 
 
 # ------------------------------------------------------------------------------------------------------ numbers
@@ -55,6 +56,7 @@ class _Column:
     better: str = ""  # "high" / "low": the best value is bold; "" leaves the column unmarked
     suffix: str = ""
     timing: bool = False  # a latency or speedup: greyed out (italics, never bold) on a flagged row
+    spread: Callable[[str], tuple[float, float] | None] | None = None  # model -> 95% interval, shown as ± half of it
 
 
 
@@ -70,7 +72,8 @@ def _columns(inp: Inputs) -> list[_Column]:
     cols: list[_Column] = []
     for split in scored_splits(inp):
         cols.append(_Column(f"{split} mAP50", lambda n, s=split: eval_value(inp, n, s, "map50"), 3, "high"))
-        cols.append(_Column(f"{split} mAP50-95", lambda n, s=split: eval_value(inp, n, s, "map50_95"), 3, "high"))
+        cols.append(_Column(f"{split} mAP50-95", lambda n, s=split: eval_value(inp, n, s, "map50_95"), 3, "high",
+                            spread=lambda n, s=split: eval_interval(inp, n, s, "map50_95")))
     if any(eval_value(inp, n, "test", "map50_95_lost") is not None for n in inp.evaluate):
         cols.append(_Column("test mAP50-95 lost vs .pt", lambda n: eval_value(inp, n, "test", "map50_95_lost"), 3))
     if inp.benchmark:
@@ -144,27 +147,56 @@ def _model_table(inp: Inputs) -> list[str]:
                 row.append(f"*{text}*")
             else:
                 row.append(f"**{text}**" if v is not None and v == best[c.title] else text)
+            ci = c.spread(m) if c.spread and v is not None else None
+            if ci:
+                row[-1] += f" ± {(ci[1] - ci[0]) / 2:.3f}"
         row.append(_cell("; ".join(_notes(inp, m))))
         rows.append(row)
     return _table(["model", *(c.title for c in cols), "notes"], rows)
 
 
+def _paired(inp: Inputs, name: str, base: str, key: str) -> list[tuple[str, float, str]]:
+    """Per split: (split, name's score minus base's, the text of that difference with its paired interval)."""
+    out = []
+    for s in scored_splits(inp):
+        a, b = eval_value(inp, name, s, key), eval_value(inp, base, s, key)
+        if a is None or b is None:
+            continue
+        ci = eval_interval(inp, name, s, f"{key}_minus_{base}")
+        noise = "" if ci is None else (f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" + (", outside the noise" if ci[0] > 0 or
+                                                                           ci[1] < 0 else ", within the noise"))
+        out.append((s, a - b, f"{s} {a - b:+.3f}{noise}"))
+    return out
+
+
+_INTERVAL = "; [95% paired bootstrap interval over the split's images]"
+
+
+def _join(texts: Iterable[str]) -> str:
+    texts = list(texts)
+    return ("; " if any("[" in t for t in texts) else ", ").join(texts)
+
+
 def _distill_lines(inp: Inputs) -> list[str]:
     lines = []
-    splits = scored_splits(inp)
-    pose = any(eval_value(inp, "distilled", s, "pose_map50_95") is not None for s in splits)
+    pose = any(eval_value(inp, "distilled", s, "pose_map50_95") is not None for s in scored_splits(inp))
     key, name = ("pose_map50_95", "OKS keypoint AP") if pose else ("map50_95", "mAP50-95")
-    gains = [(s, eval_value(inp, "distilled", s, key), eval_value(inp, "student", s, key)) for s in splits]
-    gains = [(s, d - st) for s, d, st in gains if d is not None and st is not None]
+    gains = _paired(inp, "distilled", "student", key)
     if gains:
-        lost = [s for s, g in gains if g <= 0]
+        lost = [s for s, g, _ in gains if g <= 0]
         verdict = (" **No gain: the distilled model is not better than the plain student on any split; ship the "
                    "student.**" if len(lost) == len(gains) else
                    f" Not better than the plain student on {', '.join(lost)}." if lost else "")
-        lines.append(f"**Distillation** (distilled − student, {name}): "
-                     + ", ".join(f"{s} {g:+.3f}" for s, g in gains) + "." + verdict)
+        seeds = (f" Seed to seed, the plain student's val mAP50-95 moves by {inp.seed_std[0]:.3f} (std over "
+                 f"{inp.seed_std[1]} seeds): a gain within that may not survive another seed." if inp.seed_std else "")
+        lines.append(f"**Distillation** (distilled − student, {name}{_INTERVAL if '[' in gains[0][2] else ''}): "
+                     + _join(t for _, _, t in gains) + "." + verdict + seeds)
     else:
         lines.append("**Distillation**: needs both the student and the distilled model in the evaluate metrics.")
+    cost = _paired(inp, "pruned", "distilled", "map50_95")
+    if cost:
+        lines.append(f"**Pruning** (pruned − distilled, mAP50-95{_INTERVAL if '[' in cost[0][2] else ''}): "
+                     + _join(t for _, _, t in cost) + ".")
     gap = (inp.student or {}).get("teacher_gap")
     if isinstance(gap, Mapping) and "map50_95" in gap:
         verdict = "clearly better" if gap.get("teacher_clearly_better", 1) else "NOT clearly better"
@@ -261,7 +293,9 @@ def build_summary(inp: Inputs, max_map_drop: float = 0.015) -> str:
            + ", ".join(f"`{s}`" for s in inp.sources) + "; do not edit by hand.", ""]
     out += _model_table(inp)
     out += ["", "Bold: best value in its column (higher mAP and speedup, lower size, FLOPs and latency). Rows "
-            "`<model>_<format>` are the shipped ONNX files; italics: timing flagged as too noisy."]
+            "`<model>_<format>` are the shipped ONNX files; italics: timing flagged as too noisy. ± is half the 95% "
+            "bootstrap interval over the split's images: a difference between rows smaller than that may be noise, "
+            "and the paired intervals below say which are not."]
     if shipped_rows(inp):
         out += ["", recommend(inp, max_map_drop)[1]]
         int8 = _int8_lines(inp)
@@ -277,107 +311,3 @@ def build_summary(inp: Inputs, max_map_drop: float = 0.015) -> str:
     if inp.missing:
         out += ["", "## Missing inputs", "", *(f"- {_cell(m)}" for m in inp.missing)]
     return "\n".join(out) + "\n"
-
-
-# -------------------------------------------------------------------------------------------------------- plots
-
-
-def pareto_front(points: Mapping[str, tuple[float, float]]) -> list[str]:
-    """Names on the front of (latency, mAP) points: no other point is at least as fast and strictly more accurate,
-    or strictly faster and at least as accurate. Ordered by latency."""
-    front = []
-    for n, (lat, acc) in points.items():
-        dominated = any((ol <= lat and oa > acc) or (ol < lat and oa >= acc)
-                        for o, (ol, oa) in points.items() if o != n)
-        if not dominated:
-            front.append(n)
-    return sorted(front, key=lambda n: (points[n][0], n))
-
-
-def _pareto_points(inp: Inputs) -> tuple[dict[str, tuple[float, float]], str, str]:
-    """The shipped files (one point per model x format, ONNX latency) when there are any, else the PyTorch rows."""
-    splits = scored_splits(inp)
-    split = "test" if "test" in splits else (splits[0] if splits else "val")
-    shipped = [m for m in shipped_rows(inp) if eval_value(inp, m, split, "map50_95") is not None]
-    models = shipped or [m for m in model_order(inp.benchmark) if eval_value(inp, m, split, "map50_95") is not None]
-    runtime = "onnx" if shipped or (models and all(bench_value(inp, m, "onnx", "latency_ms_p50") for m in models)) \
-        else "torch"
-    pts = {m: (bench_value(inp, m, runtime, "latency_ms_p50"), eval_value(inp, m, split, "map50_95")) for m in models}
-    return {m: p for m, p in pts.items() if p[0] is not None}, runtime, split  # type: ignore[misc]
-
-
-def _save(fig: Any, path: str | Path) -> None:
-    from yolo_compress.files import write_with
-
-    # no Software/date metadata: the same numbers give the same bytes
-    write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120, metadata={"Software": None}))
-
-
-def _figure() -> tuple[Any, Any]:
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display; DejaVu Sans ships with matplotlib, so nothing is downloaded
-    import matplotlib.pyplot as plt
-
-    return plt.subplots(figsize=(6.4, 4.4))
-
-
-def _close(fig: Any) -> None:
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
-
-
-def _placeholder(ax: Any, text: str) -> None:
-    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes)
-    ax.set_axis_off()
-
-
-def plot_pareto(inp: Inputs, path: str | Path) -> None:
-    """Test mAP50-95 vs batch-1 latency p50 of the shipped files (ONNX Runtime; PyTorch rows when nothing was
-    exported), labelled, with the Pareto front of the rows whose timing is trusted (flagged rows are grey)."""
-    pts, runtime, split = _pareto_points(inp)
-    fig, ax = _figure()
-    if not pts:
-        _placeholder(ax, "no model has both evaluate and benchmark metrics")
-    else:
-        for name, (lat, acc) in pts.items():
-            grey = is_flagged(inp, name)
-            ax.scatter([lat], [acc], s=40, **({"color": "lightgrey"} if grey else {}))
-            ax.annotate(name + (" (noisy)" if grey else ""), (lat, acc), textcoords="offset points", xytext=(5, 5),
-                        color="grey" if grey else "black")
-        front = pareto_front({n: p for n, p in pts.items() if not is_flagged(inp, n)} or pts)
-        ax.step([pts[n][0] for n in front], [pts[n][1] for n in front], where="post", color="grey", ls="--",
-                label="Pareto front")
-        ax.set_xlabel(f"{'ONNX Runtime' if runtime == 'onnx' else 'PyTorch'} latency p50, batch 1 (ms)")
-        ax.set_ylabel(f"{split} mAP50-95")
-        ax.set_title("Accuracy vs latency")
-        ax.margins(0.15)  # room for the labels of the corner points
-        ax.legend(loc="lower right")
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    _save(fig, path)
-    _close(fig)
-
-
-def plot_prune_curve(inp: Inputs, path: str | Path) -> None:
-    """Val mAP50-95 vs GFLOPs over the prune rounds (plots/prune.json); a placeholder when there are none."""
-    ykey = "map50_95_after"
-    rounds = [r for r in inp.prune_rounds or [] if isinstance(r.get("gflops"), (int, float))
-              and isinstance(r.get(ykey), (int, float))]
-    fig, ax = _figure()
-    if not rounds:
-        _placeholder(ax, "no prune rounds (plots/prune.json missing or without gflops and mAP)")
-    else:
-        xs, ys = [r["gflops"] for r in rounds], [r[ykey] for r in rounds]
-        ax.plot(xs, ys, marker="o")
-        for i, (x, y) in enumerate(zip(xs, ys, strict=True)):
-            ax.annotate(str(rounds[i].get("round", i)), (x, y), textcoords="offset points", xytext=(5, 5))
-        ax.set_xlabel("GFLOPs (one image)")
-        ax.set_ylabel(f"val {ykey.replace('_', ' ')}")
-        ax.set_title("Prune rounds: accuracy vs compute")
-        ax.invert_xaxis()  # rounds go left to right as the model shrinks
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    _save(fig, path)
-    _close(fig)

@@ -19,6 +19,7 @@ Inputs (paths relative to the metrics folder unless given):
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +47,7 @@ class Inputs:
     prune: dict[str, Any] | None = None
     prune_rounds: list[dict[str, Any]] | None = None
     student: dict[str, Any] | None = None
+    seed_std: tuple[float, int] | None = None  # the plain student's val mAP50-95 std over seeds, and how many seeds
     sources: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
 
@@ -59,7 +61,8 @@ def model_order(names: Iterable[str]) -> list[str]:
 
 
 def load_inputs(metrics_dir: str | Path, prune_plots: str | Path | None = None,
-                benchmark_notes: str | Path | None = None, export_notes: str | Path | None = None) -> Inputs:
+                benchmark_notes: str | Path | None = None, export_notes: str | Path | None = None,
+                seed_grid: str | Path | None = None) -> Inputs:
     """Read every input that exists; UserError when there is no evaluate metrics folder (nothing to report)."""
     metrics_dir = Path(metrics_dir)
     eval_dir = metrics_dir / "evaluate"
@@ -92,7 +95,32 @@ def load_inputs(metrics_dir: str | Path, prune_plots: str | Path | None = None,
     rounds = optional(Path(prune_plots) if prune_plots else None, "prune rounds")
     inp.prune_rounds = rounds if isinstance(rounds, list) else None
     inp.student = optional(metrics_dir / "student.json", "teacher check")
+    if seed_grid is not None:
+        inp.seed_std = seed_grid_std(seed_grid)
+        if inp.seed_std is None:
+            inp.missing.append(f"no seed grid in {seed_grid}: the seed-to-seed spread is not shown")
+        else:
+            inp.sources.append(str(seed_grid))
     return inp
+
+
+# The line `python -m yolo_compress.experiments.compare_distill` writes atop its table (reports/distill_comparison.md).
+SEED_LINE = re.compile(r"Plain student \(baseline\), val mAP50-95: [\d.]+ ± ([\d.]+) \(seeds ([\d ]+)\)")
+
+
+def seed_grid_std(path: str | Path) -> tuple[float, int] | None:
+    """(std of the plain student's val mAP50-95 over seeds, number of seeds) from a committed seed grid, or None."""
+    path = Path(path)
+    found = SEED_LINE.search(path.read_text()) if path.is_file() else None
+    if not found or len(found.group(2).split()) < 2:
+        return None
+    return float(found.group(1)), len(found.group(2).split())
+
+
+def eval_interval(inp: Inputs, name: str, split: str, key: str) -> tuple[float, float] | None:
+    """The 95% bootstrap interval of evaluate/<name>.json's `split.key` (`<key>_ci95_low/high`), or None."""
+    low, high = eval_value(inp, name, split, f"{key}_ci95_low"), eval_value(inp, name, split, f"{key}_ci95_high")
+    return None if low is None or high is None else (low, high)
 
 
 # ------------------------------------------------------------------------------------------------------- values

@@ -18,7 +18,7 @@ import yaml
 
 from yolo_compress.errors import UserError
 from yolo_compress.review.freshness import check
-from yolo_compress.review.page import SEED_GRID, Row, default_base, map_noise, split_headline
+from yolo_compress.review.page import SEED_GRID, Row, default_base, map_noise, metric_rows, split_headline
 
 from .tiny_pipeline import GIT, REPO, clean_env, copy_repo, run
 
@@ -302,3 +302,16 @@ def test_default_base_is_the_last_results_commit_before_the_workspace(tmp_path: 
     assert default_base(tmp_path) == first  # the workspace holds second's results: compare with the ones before
     (tmp_path / "dvc.lock").write_text("c")  # a fresh `dvc repro`, not committed yet
     assert default_base(tmp_path) == second
+
+
+def test_a_score_change_within_both_sides_bootstrap_noise_is_flagged_as_such() -> None:
+    diff = {"metrics/evaluate/pruned.json": {
+        "test.map50_95": {"old": 0.60, "new": 0.57},
+        "test.map50_95_std": {"old": 0.012, "new": 0.013},
+        "val.map50_95": {"old": 0.60, "new": 0.50},
+        "val.map50_95_std": {"old": 0.012, "new": 0.013},
+    }}
+    rows = {r.key: r for r in metric_rows(diff)}
+    bound = 1.96 * (0.012 ** 2 + 0.013 ** 2) ** 0.5
+    assert rows["test.map50_95"].noise_note() == f"within the images' bootstrap noise (±{bound:.4f})"
+    assert rows["val.map50_95"].noise_note() == ""  # 0.10 is well outside it

@@ -14,11 +14,12 @@ import pytest
 import torch
 import yaml
 
-from yolo_compress.config import DataConfig, DistillConfig
+from yolo_compress.config import DataConfig, DistillConfig, PruneConfig
 from yolo_compress.data.dataset import prepare_dataset
 from yolo_compress.data.prepared import training_view
 from yolo_compress.models import count_params
 from yolo_compress.prune.rounds import finetune, pick_round
+from yolo_compress.prune.run import kept_round, prune_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_DATA = DataConfig(image_size=64, train_images=8, val_images=4, test_images=1, test_shift_images=1)
@@ -82,7 +83,7 @@ def tiny_run(workspace: Path) -> subprocess.CompletedProcess:
     ("prune", "paths", "needle"),
     [
         ({}, {"model": "models/missing.pt"}, "prune.model: model file models/missing.pt not found"),
-        ({}, {"model": "bogus.pt"}, "prune.model: bogus.pt is not an Ultralytics YOLO checkpoint"),
+        ({}, {"model": "bogus.pt"}, "prune.model: bogus.pt is not a PyTorch checkpoint: neither"),
         ({"rounds": 0}, {}, "prune.rounds: expected an int >= 1, got 0"),
         ({"target": 1.0}, {}, "prune.target: expected a float in (0, 1)"),
         ({"importance": "magic"}, {}, "prune.importance: expected one of l1, l2, bn, taylor, random, got 'magic'"),
@@ -108,10 +109,36 @@ def test_bad_input_is_one_error_line_and_exit_2(workspace: Path, stage_main: obj
     assert not (tmp_path / "runs").exists() and not (tmp_path / "mlflow.db").exists()  # rejected before any work
 
 
-def test_pick_round_keeps_the_most_pruned_round_within_the_bound() -> None:
-    assert pick_round([0.50, 0.49], base_map=0.52, max_drop=0.05) == 2  # all inside: the last (smallest) one
-    assert pick_round([0.50, 0.40], base_map=0.52, max_drop=0.05) == 1  # stopped at round 2: keep round 1
-    assert pick_round([0.30], base_map=0.52, max_drop=0.05) == 1  # none inside: round 1, the least pruned
+def test_pick_round_keeps_the_most_pruned_round_not_over_the_bound() -> None:
+    assert pick_round([False, False]) == 2  # none over: the last (smallest) one
+    assert pick_round([False, True]) == 1  # stopped at round 2: keep round 1
+    assert pick_round([True]) == 1  # none inside: round 1, the least pruned
+
+
+def _round(k: int, drop: float, low: float, high: float) -> dict[str, float]:
+    return {"round": k, "params_m": 1.0, "gflops": 1.0 - 0.2 * k, "map50_95_after": 0.5 - drop, "drop": drop,
+            "drop_ci95_low": low, "drop_ci95_high": high, "seconds": 1.0}
+
+
+def test_decisions_follow_the_drops_interval_not_its_point_value() -> None:
+    cfg = PruneConfig(rounds=3, max_map_drop=0.01)
+    start = _round(0, 0.0, 0.0, 0.0)
+    # round 2 drops 1.7 points, over the 1-point bound, but its interval reaches below it: noise, keep going
+    noisy = [start, _round(1, -0.004, -0.02, 0.01), _round(2, 0.017, -0.002, 0.035), _round(3, 0.005, -0.01, 0.02)]
+    keep, warnings = kept_round(noisy, cfg)
+    assert keep == 3 and warnings == []
+    keep, warnings = kept_round(noisy[:3], cfg)  # had it stopped (it would not), round 2 would be kept with a note
+    assert keep == 2 and any("PRUNING STOPPED after round 2 of 3" in w for w in warnings)
+    assert any("within the noise" in w for w in warnings)
+    sure = [start, _round(1, 0.005, -0.01, 0.02), _round(2, 0.04, 0.02, 0.06)]  # round 2 is over with confidence
+    keep, warnings = kept_round(sure, cfg)
+    assert keep == 1 and len(warnings) == 1 and "PRUNING STOPPED after round 2 of 3" in warnings[0]
+    metrics = prune_metrics(sure, keep, cfg)["pruned"]
+    assert (metrics["best_round"], metrics["stopped_early"], metrics["over_bound"]) == (1, 1, 0)
+    worst = [start, _round(1, 0.05, 0.03, 0.07)]  # the only round is over: kept all the same, and said so
+    keep, warnings = kept_round(worst, cfg)
+    assert keep == 1 and any("KEPT ROUND 1 IS OVER THE BOUND" in w for w in warnings)
+    assert prune_metrics(worst, keep, cfg)["pruned"]["over_bound"] == 1
 
 
 def test_two_rounds_shrink_the_model_and_write_every_output(workspace: Path,
@@ -120,7 +147,9 @@ def test_two_rounds_shrink_the_model_and_write_every_output(workspace: Path,
     assert "frozen layer" not in tiny_run.stdout + tiny_run.stderr  # fine-tune got a trainable model, no unfreezing
     rows = json.loads((workspace / "plots" / "prune.json").read_text())
     assert [r["round"] for r in rows] == [0, 1, 2]
-    assert all(set(r) == {"round", "params_m", "gflops", "map50_95_before", "map50_95_after", "seconds"} for r in rows)
+    assert all(set(r) == {"round", "params_m", "gflops", "map50_95_before", "map50_95_after", "drop", "drop_std",
+                          "drop_ci95_low", "drop_ci95_high", "seconds"} for r in rows)
+    assert all(r["drop_ci95_low"] <= r["drop"] <= r["drop_ci95_high"] for r in rows[1:])
     gflops = [r["gflops"] for r in rows]
     assert gflops[0] > gflops[1] > gflops[2] > 0
     assert 0.35 < gflops[2] / gflops[0] < 0.65  # target 0.5 of FLOPs removed over the two rounds, give or take
@@ -133,6 +162,7 @@ def test_two_rounds_shrink_the_model_and_write_every_output(workspace: Path,
     assert metrics["input"] == {"params_m": rows[0]["params_m"], "gflops": gflops[0],
                                 "map50_95": rows[0]["map50_95_after"]}
     assert metrics["pruned"]["rounds_done"] == 2 and metrics["pruned"]["best_round"] == 2  # max_map_drop 1: no stop
+    assert metrics["pruned"]["stopped_early"] == 0 and metrics["pruned"]["over_bound"] == 0
     assert metrics["pruned"]["gflops"] == gflops[2]
     assert metrics["ratio"]["gflops_removed"] == pytest.approx(1 - gflops[2] / gflops[0])
     for group, values in metrics.items():  # DVC-friendly: numbers only, at most 2 levels
@@ -176,3 +206,19 @@ def test_distillation_fine_tune_keeps_the_pruned_width(workspace: Path, tiny_run
     assert not hasattr(ckpt["model"], "distill_adapters")  # a plain pruned student, adapters stripped
     assert count_params(ckpt["model"]) == count_params(torch.load(student, weights_only=False)["model"])
     assert count_params(ckpt["model"]) < count_params(torch.load(teacher, weights_only=False)["model"])
+
+
+def test_the_decision_tool_reruns_the_rounds_under_another_seed(workspace: Path,
+                                                               tiny_run: subprocess.CompletedProcess) -> None:
+    """yolo_compress.experiments.decision_stability on tiny params: both variants run the rounds and are compared."""
+    assert tiny_run.returncode == 0, tiny_run.stderr[-5000:]
+    stage_args(workspace)  # params.yaml as the tiny run had it
+    out = subprocess.run([sys.executable, "-m", "yolo_compress.experiments.decision_stability", "--variants",
+                          "as_is", "other_seed", "--out", "decision.md"], cwd=workspace, env=env(workspace),
+                         capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-5000:]
+    table = (workspace / "decision.md").read_text()
+    rows = [line.split(" | ")[1:3] for line in table.splitlines() if line.startswith(("| as_is", "| other_seed"))]
+    assert len(rows) == 2 and rows[0] == rows[1] == ["2", "2"]  # max_map_drop 1: both run and keep every round
+    assert "Same verdict under every perturbation." in table
+    assert not (workspace / "models" / "prune_rounds" / "round_3.pt").exists()  # nothing written under models/

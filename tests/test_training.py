@@ -70,7 +70,7 @@ def test_missing_or_bogus_model_files_are_named(tmp_path: Path) -> None:
         load_model(tmp_path / "missing.pt", "teacher.model")
     bogus = tmp_path / "bogus.pt"
     bogus.write_bytes(b"not a checkpoint")
-    with pytest.raises(ModelError, match=r"teacher.model: .*bogus.pt is not an Ultralytics YOLO checkpoint"):
+    with pytest.raises(ModelError, match=r"teacher.model: .*bogus.pt is not a PyTorch checkpoint: neither"):
         load_model(bogus, "teacher.model")
     with pytest.raises(ModelError, match=r"student.model: model yaml nosuch.yaml not found"):
         load_model("nosuch.yaml", "student.model")

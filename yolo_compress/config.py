@@ -190,7 +190,7 @@ class PruneConfig(Section):
     last_round_epochs: int | None = 12  # (int) fine-tune epochs of the last round; null = finetune_epochs
     lr0: float = 0.001  # (float) fine-tune learning rate
     distill: bool = False  # (bool) fine-tune with the teacher and the distill: loss
-    max_map_drop: float = 0.01  # (float) stop early, keeping the best round, once val mAP50-95 falls more than this
+    max_map_drop: float = 0.01  # (float) stop once a round's val mAP50-95 drop is over this with confidence (paired)
 
     def round_epochs(self, k: int) -> int:
         """Fine-tune epochs of round `k` (1-based)."""

@@ -29,7 +29,7 @@ __all__ = ["BOOTSTRAP_SAMPLES", "PerImage", "image_weights", "interval", "interv
            "per_image_eval", "resampled_map"]
 
 BOOTSTRAP_SAMPLES = 1000  # resamples per split: the 2.5% and 97.5% quantiles rest on 25 samples each
-_CHUNK = 50  # resamples scored at once (memory: chunk x IoU thresholds x detections of one class)
+_CHUNK = 200  # resamples scored at once (memory: chunk x detections of one class, a few arrays of it)
 
 
 @dataclass(frozen=True)
@@ -63,12 +63,13 @@ def per_image_eval(gt: dict[str, Any], detections: Iterable[dict[str, Any]]) -> 
         coco_gt.createIndex()
         coco_dt = coco_gt.loadRes(dets) if dets else _empty_results(gt)
         ev = COCOeval(coco_gt, coco_dt, "bbox")
+        ev.params.areaRng, ev.params.areaRngLbl = [ev.params.areaRng[0]], ["all"]  # only the headline AP's
         ev.evaluate()
     p = ev.params
     images, n_area, max_det = list(p.imgIds), len(p.areaRng), p.maxDets[-1]
     classes = []
     for k in range(len(p.catIds)):
-        evals = [(i, ev.evalImgs[k * n_area * len(images) + i]) for i in range(len(images))]  # area "all" first
+        evals = [(i, ev.evalImgs[k * n_area * len(images) + i]) for i in range(len(images))]
         evals = [(i, e) for i, e in evals if e is not None]
         gt_count = np.zeros(len(images))
         for i, e in evals:
@@ -118,28 +119,31 @@ def resampled_map(evals: PerImage, weights: np.ndarray) -> np.ndarray:
 
 
 def _class_ap(c: _ClassEval, w: np.ndarray, rec_thrs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per resample: the sum over IoU thresholds of this class's interpolated AP, and how many thresholds count."""
-    b, (t, d), r = len(w), c.tp.shape, len(rec_thrs)
+    """Per resample: the sum over IoU thresholds of this class's interpolated AP, and how many thresholds count.
+
+    Only the true positives' positions matter: recall rises only there, so the first position reaching a recall
+    threshold is one, and a false positive's precision is below the true positive before it, so the precision
+    envelope's maxima are theirs too. Each IoU threshold thus costs resamples x its true positives, not x every
+    detection, and one cumulated count of the detections seen serves all thresholds.
+    """
+    b, t = len(w), c.tp.shape[0]
     n_gt = w @ c.gt_per_image  # (B,)
     valid = n_gt > 0  # a resample without this class's ground truth has no AP for it (pycocotools' -1)
-    if d == 0:
-        return np.zeros(b), np.where(valid, t, 0)
-    # float32: counts stay exact (below 2**24), and the arrays, the bulk of the time, are half the size
-    wd = w[:, c.det_image].astype(np.float32)  # (B, D)
-    tp = np.cumsum(wd[:, None, :] * c.tp[None], axis=2, dtype=np.float32)  # (B, T, D)
-    if (c.tp | c.fp).all():  # no detection ignored (the usual case): tp + fp is the weighted count, alike for all T
-        seen = np.cumsum(wd, axis=1, dtype=np.float32)[:, None, :]
-    else:
-        seen = tp + np.cumsum(wd[:, None, :] * c.fp[None], axis=2, dtype=np.float32)
-    # recall in float64, as pycocotools computes it: k / n lands exactly on its recall thresholds (0.7 for 7 of 10)
-    rc = tp / np.where(valid, n_gt, 1)[:, None, None]
-    pr = tp / (seen + np.float32(np.spacing(np.float32(1))))
-    pr = np.maximum.accumulate(pr[..., ::-1], axis=2)[..., ::-1]  # precision envelope, as accumulate's loop
-    rc = rc.reshape(b * t, d)
-    at = np.stack([np.searchsorted(row, rec_thrs, side="left") for row in rc])  # (B*T, R), as accumulate does
-    inside = at < d
-    q = np.where(inside, np.take_along_axis(pr.reshape(b * t, d), np.minimum(at, d - 1), axis=1), 0.0)
-    ap = q.reshape(b, t, r).mean(axis=2).sum(axis=1)  # (B,) summed over IoU thresholds
+    wd = w[:, c.det_image]  # (B, D): each detection weighted by its image's count
+    counted = c.tp | c.fp  # not ignored
+    seen_all = np.cumsum(wd, axis=1) if counted.all() else None  # the usual case: no detection ignored
+    ap = np.zeros(b)
+    for k in range(t):
+        pos = np.flatnonzero(c.tp[k])
+        if pos.size == 0:
+            continue  # no match at this IoU: AP 0
+        seen = (seen_all if seen_all is not None else np.cumsum(wd * counted[k], axis=1))[:, pos]
+        tp = np.cumsum(wd[:, pos], axis=1)  # (B, P)
+        rc = tp / np.where(valid, n_gt, 1)[:, None]  # float64 as pycocotools: 7 / 10 lands on its 0.7 threshold
+        pr = np.maximum.accumulate((tp / (seen + np.spacing(1)))[:, ::-1], axis=1)[:, ::-1]  # precision envelope
+        at = np.stack([np.searchsorted(row, rec_thrs, side="left") for row in rc])  # (B, R), as accumulate does
+        q = np.where(at < pos.size, np.take_along_axis(pr, np.minimum(at, pos.size - 1), axis=1), 0.0)
+        ap += q.mean(axis=1)
     return np.where(valid, ap, 0.0), np.where(valid, t, 0)
 
 

@@ -155,9 +155,9 @@ def train_model(
     """Train `model` on `data_yaml`, saving under `work_dir`.
 
     The trainer is the task's `CompressTrainer` with `spec` (e.g. a teacher loss, from `trainer.distill_setup`).
-    With `resume`, a run in
-    `work_dir` that was interrupted with the same arguments and `inputs` (files or folders) continues from its
-    last.pt; otherwise `work_dir` is emptied and training starts from scratch.
+    With `resume`, a run in `work_dir` with the same arguments and `inputs` (files or folders) is reused when it
+    finished (a stage that failed to write its outputs) and continued from its last.pt when it was interrupted;
+    otherwise `work_dir` is emptied and training starts from scratch.
     """
     args = dict(
         data=str(data_yaml), epochs=cfg.epochs, imgsz=cfg.imgsz, batch=cfg.batch, nbs=cfg.nominal_batch, lr0=cfg.lr0,

@@ -13,10 +13,9 @@ from pathlib import Path
 
 from yolo_compress import files
 from yolo_compress.config import DistillConfig, Params, load_params, section_dict
-from yolo_compress.data.prepared import load_summary, training_view
+from yolo_compress.data.prepared import load_summary
 from yolo_compress.devices import check_device, use_all_cores
 from yolo_compress.errors import ModelError, stage_entrypoint
-from yolo_compress.measure.evaluation import evaluate_split
 from yolo_compress.models import (
     YOLO,
     check_same_head,
@@ -26,10 +25,10 @@ from yolo_compress.models import (
     model_info,
     set_checkpoint_trust,
 )
-from yolo_compress.prune.run import RoundsSetup, kept_round, prune_metrics, prune_rounds
+from yolo_compress.prune.run import kept_round, prune_metrics, prune_rounds, rounds_setup
 from yolo_compress.splitfree import check_prunable, make_split_free
 from yolo_compress.tracking.runs import child_run, log_artifact, log_metrics, log_params, set_tag, stage_run
-from yolo_compress.train.training import checkpoint_room, use_all_cores_on_cpu
+from yolo_compress.train.training import checkpoint_room
 
 log = logging.getLogger("yolo_compress.prune")
 
@@ -77,16 +76,7 @@ def main() -> None:
     room = checkpoint_room(load_model(input_pt, "prune.model")) * (cfg.rounds + 1)
     files.check_outputs([args.out, args.rounds_dir, args.metrics, args.plots, work], room)
 
-    val_yaml = training_view(args.data, work / "val", split="val")
-    setup = RoundsSetup(
-        cfg=cfg, work=work, data_yaml=training_view(args.data, work / "data"), task=task,
-        # the one mAP of this stage: pycocotools mAP50-95 on the prepared val split
-        score=lambda pt: evaluate_split(pt, val_yaml, st.imgsz, device=st.device, batch=st.batch)["map50_95"],
-        # Warm-up off: it starts the bias lr at 0.1, which wrecks trained weights in a short fine-tune.
-        finetune_args=dict(imgsz=st.imgsz, batch=st.batch, nbs=st.nominal_batch, lr0=cfg.lr0,
-                           seed=params.student_seed, optimizer=st.optimizer, workers=st.workers, device=st.device,
-                           warmup_epochs=0.0, plots=False, distill=distill,
-                           callbacks={"on_pretrain_routine_start": use_all_cores_on_cpu}))
+    setup = rounds_setup(params, args.data, work, task, distill)
     logged = {"prune": section_dict(cfg), "seed": params.student_seed,
               "student": {k: getattr(st, k)
                           for k in ("imgsz", "batch", "nominal_batch", "optimizer", "workers", "device")},
@@ -100,14 +90,15 @@ def main() -> None:
                 with child_run(f"round {row['round']}"):
                     log_params(round_params)
                     log_metrics({key: v for key, v in row.items() if key != "round"})
-        keep, warning = kept_round(rows, cfg)
-        if warning:
+        keep, warnings = kept_round(rows, cfg)
+        for warning in warnings:
             log.warning("\n%s\n%s\n%s", "!" * 100, f"{warning} ({args.out})", "!" * 100)
-            set_tag("warning", warning)
+        if warnings:
+            set_tag("warning", " | ".join(warnings))
         files.copy_file(tmp_rounds / f"round_{keep}.pt", args.out)
         if count_params(YOLO(str(args.out))) != count_params(YOLO(str(tmp_rounds / f"round_{keep}.pt"))):
             raise ModelError(f"{args.out}: reloads with another parameter count than round {keep}'s checkpoint")
-        metrics = {**prune_metrics(rows, keep), "mlflow_run_id": run.info.run_id}
+        metrics = {**prune_metrics(rows, keep, cfg), "mlflow_run_id": run.info.run_id}
         log_metrics({f"{g}.{k}": v for g, d in metrics.items() if isinstance(d, dict) for k, v in d.items()})
         files.write_json(args.plots, rows)
         files.write_json(args.metrics, metrics)

@@ -258,13 +258,13 @@ def prune_finetune_round(
     return info
 
 
-def pick_round(maps_after: Sequence[float], base_map: float, max_drop: float) -> int:
-    """1-based round to keep: the last (most pruned) round whose mAP is at most `max_drop` below `base_map`, else 1.
+def pick_round(over_bound: Sequence[bool]) -> int:
+    """1-based round to keep: the last (most pruned) round not over the bound (`over_bound[k - 1]`), else 1.
 
     Rounds only ever remove more, so the last acceptable round is the smallest model within the bound. Round 1 is
     the fallback when none is: it is the least pruned model there is.
     """
-    ok = [k for k, m in enumerate(maps_after, 1) if base_map - m <= max_drop]
+    ok = [k for k, over in enumerate(over_bound, 1) if not over]
     return ok[-1] if ok else 1
 
 

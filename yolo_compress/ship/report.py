@@ -177,6 +177,21 @@ def _join(texts: Iterable[str]) -> str:
     return ("; " if any("[" in t for t in texts) else ", ").join(texts)
 
 
+def _prune_stage_line(inp: Inputs) -> list[str]:
+    kept = (inp.prune or {}).get("pruned", {})
+    if "drop_ci95_low" not in kept:
+        return []
+    line = (f"**Prune stage**: kept round {kept['best_round']} of the {kept['rounds_done']} run; its val mAP50-95 drop "
+            f"from the input {kept['drop']:+.3f} [{kept['drop_ci95_low']:+.3f}, {kept['drop_ci95_high']:+.3f}].")
+    if kept.get("stopped_early"):
+        line += " Stopped before all rounds: a later round's drop was over `prune.max_map_drop` with confidence."
+    if kept.get("over_bound"):
+        line += " **The kept round is over the bound too: no round was within it.**"
+    elif kept.get("point_over_bound"):
+        line += " Its point drop is over `prune.max_map_drop`, within the noise of the val images."
+    return [line]
+
+
 def _distill_lines(inp: Inputs) -> list[str]:
     lines = []
     pose = any(eval_value(inp, "distilled", s, "pose_map50_95") is not None for s in scored_splits(inp))
@@ -193,6 +208,7 @@ def _distill_lines(inp: Inputs) -> list[str]:
                      + _join(t for _, _, t in gains) + "." + verdict + seeds)
     else:
         lines.append("**Distillation**: needs both the student and the distilled model in the evaluate metrics.")
+    lines += _prune_stage_line(inp)
     cost = _paired(inp, "pruned", "distilled", "map50_95")
     if cost:
         lines.append(f"**Pruning** (pruned − distilled, mAP50-95{_INTERVAL if '[' in cost[0][2] else ''}): "

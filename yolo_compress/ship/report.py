@@ -211,8 +211,11 @@ def _distill_lines(inp: Inputs) -> list[str]:
     lines += _prune_stage_line(inp)
     cost = _paired(inp, "pruned", "distilled", "map50_95")
     if cost:
+        unchecked = (" The pruned model trained more epochs than the distilled one (every round's fine-tune) and no "
+                     "epoch-matched control trained the distilled model for as long without pruning, so a gain here "
+                     "may be that extra training, not pruning." if any(g > 0 for _, g, _ in cost) else "")
         lines.append(f"**Pruning** (pruned − distilled, mAP50-95{_INTERVAL if '[' in cost[0][2] else ''}): "
-                     + _join(t for _, _, t in cost) + ".")
+                     + _join(t for _, _, t in cost) + "." + unchecked)
     gap = (inp.student or {}).get("teacher_gap")
     if isinstance(gap, Mapping) and "map50_95" in gap:
         verdict = "clearly better" if gap.get("teacher_clearly_better", 1) else "NOT clearly better"

@@ -47,9 +47,9 @@ def main() -> None:
     params = load_params(args.params)
     set_checkpoint_trust(params.trust_checkpoints)  # prepare loads the .pt files params names, to check them
 
+    check_devices(params)
     check_tracked(params)
     files.check_outputs([args.out, args.metrics])
-    check_devices(params)
     with stage_run("prepare", {**section_dict(params.data), "seed": params.seed}) as run:
         summary = prepare_dataset(params.data, params.seed, args.out)
         eval_splits(params.evaluate.splits, list(summary["images"]), args.out)

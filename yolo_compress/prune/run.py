@@ -8,8 +8,8 @@ Decisions use the noise of that score, not its point value. Each round's drop fr
 round's, after fine-tune) gets a paired bootstrap interval over the val images (`measure.bootstrap`: the same
 resamples for both models). A round is **over the bound** only when the interval's low end is above
 `prune.max_map_drop`: the drop is larger than the bound with 97.5% confidence. Pruning stops after such a round, and
-the kept round is the deepest one not over the bound. A 1.7-point drop on 100 val images is within the noise of
-another CPU or thread count (training curves part there), so a point rule flipped this decision between machines.
+the kept round is the deepest one not over the bound. On the default data a 1.7-point drop on 100 val images was
+within that noise, and a point rule flipped this decision between CPUs and thread counts (docs/pruning.md).
 """
 
 from __future__ import annotations
@@ -140,7 +140,7 @@ def kept_round(rows: list[dict[str, float]], cfg: PruneConfig) -> tuple[int, lis
                         f"{kept['drop_ci95_high']:.4f}]); round 1 is kept as the least pruned model")
     elif kept["drop"] > bound:
         warnings.append(f"kept round {keep} drops {kept['drop']:.4f} from the input, over prune.max_map_drop={bound}, "
-                        f"but within the noise of 100-odd val images ([{kept['drop_ci95_low']:.4f}, "
+                        f"but within the noise of the val images' score ([{kept['drop_ci95_low']:.4f}, "
                         f"{kept['drop_ci95_high']:.4f}])")
     return keep, warnings
 

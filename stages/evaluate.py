@@ -78,9 +78,9 @@ def main() -> None:
     files.check_outputs([args.out_dir, args.predictions_dir])
     models = pipeline_models(args.models_dir, cfg.models, "evaluate.models")
     # evaluate.splits null: every eval split the prepared data has (a user dataset may lack test or test_shift)
-    splits = eval_splits(cfg.splits, list(load_summary(args.data)["images"]), args.data)
+    sizes = load_summary(args.data)["images"]  # images per split
+    splits = eval_splits(cfg.splits, list(sizes), args.data)
     check_splits(splits, args.data)
-    sizes = load_summary(args.data)["images"]
     for split in splits:
         if sizes[split] < MIN_IMAGES_FOR_INTERVALS:
             log.warning("%s has %d images (under %d): its bootstrap intervals below are wide and themselves uncertain",
@@ -115,7 +115,9 @@ def main() -> None:
             for name, pt in models.items():
                 scored[name] = score(name, pt, cfg.imgsz)
             for name, base in PAIRED.items():  # paired: both models scored on the same resamples of each split
-                for split in splits if name in scored and base in scored else []:
+                if name not in scored or base not in scored:
+                    continue
+                for split in splits:
                     point = scored[name][split]["map50_95"] - scored[base][split]["map50_95"]
                     scored[name][split].update(paired_keys(f"map50_95_minus_{base}", point, samples[name, split],
                                                            samples[base, split]))

@@ -5,7 +5,7 @@ plots (yolo_compress.ship.report) are deterministic functions of what was read.
 `missing_report_keys` lists the keys they read that committed metrics lack (the freshness check).
 
 Inputs (paths relative to the metrics folder unless given):
-  evaluate/<model>.json   {<split>: {map50_95, map50, ...}}                       required
+  evaluate/<model>.json   {<split>: {map50_95, map50, ..., map50_95_ci95_low/high, map50_95_minus_<base>...}}  required
   evaluate/<model>_<fmt>.json  the same for a shipped file (export stage), plus `<split>.map50_95_lost`
   benchmark/<model>.json  {model: {gflops, params_m, size_mb}, torch: {...}, gpu: {...}}; PyTorch rows
   benchmark/<model>_<fmt>.json  {model: {...}, onnx: {latency_ms_p50, speedup_vs_<baseline>_fp32, flagged, ...}}
@@ -15,6 +15,7 @@ Inputs (paths relative to the metrics folder unless given):
   plots/prune.json        per-round records, e.g. {round, gflops, map50_95_after}
   reports/benchmark_notes.json  the benchmark's strings: machine info, per-row problems, flagged rows
   models/export/notes.json      the export stage's per-model problems
+  reports/distill_comparison.md compare_distill's seed grid: the plain student's seed-to-seed std (`seed_grid_std`)
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from yolo_compress.errors import UserError
 from yolo_compress.files import read_json
 
 __all__ = ["MACHINE_FILE", "Inputs", "load_inputs", "model_order", "bench_value", "is_flagged", "shipped_rows",
-           "eval_value", "scored_splits", "missing_report_keys"]
+           "eval_value", "eval_interval", "scored_splits", "seed_grid_std", "missing_report_keys"]
 
 MACHINE_FILE = "machine.json"
 

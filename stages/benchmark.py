@@ -4,15 +4,17 @@
         --notes reports/benchmark_notes.json
 
 Rows (yolo_compress.measure.benchmark_rows): each model of `benchmark.models` on PyTorch (`torch` group), and each file
-the export stage made (`<export-dir>/<model>_<format>.onnx`) on ONNX Runtime (`onnx` group). All rows alternate
-within each of `benchmark.rounds` rounds (order rotated per round); a speedup is the median over rounds of the
-baseline's p50 over the row's p50 in the same round, with its min, max and spread. A row whose spread exceeds
+the export stage made in its runtime (`.onnx` files on ONNX Runtime: `onnx` group; OpenVINO folders: `openvino`
+group). All rows alternate within each of `benchmark.rounds` rounds (order rotated per round), on the same threads;
+a speedup is the median over rounds of the baseline's p50 (in the row's runtime) over the row's p50 in the same
+round, with its min, max and spread. A row whose spread exceeds
 `benchmark.max_spread` is timed again once; still over, it is `flagged` (the report greys it out).
 
-Writes `<out-dir>/<row>.json` = {model: {params_m, gflops, size_mb, ...}, torch | onnx: {latency_ms_p50, ...,
-speedup_vs_<baseline>, flagged}, gpu: {...}} and `<out-dir>/machine.json` (numbers only: threads, matmul peak, the
+Writes `<out-dir>/<row>.json` = {model: {params_m, gflops, size_mb, ...}, torch | onnx | openvino: {latency_ms_p50,
+..., speedup_vs_<baseline>, flagged}, gpu: {...}} and `<out-dir>/machine.json` (numbers only: threads, matmul peak, the
 load average before and after the timings, VNNI), and `<notes>` with the strings: machine (CPU model, versions), one
-line per problem (a file ONNX Runtime cannot load: that row is left out, the others are kept) and the flagged rows.
+line per problem (a file its runtime cannot load, or a runtime the machine lacks: that row is left out, the others
+are kept) and the flagged rows.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--models-dir", type=Path, required=True, help="folder of <name>.pt")
-    ap.add_argument("--export-dir", type=Path, required=True, help="the export stage's <model>_<format>.onnx")
+    ap.add_argument("--export-dir", type=Path, required=True, help="the export stage's files and sidecars")
     ap.add_argument("--out-dir", type=Path, required=True, help="metrics folder, one <row>.json each")
     ap.add_argument("--notes", type=Path, required=True, help="strings: machine, problems, flagged rows (JSON)")
     return ap.parse_args()

@@ -15,10 +15,11 @@ Every mAP50-95 carries its uncertainty (yolo_compress.measure.bootstrap): `map50
 so differences are paired: `distilled.json` has `map50_95_minus_student` with its interval, `pruned.json`
 `map50_95_minus_distilled`, and every shipped file `map50_95_lost` with its interval.
 
-Every file the export stage made (`<export-dir>/<model>_<format>.onnx`, run through ONNX Runtime by Ultralytics) is
+Every file the export stage made (`<export-dir>/<model>_<format>.onnx` through ONNX Runtime, and
+`<model>_openvino_<precision>_openvino_model/` folders through OpenVINO, both run by Ultralytics' AutoBackend) is
 scored the same way into `<out-dir>/<model>_<format>.json`, with `map50_95_lost` / `map50_lost` per split: its
-PyTorch checkpoint's score minus the file's (when the checkpoint is in evaluate.models). A file ONNX Runtime cannot
-run costs only its own row: one warning line.
+PyTorch checkpoint's score minus the file's (when the checkpoint is in evaluate.models). A file its runtime cannot
+run (or a runtime this machine lacks) costs only its own row: one warning line.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from yolo_compress import files
-from yolo_compress.config import load_params, section_dict
+from yolo_compress.config import FILE_RUNTIMES, load_params, section_dict
 from yolo_compress.data.prepared import eval_splits, load_summary, training_view
 from yolo_compress.devices import use_all_cores
 from yolo_compress.errors import DatasetError, UserError, stage_entrypoint
@@ -123,13 +124,14 @@ def main() -> None:
                                                            samples[base, split]))
             for name in models:
                 files.write_json(out_tmp / f"{name}.json", {**scored[name], "mlflow_run_id": run.info.run_id})
-            for key, (onnx_path, meta) in shipped.items():
+            for key, (path, meta) in shipped.items():
                 try:
-                    metrics = score(key, onnx_path, int(meta["imgsz"]))  # the graph's fixed input size
-                except Exception as err:  # noqa: BLE001 - ORT and Ultralytics' backend raise many types
+                    metrics = score(key, path, int(meta["imgsz"]))  # the graph's fixed input size
+                except Exception as err:  # noqa: BLE001 - ORT, OpenVINO and Ultralytics' backend raise many types
                     reason = str(err) if isinstance(err, UserError) else " ".join(str(err).split())[:200]
-                    log.warning("%s: not scored: ONNX Runtime could not run %s (%s); rerun `dvc repro export`",
-                                key, onnx_path, reason or type(err).__name__)
+                    log.warning("%s: not scored: %s could not run %s (%s); check that it is installed (the README's "
+                                "install command), or rerun `dvc repro export`", key, FILE_RUNTIMES[meta["runtime"]],
+                                path, reason or type(err).__name__)
                     continue
                 for split, lost in map_lost(scored.get(meta["model"], {}), metrics).items():
                     metrics[split].update(lost)

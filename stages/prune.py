@@ -24,6 +24,7 @@ from yolo_compress.models import (
     load_model,
     model_info,
     set_checkpoint_trust,
+    trained_epochs,
 )
 from yolo_compress.prune.run import kept_round, prune_metrics, prune_rounds, rounds_setup
 from yolo_compress.splitfree import check_prunable, make_split_free
@@ -46,8 +47,8 @@ def parse_args() -> argparse.Namespace:
     return ap.parse_args()
 
 
-def checked_inputs(args: argparse.Namespace, params: Params) -> tuple[Path, str, DistillConfig | None]:
-    """The model to prune, its task and the distill config (None unless prune.distill); checked before any work."""
+def checked_inputs(args: argparse.Namespace, params: Params) -> tuple[YOLO, DistillConfig | None]:
+    """The model to prune and the distill config (None unless prune.distill); checked before any work."""
     cfg, dcfg = params.prune, params.distill
     path, key = args.model, "prune.model"
     model = load_model(path, key)
@@ -56,10 +57,10 @@ def checked_inputs(args: argparse.Namespace, params: Params) -> tuple[Path, str,
     check_same_head(model_info(model), data, f"{key} {path}", f"dataset {args.data}")
     check_prunable(make_split_free(model.model), f"{key}: {path}")
     if not cfg.distill:
-        return path, model.task, None
+        return model, None
     teacher, tkey = args.teacher, "distill.teacher"
     check_same_head(model_info(load_model(teacher, tkey)), data, f"{tkey} {teacher}", f"dataset {args.data}")
-    return path, model.task, dataclasses.replace(dcfg, teacher=str(teacher))
+    return model, dataclasses.replace(dcfg, teacher=str(teacher))
 
 
 @stage_entrypoint
@@ -70,13 +71,14 @@ def main() -> None:
     cfg, st = params.prune, params.student
     check_device(st.device, "student.device")
     set_checkpoint_trust(params.trust_checkpoints)
-    input_pt, task, distill = checked_inputs(args, params)
+    input_model, distill = checked_inputs(args, params)
+    input_pt = args.model
     work = Path("runs") / "prune"
     # every round keeps its fine-tune's checkpoints under runs/prune
-    room = checkpoint_room(load_model(input_pt, "prune.model")) * (cfg.rounds + 1)
+    room = checkpoint_room(input_model) * (cfg.rounds + 1)
     files.check_outputs([args.out, args.rounds_dir, args.metrics, args.plots, work], room)
 
-    setup = rounds_setup(params, args.data, work, task, distill)
+    setup = rounds_setup(params, args.data, work, input_model.task, distill)
     logged = {"prune": section_dict(cfg), "seed": params.student_seed,
               "student": {k: getattr(st, k)
                           for k in ("imgsz", "batch", "nominal_batch", "optimizer", "workers", "device")},
@@ -98,7 +100,7 @@ def main() -> None:
         files.copy_file(tmp_rounds / f"round_{keep}.pt", args.out)
         if count_params(YOLO(str(args.out))) != count_params(YOLO(str(tmp_rounds / f"round_{keep}.pt"))):
             raise ModelError(f"{args.out}: reloads with another parameter count than round {keep}'s checkpoint")
-        metrics = {**prune_metrics(rows, keep, cfg), "mlflow_run_id": run.info.run_id}
+        metrics = {**prune_metrics(rows, keep, cfg, trained_epochs(input_model)), "mlflow_run_id": run.info.run_id}
         log_metrics({f"{g}.{k}": v for g, d in metrics.items() if isinstance(d, dict) for k, v in d.items()})
         files.write_json(args.plots, rows)
         files.write_json(args.metrics, metrics)

@@ -82,3 +82,10 @@ def test_evaluate_splits_default_to_the_prepared_data(tmp_path: Path) -> None:
 def test_the_last_prune_round_can_fine_tune_longer() -> None:
     assert [PruneConfig(rounds=3, last_round_epochs=None).round_epochs(k) for k in (1, 2, 3)] == [3, 3, 3]
     assert [PruneConfig(rounds=3, last_round_epochs=6).round_epochs(k) for k in (1, 2, 3)] == [3, 3, 6]
+
+
+def test_epochs_through_a_round_count_the_sparsity_epochs_and_each_round_fine_tune() -> None:
+    cfg = PruneConfig(rounds=4, finetune_epochs=3, last_round_epochs=12)
+    assert [cfg.epochs_through(k) for k in range(5)] == [0, 3, 6, 9, 21]
+    bn = PruneConfig(rounds=2, finetune_epochs=3, last_round_epochs=None, importance="bn", sparsity_epochs=2)
+    assert bn.sparsity_training and [bn.epochs_through(k) for k in range(3)] == [2, 5, 8]

@@ -1,4 +1,5 @@
-"""The export stage on tiny models: ONNX FP32 and INT8 files, their sidecars, pruned shapes, and bad input rows."""
+"""The export stage on tiny models: ONNX and OpenVINO FP32 and INT8 files, their sidecars, pruned shapes, and bad
+input rows."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import torch
 import yaml
 from ultralytics.nn.tasks import DetectionModel
 
+from yolo_compress import files
 from yolo_compress.config import DataConfig
 from yolo_compress.data.dataset import prepare_dataset
 from yolo_compress.errors import ModelError
@@ -34,7 +36,8 @@ from yolo_compress.ship.export import (
 from .conftest import REPO
 
 TINY_DATA = {"image_size": 64, "train_images": 3, "val_images": 2, "test_images": 1, "test_shift_images": 1}
-EXPORT = {"models": ["student", "pruned"], "formats": ["fp32", "int8"], "imgsz": 64, "calib_images": 3}
+FORMATS = ["fp32", "int8", "openvino_fp32", "openvino_int8"]
+EXPORT = {"models": ["student", "pruned"], "formats": FORMATS, "imgsz": 64, "calib_images": 3}
 CMD = [sys.executable, str(REPO / "stages" / "export.py"), "--data", "data/prepared", "--models-dir", "models",
        "--out-dir", "models/export", "--metrics", "metrics/export.json"]
 
@@ -98,17 +101,23 @@ def onnx_params(path: Path) -> int:
 def test_export_writes_fp32_and_a_smaller_int8_with_sidecars_and_metrics(work: dict) -> None:
     root = work["root"]
     shipped = exported_files(root / "models/export")
-    assert sorted(shipped) == ["pruned_fp32", "pruned_int8", "student_fp32", "student_int8"]
+    assert sorted(shipped) == sorted(f"{m}_{f}" for m in ("student", "pruned") for f in FORMATS)
     for name in ("student", "pruned"):
-        fp32, int8 = (shipped[f"{name}_{fmt}"][0].stat().st_size for fmt in ("fp32", "int8"))
-        assert int8 < 0.5 * fp32  # int8 weights: about a quarter, plus scales and the float head decode
+        for prefix in ("", "openvino_"):
+            fp32, int8 = (files.size_bytes(shipped[f"{name}_{prefix}{fmt}"][0]) for fmt in ("fp32", "int8"))
+            assert int8 < 0.55 * fp32  # int8 weights: about a quarter, plus scales and the float head decode
+        folder, side = shipped[f"{name}_openvino_int8"]
+        assert folder.name == f"{name}_openvino_int8_openvino_model" and side["runtime"] == "openvino"
+        assert sorted(p.name for p in folder.iterdir()) == sorted(
+            ["metadata.yaml", f"{name}_openvino_int8.xml", f"{name}_openvino_int8.bin"])
+        assert side["calib_images"] == 3 and side["versions"]["openvino"] and side["versions"]["nncf"]
     side = shipped["pruned_int8"][1]
     assert set(SIDECAR_KEYS) <= set(side)
     assert side["format"] == "int8" and side["calib_images"] == 3 and side["opset"] == 17 and side["imgsz"] == 64
     assert side["source_md5"] == __import__("hashlib").md5((root / "models/pruned.pt").read_bytes()).hexdigest()
     assert shipped["pruned_fp32"][1]["calib_images"] == 0
     metrics = json.loads((root / "metrics/export.json").read_text())
-    assert set(metrics) == {"student_fp32", "student_int8", "pruned_fp32", "pruned_int8", "mlflow_run_id"}
+    assert set(metrics) == {*shipped, "mlflow_run_id"}
     for key, group in metrics.items():
         if key != "mlflow_run_id":  # dvc metrics: numbers only, two levels
             assert set(group) == {"size_mb", "seconds"} and group["size_mb"] > 0 and group["seconds"] > 0
@@ -134,31 +143,55 @@ def test_int8_detections_overlap_the_fp32_ones_on_a_fixed_image(work: dict) -> N
         r = model.predict(str(image), imgsz=64, conf=0.25, verbose=False)[0]
         return r.boxes.xyxy.numpy(), r.boxes.cls.numpy()
 
-    (b32, c32), (b8, c8) = detect("fp32"), detect("int8")
-    assert len(b32) >= 5 and len(b8) >= 5
+    b32, c32 = detect("fp32")
+    assert len(b32) >= 5
+    assert twins(b32, c32, *detect("int8"), 0.7) >= 0.8
+
+
+def twins(b1: np.ndarray, c1: np.ndarray, b2: np.ndarray, c2: np.ndarray, min_iou: float) -> float:
+    """The fraction of the first boxes that have a box of the same class in the second set at `min_iou` or more."""
     from ultralytics.utils.metrics import box_iou
 
-    iou = box_iou(torch.as_tensor(b32), torch.as_tensor(b8)).numpy()
-    same_class = c32[:, None] == c8[None]
-    matched = ((iou >= 0.7) & same_class).any(1)
-    assert matched.mean() >= 0.8, f"only {matched.sum()}/{len(matched)} FP32 boxes have an INT8 twin"
+    if not len(b2):
+        return 0.0
+    iou = box_iou(torch.as_tensor(b1), torch.as_tensor(b2)).numpy()
+    return float(((iou >= min_iou) & (c1[:, None] == c2[None])).any(1).mean())
 
 
-def test_int8_keeps_only_the_head_decoding_in_float(work: dict) -> None:
-    """The head's conv branches and their SiLUs are quantized (float SiLUs cost a Q/DQ pair each); its box decoding
-    (DFL softmax, anchor arithmetic, the output concat) is not: one scale for pixels and scores would ruin both."""
-    import onnx
+def test_openvino_folders_run_in_ultralytics_like_the_onnx_files(work: dict) -> None:
+    """`YOLO(folder)` runs the OpenVINO files as Ultralytics' own OpenVINO export: the FP32 one finds the ONNX FP32
+    file's boxes, the INT8 one most of them."""
+    root = work["root"]
+    image = sorted((root / "data/prepared/images/val").glob("*.png"))[0]
 
-    graph = onnx.load(str(work["root"] / "models/export/pruned_int8.onnx")).graph
-    # an op ONNX Runtime runs in int8 sits between DequantizeLinear and QuantizeLinear nodes (QDQ)
-    quantizes = {i for n in graph.node if n.op_type == "QuantizeLinear" for i in n.input}
-    dequantized = {o for n in graph.node if n.op_type == "DequantizeLinear" for o in n.output}
-    ops = {n.name: n.output[0] in quantizes and n.input[0] in dequantized
-           for n in graph.node if n.op_type in ("Sigmoid", "Softmax", "Conv")}
-    in_branches = {n: q for n, q in ops.items() if ("/cv2." in n or "/cv3." in n) and n.endswith("Sigmoid")}
-    assert len(in_branches) >= 10 and all(in_branches.values())  # yolo11n: 6 SiLUs per scale, all QDQ
-    assert not ops["/model.23/dfl/Softmax"]
-    assert ops["/model.23/dfl/conv/Conv"]  # a fixed 1x1 conv: float, it slowed the default pruned file by 14-22%
+    def detect(path: Path) -> tuple[np.ndarray, np.ndarray]:
+        r = YOLO(str(path), task="detect").predict(str(image), imgsz=64, conf=0.25, verbose=False)[0]
+        return r.boxes.xyxy.numpy(), r.boxes.cls.numpy()
+
+    b32, c32 = detect(root / "models/export/student_fp32.onnx")
+    assert len(b32) >= 5
+    assert twins(b32, c32, *detect(root / "models/export/student_openvino_fp32_openvino_model"), 0.95) >= 0.95
+    assert twins(b32, c32, *detect(root / "models/export/student_openvino_int8_openvino_model"), 0.7) >= 0.8
+
+
+def test_openvino_int8_quantizes_the_convs_and_keeps_the_box_decoding_in_float(work: dict) -> None:
+    """Every conv's weights are stored in int8 and activations pass FakeQuantize nodes; the head's decoding (DFL
+    softmax, anchor arithmetic) has none in front of it, as in the ONNX Runtime INT8 file."""
+    import openvino as ov
+
+    folder = work["root"] / "models/export/pruned_openvino_int8_openvino_model"
+    ops = {op.get_friendly_name(): op for op in ov.Core().read_model(str(next(folder.glob("*.xml")))).get_ops()}
+
+    def int8_weights(conv: object) -> bool:  # decompression: i8 Constant -> Convert (-> Subtract) -> Multiply
+        node = conv.input_value(1).get_node()
+        while node.get_type_name() in ("Multiply", "Subtract", "Convert"):
+            node = node.input_value(0).get_node()
+        return node.get_type_name() == "Constant" and node.get_element_type() == ov.Type.i8
+
+    convs = [op for op in ops.values() if op.get_type_name() == "Convolution"]
+    assert len(convs) > 50 and all(map(int8_weights, convs))
+    assert sum(op.get_type_name() == "FakeQuantize" for op in ops.values()) > 50
+    assert not any(v.get_node().get_type_name() == "FakeQuantize" for v in ops["/model.23/dfl/Softmax"].input_values())
 
 
 def int8_weight_extremes(path: Path) -> tuple[int, int]:
@@ -197,16 +230,17 @@ def test_bad_rows_are_one_line_each_and_keep_the_other_rows(work: dict, tmp_path
     assert warnings == [
         "WARNING yolo_compress.ship.export: pruned: export.models lists 'pruned' but models/pruned.pt does not exist; "
         "make it with `dvc repro prune` or remove 'pruned' from export.models",
-        "WARNING yolo_compress.ship.export: student: int8: export.calib_images is 4 but data/prepared/images/train "
-        "holds 3 training images; set it between 1 and 3"]
-    assert sorted(exported_files(root / "models/export")) == ["student_fp32"]
+        *(f"WARNING yolo_compress.ship.export: student: {fmt}: export.calib_images is 4 but "
+          "data/prepared/images/train holds 3 training images; set it between 1 and 3"
+          for fmt in ("int8", "openvino_int8"))]
+    assert sorted(exported_files(root / "models/export")) == ["student_fp32", "student_openvino_fp32"]
     notes = json.loads((root / "models/export/notes.json").read_text())["problems"]
     assert sorted(notes) == ["pruned", "student"]
 
 
 @pytest.mark.parametrize(("export", "needle"), [
     ({"formats": ["fp32", "int4"]}, "export.formats: expected a non-empty list of distinct names from fp32, int8, "
-                                    "fp16, got ['fp32', 'int4']"),
+                                    "fp16, openvino_fp32, openvino_int8, got ['fp32', 'int4']"),
     ({"calib_images": 0}, "export.calib_images: expected an int >= 1 (training images for int8 calibration), got 0"),
 ])
 def test_bad_params_stop_the_stage_with_one_line(export: dict, needle: str, tmp_path: Path) -> None:

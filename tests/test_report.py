@@ -27,11 +27,11 @@ EVAL = {  # model -> val / test mAP50-95 and mAP50
     "distilled": {"val": (0.45, 0.66), "test": (0.43, 0.64)},
     "pruned": {"val": (0.42, 0.63), "test": (0.41, 0.62)},
 }
-BENCH = {  # model -> gflops, params_m, size_mb, torch p50, onnx p50 (None: ONNX export failed)
-    "teacher": (3.5, 9.4, 19.0, 60.0, 40.0),
-    "student": (1.1, 2.6, 5.4, 20.0, 12.0),
-    "distilled": (1.1, 2.6, 5.4, 21.0, 12.5),
-    "pruned": (0.55, 1.2, 2.6, 11.0, None),
+BENCH = {  # model -> gflops, params_m, size_mb, torch p50
+    "teacher": (3.5, 9.4, 19.0, 60.0),
+    "student": (1.1, 2.6, 5.4, 20.0),
+    "distilled": (1.1, 2.6, 5.4, 21.0),
+    "pruned": (0.55, 1.2, 2.6, 11.0),
 }
 
 
@@ -44,11 +44,9 @@ def write_metrics(root: Path, evaluate: dict = EVAL, bench: dict = BENCH, prune:
         doc = {s: {"map50_95": v[0], "map50": v[1], "precision": 0.7, "recall": 0.6} for s, v in splits.items()}
         (m / "evaluate" / f"{name}.json").write_text(json.dumps({**doc, "mlflow_run_id": "abc"}))
     base = bench["student"]
-    for name, (gf, pm, mb, tl, ol) in bench.items():
+    for name, (gf, pm, mb, tl) in bench.items():
         doc = {"model": {"gflops": gf, "params_m": pm, "size_mb": mb},
                "torch": {"latency_ms_p50": tl, "latency_ms_p90": tl * 1.2, "speedup_vs_student": base[3] / tl}}
-        if ol is not None:
-            doc["onnx"] = {"latency_ms_p50": ol, "size_mb": mb * 2, "speedup_vs_student": base[4] / ol}
         (m / "benchmark" / f"{name}.json").write_text(json.dumps(doc))
     (m / "benchmark" / "machine.json").write_text(json.dumps({"threads": 2, "matmul_peak_gflops": 41.5}))
     notes = {"machine": {"cpu_model": "Test CPU", "torch": "2.x"},
@@ -95,8 +93,8 @@ def test_rows_columns_and_best_values_in_bold(tmp_path: Path) -> None:
     md = summary(tmp_path)
     cols = header(md)
     assert cols[:5] == ["model", "val mAP50", "val mAP50-95", "test mAP50", "test mAP50-95"]
-    assert {"GFLOPs", "params (M)", "size MB", "torch p50 ms", "ONNX p50 ms", "torch speedup vs student",
-            "ONNX speedup vs student", "prune ratio", "notes"} <= set(cols)
+    assert {"GFLOPs", "params (M)", "size MB", "torch p50 ms", "file p50 ms", "torch speedup vs student",
+            "file speedup vs student FP32, same runtime", "prune ratio", "notes"} <= set(cols)
     rows = {name: row(md, name) for name in ("teacher", "student", "distilled", "pruned")}
     at = cols.index
     assert rows["teacher"][at("val mAP50-95")] == "**0.600**"  # higher is better
@@ -104,7 +102,7 @@ def test_rows_columns_and_best_values_in_bold(tmp_path: Path) -> None:
     assert rows["pruned"][at("GFLOPs")] == "**0.55**"  # lower is better
     assert rows["pruned"][at("torch p50 ms")] == "**11.0**"
     assert rows["pruned"][at("torch speedup vs student")] == "**1.82×**"
-    assert rows["student"][at("ONNX p50 ms")] == "**12.0**"  # pruned has no ONNX: best among the others
+    assert rows["student"][at("file p50 ms")] == "–"  # a checkpoint's row has no shipped-file timing
     assert rows["student"][at("GFLOPs")] == rows["distilled"][at("GFLOPs")] == "1.10"
     assert rows["pruned"][at("prune ratio")] == "50.0%" and rows["student"][at("prune ratio")] == "–"
     assert "Distillation** (distilled − student, mAP50-95): val +0.050, test +0.040." in md
@@ -129,7 +127,7 @@ def test_a_distilled_pose_model_below_the_student_is_not_presented_as_a_gain(tmp
 
 
 def test_a_column_where_every_model_ties_has_no_bold(tmp_path: Path) -> None:
-    write_metrics(tmp_path, bench={n: (1.0, 2.6, 5.4, t, o) for n, (_, _, _, t, o) in BENCH.items()})
+    write_metrics(tmp_path, bench={n: (1.0, 2.6, 5.4, t) for n, (_, _, _, t) in BENCH.items()})
     md = summary(tmp_path)
     cols = header(md)
     for name in BENCH:
@@ -162,7 +160,7 @@ def test_missing_onnx_group_shows_the_reason_and_teacher_gap_in_notes(tmp_path: 
     md = summary(tmp_path)
     cols = header(md)
     pruned = row(md, "pruned")
-    assert pruned[cols.index("ONNX p50 ms")] == "–"
+    assert pruned[cols.index("file p50 ms")] == "–"
     assert pruned[cols.index("notes")] == "ONNX export failed: unsupported op \\| Foo"  # pipe escaped
     assert "teacher not clearly better" in row(md, "teacher")[cols.index("notes")]
     assert row(md, "student")[cols.index("notes")] == ""
@@ -262,7 +260,7 @@ def test_report_stage_without_evaluate_metrics_fails_in_one_line(tmp_path: Path,
     assert not list(tmp_path.iterdir())  # nothing written
 
 
-SHIPPED = {  # row -> test mAP50-95, ONNX p50 ms, flagged
+SHIPPED = {  # row -> test mAP50-95, p50 ms in its runtime, flagged
     "student_fp32": (0.39, 12.0, 0),
     "student_int8": (0.38, 7.0, 0),
     "pruned_fp32": (0.41, 6.0, 0),
@@ -272,16 +270,18 @@ SHIPPED = {  # row -> test mAP50-95, ONNX p50 ms, flagged
 
 
 def write_shipped(root: Path, shipped: dict = SHIPPED) -> None:
-    """Evaluate and benchmark files of shipped ONNX rows, as the stages write them, beside write_metrics' ones."""
+    """Evaluate and benchmark files of shipped rows, as the stages write them, beside write_metrics' ones: ONNX
+    Runtime rows (speedup against student_fp32), OpenVINO rows `*_openvino_*` (against student_openvino_fp32)."""
     m = root / "metrics"
     for name, (acc, lat, flagged) in shipped.items():
         doc = {"val": {"map50_95": acc + 0.01, "map50": 0.6}, "test": {"map50_95": acc, "map50": 0.6,
                                                                          "map50_95_lost": 0.43 - acc}}
         (m / "evaluate" / f"{name}.json").write_text(json.dumps(doc))
-        onnx = {"latency_ms_p50": lat, "speedup_vs_student_fp32": 12.0 / lat, "speedup_spread": 0.5 if flagged else 0.1,
-                "flagged": flagged}
+        rt, base = ("openvino", "student_openvino_fp32") if "openvino" in name else ("onnx", "student_fp32")
+        timing = {"latency_ms_p50": lat, f"speedup_vs_{base}": shipped.get(base, (0, 12.0))[1] / lat,
+                  "speedup_spread": 0.5 if flagged else 0.1, "flagged": flagged}
         (m / "benchmark" / f"{name}.json").write_text(json.dumps(
-            {"model": {"gflops": 1.0, "params_m": 2.0, "size_mb": 3.0}, "onnx": onnx}))
+            {"model": {"gflops": 1.0, "params_m": 2.0, "size_mb": 3.0}, rt: timing}))
 
 
 def test_shipped_files_are_rows_the_fastest_within_the_bound_is_recommended_and_flagged_rows_greyed(
@@ -295,27 +295,46 @@ def test_shipped_files_are_rows_the_fastest_within_the_bound_is_recommended_and_
                           "pruned", "pruned_fp32"]
     cols = header(md)
     flagged = row(md, "pruned_int8")
-    assert flagged[cols.index("ONNX p50 ms")] == "*3.0*"  # greyed out, never bold
-    assert row(md, "distilled_int8")[cols.index("ONNX p50 ms")] == "**4.0**"  # best among the trusted rows
+    assert flagged[cols.index("file p50 ms")] == "*3.0*"  # greyed out, never bold
+    assert row(md, "distilled_int8")[cols.index("file p50 ms")] == "**4.0**"  # best among the trusted rows
     assert "timing too noisy" in flagged[cols.index("notes")]
     assert row(md, "student_int8")[cols.index("test mAP50-95 lost vs .pt")] == "0.050"
     # distilled test 0.43: within 0.03 are pruned_fp32 (0.41) and distilled_int8 (0.40); pruned_int8 is flagged
     assert recommend(inp, 0.03)[0] == "distilled_int8"
     line = recommend(inp, 0.03)[1]
-    assert "`distilled_int8.onnx`" in line and "4.0 ms" in line and "3.00× vs student_fp32" in line
+    assert "`distilled_int8` (ONNX Runtime)" in line and "4.0 ms" in line
+    assert "3.00× vs student_fp32 in the same runtime" in line
     assert "below the bound: student_fp32 (0.390), student_int8 (0.380)" in line
     assert "timing flagged: pruned_int8" in line
     assert line in md
     assert recommend(inp, 0.025)[0] == "pruned_fp32"  # distilled_int8 (0.40) is now 0.03 below
-    assert "INT8 vs FP32 of pruned: 2.00× faster (ONNX Runtime p50 6.0 → 3.0 ms), test mAP50-95 -0.005" in md
-    assert "INT8 vs FP32 of student: 1.71× faster" in md and "This CPU" not in md  # machine.json without the flag
+    assert "INT8 vs FP32 of pruned in ONNX Runtime: 2.00× faster (p50 6.0 → 3.0 ms), test mAP50-95 -0.005" in md
+    assert "INT8 vs FP32 of student in ONNX Runtime: 1.71× faster" in md
+    assert "This CPU" not in md  # machine.json without the flag
     inp.machine["int8_vnni"] = 0
     assert "This CPU lacks VNNI (AVX512-VNNI / AVX-VNNI)" in build_summary(inp, 0.03)
     assert recommend(inp, 0.001)[0] is None and "no shipped file is within" in recommend(inp, 0.001)[1]
     pts, runtime, split = _pareto_points(inp)
-    assert runtime == "onnx" and split == "test" and set(pts) == set(SHIPPED)  # one point per model x format
+    assert runtime == "file" and split == "test" and set(pts) == set(SHIPPED)  # one point per model x format
     plot_pareto(inp, tmp_path / "pareto.png")
     assert (tmp_path / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_an_openvino_file_is_recommended_when_it_is_the_fastest_and_compared_within_its_runtime(
+        tmp_path: Path) -> None:
+    """Both runtimes' rows are timed in one run, so the fastest file wins whatever its runtime; its speedup and
+    INT8-vs-FP32 line are against files of the same runtime."""
+    write_metrics(tmp_path)
+    write_shipped(tmp_path, {**SHIPPED, "student_openvino_fp32": (0.39, 9.0, 0),
+                             "pruned_openvino_fp32": (0.41, 4.5, 0), "pruned_openvino_int8": (0.405, 1.8, 0)})
+    inp = load_inputs(tmp_path / "metrics", tmp_path / "prune_plots.json", tmp_path / "notes.json")
+    best, line = recommend(inp, 0.03)
+    assert best == "pruned_openvino_int8"
+    assert "`pruned_openvino_int8` (OpenVINO)" in line and "5.00× vs student_openvino_fp32 in the same runtime" in line
+    md = build_summary(inp, 0.03)
+    assert "INT8 vs FP32 of pruned in OpenVINO: 2.50× faster (p50 4.5 → 1.8 ms), test mAP50-95 -0.005" in md
+    cols = header(md)
+    assert row(md, "pruned_openvino_int8")[cols.index("file speedup vs student FP32, same runtime")] == "**5.00×**"
 
 
 def test_missing_report_keys_asks_each_row_for_its_own_runtime_and_flag(tmp_path: Path) -> None:
@@ -354,3 +373,21 @@ def test_scores_show_their_interval_and_paired_gains_say_whether_they_are_noise(
     assert "moves by 0.048 (std over 3 seeds)" in md and str(grid) in md
     assert "**Pruning** (pruned − distilled, mAP50-95; [95% paired" in md
     assert "val -0.030 [-0.090, +0.010], within the noise; test -0.020." in md
+
+
+def test_each_model_shows_its_training_epochs_and_an_unmatched_pruning_gain_is_called_unchecked(
+        tmp_path: Path) -> None:
+    """The pruned model trained its input's epochs plus every kept round's fine-tune; with no epoch-matched control,
+    a gain over the distilled model is said to be unchecked, with the number of extra epochs."""
+    m = write_metrics(tmp_path, evaluate={**EVAL, "pruned": {"val": (0.48, 0.7), "test": (0.47, 0.69)}})
+    for name, epochs in (("teacher", 20), ("distill", 10)):
+        (m / f"{name}.json").write_text(json.dumps({"train": {"epochs": epochs, "seconds_total": 1.0}}))
+    student = json.loads((m / "student.json").read_text())
+    (m / "student.json").write_text(json.dumps({**student, "train": {"epochs": 10}}))
+    (m / "prune.json").write_text(json.dumps({"input": {"train_epochs": 10}, "ratio": {"gflops_removed": 0.5},
+                                              "pruned": {"finetune_epochs": 21}}))
+    md = build_summary(load_inputs(m, tmp_path / "prune_plots.json", tmp_path / "notes.json"))
+    col = header(md).index("train epochs")
+    assert [row(md, n)[col] for n in ("teacher", "student", "distilled", "pruned")] == ["20", "10", "10", "31"]
+    assert "**Unchecked**: the pruned model trained 21 more epochs than the distilled one" in md
+    assert "Unchecked" not in build_summary(load_inputs(write_metrics(tmp_path / "loss"), None, None))

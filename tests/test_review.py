@@ -159,7 +159,7 @@ def test_review_of_two_commits_puts_headline_first_flags_noise_and_shows_plots(t
     page = (root / "reports/review/review.md").read_text()
     assert page.index("## Headline") < page.index("## Params") < page.index("## Other metrics") < page.index("## Plots")
     head = page[page.index("## Headline"):page.index("## Params")]
-    assert head.index("test mAP50-95") < head.index("GFLOPs") < head.index("ONNX latency")
+    assert head.index("test mAP50-95") < head.index("GFLOPs") < head.index("ONNX Runtime latency")
     assert "| GFLOPs — `student` | 1 | 0.5 | -0.5 (-50.0%) |  |" in head  # a real change: no noise note
     assert "within seed spread" in head and "within timing noise" in head
     assert "| `toy.rounds` | 2 | 3 |" in page
@@ -248,7 +248,7 @@ def test_experiment_review_and_sharing_between_two_machines(tiny_repo: tuple[Pat
     assert time.perf_counter() - t0 < 10
     page = (root / "reports/review/review.md").read_text()
     head = page[page.index("## Headline"):page.index("## Params")]
-    for label in ("test mAP50-95 — `pruned`", "GFLOPs — `pruned`", "ONNX latency p50 (ms) — `pruned_int8`",
+    for label in ("test mAP50-95 — `pruned`", "GFLOPs — `pruned`", "ONNX Runtime latency p50 (ms) — `pruned_int8`",
                   "distillation gain (mAP50-95) — `distill`"):
         assert label in head
     assert "| `prune.target` | 0.5 | 0.7 |" in page

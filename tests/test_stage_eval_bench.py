@@ -22,10 +22,11 @@ from yolo_compress.measure.timing import interleaved_summary
 from .conftest import REPO, random_model
 
 MODELS = ["student", "pruned"]
-SHIPPED = [f"{m}_{f}" for m in MODELS for f in ("fp32", "int8")]
+FORMATS = ["fp32", "int8", "openvino_fp32", "openvino_int8"]
+SHIPPED = [f"{m}_{f}" for m in MODELS for f in FORMATS]
 TINY_DATA = {"image_size": 64, "train_images": 1, "val_images": 3, "test_images": 1, "test_shift_images": 1}
 PARAMS = {
-    "export": {"models": MODELS, "formats": ["fp32", "int8"], "imgsz": 64, "calib_images": 1},
+    "export": {"models": MODELS, "formats": FORMATS, "imgsz": 64, "calib_images": 1},
     "evaluate": {"models": MODELS, "splits": ["val"], "imgsz": 64, "batch": 4},
     # one thread: on 2 shared cores two OpenMP threads are several times slower, not faster
     "benchmark": {"models": MODELS, "baseline": "student", "imgsz": 64, "batch": 2, "warmup": 1, "repeats": 3,
@@ -64,8 +65,12 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def stage_env(root: Path) -> dict[str, str]:
-    return {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}", "DVC_ROOT": str(root)}
+def stage_env(root: Path, **extra: str) -> dict[str, str]:
+    return {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}", "DVC_ROOT": str(root), **extra}
+
+
+def runtime(name: str) -> str:
+    return "torch" if name in MODELS else "openvino" if "openvino" in name else "onnx"
 
 
 def read(root: Path, rel: str) -> dict:
@@ -102,6 +107,10 @@ def test_evaluate_writes_one_metrics_file_per_model_and_shipped_file_and_the_pre
     for name in SHIPPED:  # the accuracy a shipped file lost against its own checkpoint, on the same split
         val, pt_val = read(work, f"metrics/evaluate/{name}.json")["val"], read(
             work, f"metrics/evaluate/{name.split('_')[0]}.json")["val"]
+        if runtime(name) == "openvino":  # the same FP32 graph in another runtime: the same detections, near enough
+            onnx_val = read(work, f"metrics/evaluate/{name.replace('openvino_', '')}.json")["val"]
+            if name.endswith("fp32"):
+                assert val["map50_95"] == pytest.approx(onnx_val["map50_95"], abs=0.02)
         assert val["map50_95_lost"] == pytest.approx(pt_val["map50_95"] - val["map50_95"])
         assert val["map50_lost"] == pytest.approx(pt_val["map50"] - val["map50"])
 
@@ -111,7 +120,7 @@ def test_benchmark_times_checkpoints_and_shipped_files_side_by_side(work: Path) 
     rows = {name: read(work, f"metrics/benchmark/{name}.json") for name in MODELS + SHIPPED}
     for name, doc in rows.items():
         assert_dvc_metrics_shape(doc)
-        rt = "onnx" if name in SHIPPED else "torch"
+        rt = runtime(name)
         assert set(doc) == {"model", rt, "mlflow_run_id"}
         assert 0.8 < doc["model"]["params_m"] < 3.0 and doc["model"]["gflops"] > 0 and doc["model"]["size_mb"] > 0.3
         g = doc[rt]
@@ -119,16 +128,19 @@ def test_benchmark_times_checkpoints_and_shipped_files_side_by_side(work: Path) 
         assert g["throughput_img_per_s"] > 0 and g["threads"] == 1 and g["flagged"] in (0, 1)
         assert g["throughput_batch"] == (2 if rt == "torch" else 1)  # an exported graph's batch is fixed at 1
         assert 0 < g["peak_fraction"] and g["gflops_per_s"] > 0
-        base = "student" if rt == "torch" else "student_fp32"
+        base = {"torch": "student", "onnx": "student_fp32", "openvino": "student_openvino_fp32"}[rt]
         assert g["speedup_min"] <= g[f"speedup_vs_{base}"] <= g["speedup_max"]
     assert rows["student"]["torch"]["speedup_vs_student"] == 1.0
     assert rows["student_fp32"]["onnx"]["speedup_vs_student_fp32"] == 1.0
-    assert rows["pruned_int8"]["model"]["size_mb"] < rows["pruned_fp32"]["model"]["size_mb"]
+    assert rows["student_openvino_fp32"]["openvino"]["speedup_vs_student_openvino_fp32"] == 1.0
+    for prefix in ("", "openvino_"):
+        assert rows[f"pruned_{prefix}int8"]["model"]["size_mb"] < rows[f"pruned_{prefix}fp32"]["model"]["size_mb"]
     machine = read(work, "metrics/benchmark/machine.json")
     assert machine["threads"] == 1 and machine["cpu_count"] >= 1 and machine["matmul_peak_gflops"] > 0
     assert machine["load_1m_before"] >= 0 and machine["load_1m_after"] >= 0 and machine["int8_vnni"] in (0, 1)
     notes = read(work, "reports/benchmark_notes.json")
     assert notes["problems"] == {} and notes["machine"]["cpu_model"] and notes["machine"]["torch"]
+    assert notes["machine"]["openvino"]
 
 
 def test_speedup_is_the_median_of_per_round_ratios_and_a_wide_spread_is_flagged() -> None:
@@ -155,6 +167,33 @@ def test_a_shipped_file_onnx_runtime_cannot_load_costs_only_its_row(work: Path, 
         assert sorted(p.stem for p in (root / f"metrics/{stage}").iterdir() if p.stem != "machine") == sorted(
             MODELS + [s for s in SHIPPED if s != "pruned_int8"])
     assert list(read(root, "reports/benchmark_notes.json")["problems"]) == ["pruned_int8"]
+
+
+def test_without_openvino_the_openvino_files_cost_only_their_rows(work: Path, tmp_path: Path) -> None:
+    """A machine without OpenVINO (an `openvino` package that fails to import stands in for the missing one): each
+    stage says so in one line per file and keeps every other row."""
+    root = tmp_path / "w"
+    for rel in ("data", "models", "params.yaml"):
+        (shutil.copytree if (work / rel).is_dir() else shutil.copy)(work / rel, root / rel)
+    fake = tmp_path / "no_openvino" / "openvino"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError(\"No module named 'openvino'\")\n")
+    env = stage_env(root, PYTHONPATH=os.pathsep.join([str(fake.parent), os.environ.get("PYTHONPATH", "")]))
+    onnx_only = [s for s in SHIPPED if runtime(s) == "onnx"]
+    proc = subprocess.run(stage_cmd("export"), cwd=root, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("WARNING")]
+    assert len(lines) == 4 and all("OpenVINO is not installed; pip install openvino nncf" in line for line in lines)
+    assert sorted(json.loads((root / "metrics/export.json").read_text())) == sorted([*onnx_only, "mlflow_run_id"])
+    shutil.rmtree(root / "models/export")  # now the files exist but the runtime does not
+    shutil.copytree(work / "models/export", root / "models/export")
+    for stage in ("evaluate", "benchmark"):
+        proc = subprocess.run(stage_cmd(stage), cwd=root, env=env, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        lines = [line for line in proc.stderr.splitlines() if "WARNING" in line and "openvino" in line]
+        assert len(lines) == 4 and all("OpenVINO" in line and "install" in line for line in lines), lines
+        assert sorted(p.stem for p in (root / f"metrics/{stage}").iterdir() if p.stem != "machine") == sorted(
+            MODELS + onnx_only)
 
 
 def load_stage(name: str) -> ModuleType:

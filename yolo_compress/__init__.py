@@ -18,6 +18,9 @@ from typing import Any
 # Ultralytics reads these at its import: keep its settings file out of the user's home, never go online.
 os.environ.setdefault("YOLO_CONFIG_DIR", str(Path.cwd() / ".ultralytics"))
 os.environ.setdefault("YOLO_OFFLINE", "1")
+# NNCF (openvino_int8 export) sends usage telemetry unless this is set; with no network its sender process hung the
+# export stage's exit for minutes. OpenVINO's own converter telemetry is avoided by reading ONNX with Core.read_model.
+os.environ.setdefault("NNCF_CI", "1")
 # A .pt is a pickle, and unpickling can run any code: load with torch's weights_only unpickler and Ultralytics'
 # allow-list of model classes, in this process and in the processes it starts (DDP). `trust_checkpoints: true` in
 # params.yaml switches full unpickling back on (models.set_checkpoint_trust).

@@ -128,7 +128,9 @@ PRUNE_HEAD_MODES = ("none", "inputs", "hidden")
 PRUNE_ACTIVATIONS = ("keep", "relu")
 MODEL_NAMES = ("teacher", "student", "distilled", "pruned")
 EVAL_SPLITS = ("val", "test", "test_shift")
-EXPORT_FORMATS = ("fp32", "int8", "fp16")
+EXPORT_FORMATS = ("fp32", "int8", "fp16", "openvino_fp32", "openvino_int8")
+# runtime of an exported file (its sidecar's `runtime`, its benchmark group) -> the name users know
+FILE_RUNTIMES = {"onnx": "ONNX Runtime", "openvino": "OpenVINO"}
 
 
 @dataclass(frozen=True)
@@ -197,6 +199,15 @@ class PruneConfig(Section):
         last = self.finetune_epochs if self.last_round_epochs is None else self.last_round_epochs
         return last if k == self.rounds else self.finetune_epochs
 
+    @property
+    def sparsity_training(self) -> bool:
+        """Whether BN-gamma L1 sparsity epochs run before round 1 (importance bn only)."""
+        return self.importance == "bn" and self.sparsity_epochs > 0 and self.sparsity_l1 > 0
+
+    def epochs_through(self, k: int) -> int:
+        """Training epochs the round-`k` model got on top of its input: sparsity epochs, rounds 1..k's fine-tunes."""
+        return (self.sparsity_epochs if self.sparsity_training else 0) + sum(map(self.round_epochs, range(1, k + 1)))
+
     def __post_init__(self) -> None:
         check(self.model.endswith(".pt"), "model", "a local .pt path", self.model)
         check(self.rounds >= 1, "rounds", "an int >= 1", self.rounds)
@@ -247,14 +258,15 @@ class EvaluateConfig(Section):
 
 @dataclass(frozen=True)
 class ExportConfig(Section):
-    """`export:` section: the files a user ships (ONNX FP32, INT8 by static quantization, FP16) of some models."""
+    """`export:` section: the files a user ships (ONNX FP32, INT8, FP16; OpenVINO FP32, INT8) of some models."""
 
     models: list[str] = field(default_factory=lambda: ["student", "pruned"])  # (list) models/<name>.pt to export
-    formats: list[str] = field(default_factory=lambda: ["fp32", "int8"])  # (list) fp32 | int8 | fp16
+    formats: list[str] = field(default_factory=lambda: [f for f in EXPORT_FORMATS if f != "fp16"])  # (list) of
+    # EXPORT_FORMATS: fp32 | int8 | fp16 (ONNX Runtime files) | openvino_fp32 | openvino_int8 (OpenVINO IR folders)
     imgsz: int = 256  # (int) fixed input side of the exported graphs, a multiple of 32
     opset: int = 17  # (int) ONNX opset (fixed, so an upgrade does not silently change the graph)
     simplify: bool = False  # (bool) run onnxslim on the FP32 graph (needs `pip install onnxslim`)
-    calib_images: int = 64  # (int) int8: training images that calibrate the activation ranges
+    calib_images: int = 64  # (int) int8, openvino_int8: training images that calibrate the activation ranges
     int8_reduce_range: bool = True  # (bool) int8: 7-bit weights, ONNX Runtime's advice for x86 CPUs without VNNI
 
     def __post_init__(self) -> None:

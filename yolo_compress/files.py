@@ -90,6 +90,12 @@ def copy_file(src: str | Path, dst: str | Path) -> None:
     _replace_from_temp(Path(dst), lambda tmp: shutil.copyfile(src, tmp))
 
 
+def size_bytes(path: str | Path) -> int:
+    """Bytes of a file, or of every file under a folder (an OpenVINO IR folder is one shipped file)."""
+    path = Path(path)
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
+
+
 def read_json(path: str | Path) -> Any:
     """Read a JSON file; a missing or broken file is a UserError naming it."""
     path = Path(path)

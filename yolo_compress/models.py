@@ -27,7 +27,7 @@ if TYPE_CHECKING:  # annotations only: torch imported here, before Ultralytics, 
 
 __all__ = ["YOLO", "MADE_BY", "ModelInfo", "dataset_head", "check_task", "load_model", "model_info", "check_same_head",
            "model_size", "pipeline_models", "set_checkpoint_trust", "read_checkpoint",
-           "count_params", "fixed_blocks", "is_pruned_yaml", "PRUNED_YAML_KEY", "unwrap_yolo"]
+           "count_params", "fixed_blocks", "is_pruned_yaml", "PRUNED_YAML_KEY", "unwrap_yolo", "trained_epochs"]
 
 MADE_BY = {"teacher": "train_teacher", "student": "train_student", "distilled": "distill", "pruned": "prune"}
 
@@ -111,8 +111,7 @@ def why_not_loadable(path: str | Path, err: BaseException) -> str:
     """Why loading checkpoint `path` failed with `err`, as the end of a one-line message (after the path)."""
     name = refused_global(path)
     if name is not None:
-        return (f"holds {name}, which only full unpickling can load, and that can run any code; if you trust this "
-                "file, set `trust_checkpoints: true` in params.yaml")
+        return _refused(name)
     head = Path(path).read_bytes()[:64]
     if not zipfile.is_zipfile(path) and not head.startswith(b"\x80"):  # a torch.save zip, or a legacy raw pickle
         kind = "text" if head and all(32 <= b < 127 or b in b"\t\r\n" for b in head) else "binary data"
@@ -137,6 +136,11 @@ def why_not_loadable(path: str | Path, err: BaseException) -> str:
     return f"is not an Ultralytics YOLO checkpoint ({_first_line(err)})"
 
 
+def _refused(name: str) -> str:
+    return (f"holds {name}, which only full unpickling can load, and that can run any code; if you trust this file, "
+            "set `trust_checkpoints: true` in params.yaml")
+
+
 def _first_line(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     return f"{type(err).__name__}: {text[0][:120]}" if text else type(err).__name__
@@ -146,11 +150,11 @@ def read_checkpoint(path: str | Path, key: str = "checkpoint") -> dict[str, Any]
     """The checkpoint dict of a .pt, loaded as Ultralytics loads models (weights_only unless trusted)."""
     try:
         return torch_safe_load(path)[0]
-    except Exception as err:  # noqa: BLE001 - only a refused global gets its own message
+    except Exception:  # noqa: BLE001 - only a refused global gets its own message
         name = refused_global(path)
-        if name is not None:
-            raise ModelError(f"{key}: {path} {why_not_loadable(path, err)}") from None
-        raise
+        if name is None:
+            raise
+        raise ModelError(f"{key}: {path} {_refused(name)}") from None
 
 
 def count_params(model: Model | nn.Module) -> int:
@@ -168,6 +172,12 @@ def model_info(model: YOLO) -> ModelInfo:
         kpt_shape=tuple(kpt) if kpt else None,
         params=count_params(inner),
     )
+
+
+def trained_epochs(model: YOLO) -> int | None:
+    """The epochs of the training run that made a checkpoint (Ultralytics' `train_args`), None where it has none."""
+    epochs = ((getattr(model, "ckpt", None) or {}).get("train_args") or {}).get("epochs")
+    return int(epochs) if isinstance(epochs, (int, float)) and not isinstance(epochs, bool) else None
 
 
 def check_same_head(a: ModelInfo, b: ModelInfo, a_name: str, b_name: str) -> None:

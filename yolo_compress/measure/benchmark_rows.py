@@ -1,9 +1,11 @@
 """The benchmark stage's rows: size and FLOPs of every checkpoint and shipped file, all timed side by side.
 
-Rows: each model of `benchmark.models` on PyTorch (`torch` group), and each file the export stage made on ONNX Runtime
-(`onnx` group). All rows alternate within each round (`timing.timed_side_by_side`); PyTorch rows compare with
-`benchmark.baseline`, ONNX rows with `<baseline>_fp32`. A file ONNX Runtime cannot load is left out with one line in
-`notes["problems"]`; the other rows are kept.
+Rows: each model of `benchmark.models` on PyTorch (`torch` group), and each file the export stage made in its own
+runtime (`onnx` group: ONNX Runtime; `openvino` group: OpenVINO). All rows alternate within each round
+(`timing.timed_side_by_side`), on the same thread count. Each row's speedup is against the baseline in the same
+runtime: PyTorch rows against `benchmark.baseline`, ONNX Runtime rows against `<baseline>_fp32`, OpenVINO rows against
+`<baseline>_openvino_fp32`. A file its runtime cannot load (or a runtime the machine lacks) is left out with one line
+in `notes["problems"]`; the other rows are kept.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any
 
 import torch
 
+from yolo_compress import files
 from yolo_compress.config import BenchmarkConfig
 from yolo_compress.errors import ModelError
 from yolo_compress.measure.benchmark import model_metrics
@@ -22,7 +25,7 @@ from yolo_compress.measure.timing import (
     latency_onnx,
     latency_torch,
     load_average,
-    onnx_timer,
+    shipped_timer,
     throughput,
     timed_side_by_side,
     torch_timer,
@@ -45,6 +48,11 @@ def gpu_device(cfg: BenchmarkConfig) -> tuple[str | None, str | None]:
     return f"cuda:{cfg.device}", None
 
 
+def _baseline_row(baseline: str, runtime: str) -> str:
+    """The row a row of `runtime` is compared with: the baseline model in the same runtime, in FP32."""
+    return {"torch": baseline, "onnx": f"{baseline}_fp32"}.get(runtime, f"{baseline}_{runtime}_fp32")
+
+
 def measure_rows(cfg: BenchmarkConfig, models: dict[str, Path], shipped: dict[str, tuple[Path, dict[str, Any]]],
                  threads: int | None, gpu: str | None, machine: dict[str, float], notes: dict[str, Any]) -> Rows:
     """Every row's groups, the timed ones only (a row that could not be timed is left out). Adds the load average
@@ -57,15 +65,15 @@ def measure_rows(cfg: BenchmarkConfig, models: dict[str, Path], shipped: dict[st
         timers[name], runtime[name] = torch_timer(pt, cfg.imgsz), "torch"
     for key, (path, meta) in shipped.items():
         try:
-            timers[key], runtime[key] = onnx_timer(path, threads), "onnx"
+            timers[key], runtime[key] = shipped_timer(path, meta["runtime"], threads), meta["runtime"]
         except ModelError as err:
             notes["problems"][key] = [str(err)]
             LOG.warning("%s: %s", key, err)
             continue
         source = rows.get(meta["model"], {}).get("model") or model_metrics(meta["source"], int(meta["imgsz"]))
         rows[key] = {"model": {**{k: source[k] for k in ("params_m", "gflops", "gflops_fvcore") if k in source},
-                               "size_mb": path.stat().st_size / 1e6, "imgsz": int(meta["imgsz"])}}
-    baselines = {n: (cfg.baseline if rt == "torch" else f"{cfg.baseline}_fp32") for n, rt in runtime.items()}
+                               "size_mb": files.size_bytes(path) / 1e6, "imgsz": int(meta["imgsz"])}}
+    baselines = {n: _baseline_row(cfg.baseline, rt) for n, rt in runtime.items()}
     baselines = {n: b for n, b in baselines.items() if b in timers}
 
     machine["load_1m_before"] = load_average()
@@ -93,13 +101,16 @@ def _gpu_rows(cfg: BenchmarkConfig, models: dict[str, Path], shipped: dict[str, 
 
     # without ORT's CUDA provider an ONNX "GPU" timing would silently be a CPU one
     ort_gpu = "CUDAExecutionProvider" in ort.get_available_providers()
-    if not ort_gpu and shipped:
+    if not ort_gpu and "onnx" in runtime.values():
         notes["gpu_onnx"] = "onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu): ONNX files " \
                             "not timed on the GPU"
+    if "openvino" in runtime.values():
+        notes["gpu_openvino"] = f"benchmark.device={cfg.device} is a CUDA GPU, which OpenVINO does not run on: " \
+                                "OpenVINO files timed on the CPU only"
     for name, rt in runtime.items():
         if rt == "torch":
             lat = latency_torch(models[name], cfg.imgsz, 1, cfg.warmup, cfg.repeats, device=gpu)
-        elif ort_gpu:
+        elif rt == "onnx" and ort_gpu:
             lat = latency_onnx(shipped[name][0], 1, cfg.warmup, cfg.repeats, threads, device=gpu)
         else:
             continue

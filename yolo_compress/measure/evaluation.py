@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 from torchvision.ops import box_iou
 
 from yolo_compress.errors import DatasetError, ModelError
@@ -30,7 +31,7 @@ from yolo_compress.models import YOLO, load_model
 
 __all__ = [
     "BOX_KEYS",
-    "onnx_task",
+    "exported_task",
     "map_lost",
     "KPT_KEYS",
     "ULTRALYTICS_OKS_AREA_SCALE",
@@ -85,22 +86,28 @@ def _validator_capturing(base: type, sink: Detections) -> type:
     return _Capture
 
 
-def onnx_task(onnx_path: str | Path) -> str:
-    """The task Ultralytics' exporter wrote into an ONNX file's metadata (YOLO(x.onnx) needs it given)."""
-    import onnx
-
+def exported_task(path: str | Path) -> str:
+    """The task Ultralytics' metadata gives an exported file (YOLO(x.onnx) needs it given): inside an .onnx file,
+    or in the metadata.yaml of an OpenVINO folder."""
+    path = Path(path)
     try:
-        meta = {p.key: p.value for p in onnx.load(str(onnx_path), load_external_data=False).metadata_props}
+        if path.is_dir():
+            meta = yaml.safe_load((path / "metadata.yaml").read_text()) or {}
+        else:
+            import onnx
+
+            meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
     except Exception as err:  # noqa: BLE001 - onnx raises DecodeError and others for a broken file
-        raise ModelError(f"{onnx_path}: not a readable ONNX file ({type(err).__name__}); rerun `dvc repro export`") \
+        raise ModelError(f"{path}: not a readable exported file ({type(err).__name__}); rerun `dvc repro export`") \
             from None
-    return meta.get("task", "detect")
+    return str(meta.get("task", "detect"))
 
 
 def _load_scored(model_path: str | Path) -> YOLO:
-    """A .pt/.yaml through load_model; an exported .onnx through ONNX Runtime (Ultralytics' AutoBackend)."""
-    if str(model_path).endswith(".onnx"):
-        return YOLO(str(model_path), task=onnx_task(model_path))
+    """A .pt/.yaml through load_model; an exported .onnx file (ONNX Runtime) or OpenVINO folder through
+    Ultralytics' AutoBackend."""
+    if str(model_path).endswith(".onnx") or Path(model_path).is_dir():
+        return YOLO(str(model_path), task=exported_task(model_path))
     return load_model(model_path, "model")
 
 

@@ -1,4 +1,4 @@
-"""Latency and throughput (PyTorch and ONNX Runtime), timed the same way for every model, and the machine's peak.
+"""Latency and throughput (PyTorch, ONNX Runtime, OpenVINO), timed the same way for every model; the machine's peak.
 
 Latencies are only comparable within one run on one machine (2 shared CPU cores are noisy): compare models through
 `speedups` of latencies measured together, and keep `machine_info` beside the numbers.
@@ -33,6 +33,8 @@ __all__ = [
     "torch_timer",
     "onnx_session",
     "onnx_timer",
+    "openvino_timer",
+    "shipped_timer",
     "interleaved",
     "interleaved_summary",
     "timed_side_by_side",
@@ -170,6 +172,10 @@ def machine_info() -> dict[str, str]:
         "torch": torch.__version__,
         "onnxruntime": ort.__version__,
     }
+    with contextlib.suppress(ImportError):
+        import openvino
+
+        info["openvino"] = openvino.__version__.split("-")[0]
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
@@ -248,6 +254,39 @@ def onnx_timer(onnx_path: str | Path, threads: int | None = None, device: str = 
         return time.perf_counter() - t0
 
     return once
+
+
+def openvino_timer(folder: str | Path, threads: int | None = None) -> Timer:
+    """One run of an OpenVINO IR folder on the CPU, compiled for latency (one stream) on `threads` threads (None:
+    all_cores(), like the other runtimes); ModelError (one line) when OpenVINO is missing or cannot compile it."""
+    try:
+        import openvino as ov
+    except ImportError:
+        raise ModelError(f"{folder}: OpenVINO is not installed (pip install openvino, as the README's install "
+                         "command does)") from None
+    try:
+        xml = next(Path(folder).glob("*.xml"))
+        compiled = ov.Core().compile_model(str(xml), "CPU", {
+            "INFERENCE_NUM_THREADS": threads or all_cores(), "NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY",
+            "ENABLE_CPU_PINNING": False})  # pinned threads would fight the other rows' threads for the cores
+        request = compiled.create_infer_request()
+        shape = [d.get_length() if d.is_static else 1 for d in compiled.input(0).get_partial_shape()]
+    except Exception as err:  # noqa: BLE001 - OpenVINO raises RuntimeError and its own types for a bad IR
+        reason = " ".join(str(err).split())[:200] or type(err).__name__
+        raise ModelError(f"OpenVINO cannot compile {folder}: {reason}; rerun `dvc repro export`") from None
+    x = np.random.default_rng(0).random(shape, dtype=np.float32)
+
+    def once() -> float:
+        t0 = time.perf_counter()
+        request.infer({0: x})
+        return time.perf_counter() - t0
+
+    return once
+
+
+def shipped_timer(path: str | Path, runtime: str, threads: int | None = None) -> Timer:
+    """The timer of an exported file in its runtime (`onnx` or `openvino`, from its sidecar)."""
+    return openvino_timer(path, threads) if runtime == "openvino" else onnx_timer(path, threads)
 
 
 def interleaved(timers: Mapping[str, Timer], rounds: int, repeats: int,

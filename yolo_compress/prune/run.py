@@ -102,7 +102,7 @@ def prune_rounds(input_pt: Path, rounds_dir: Path, setup: RoundsSetup) -> Iterat
     first, base = _row(0, input_pt, None, time.perf_counter(), setup, None)
     yield first, {}
     current = input_pt
-    if cfg.importance == "bn" and cfg.sparsity_epochs > 0 and cfg.sparsity_l1 > 0:
+    if cfg.sparsity_training:
         LOG.info("prune: %d epoch(s) of BN-gamma L1 sparsity training first", cfg.sparsity_epochs)
         current = rounds.finetune(input_pt, epochs=cfg.sparsity_epochs, work_dir=setup.work / "sparsity",
                                   data_yaml=setup.data_yaml, bn_l1=cfg.sparsity_l1, **ft)
@@ -145,16 +145,22 @@ def kept_round(rows: list[dict[str, float]], cfg: PruneConfig) -> tuple[int, lis
     return keep, warnings
 
 
-def prune_metrics(rows: list[dict[str, float]], keep: int, cfg: PruneConfig) -> dict[str, dict[str, float]]:
-    """metrics/prune.json's numbers: the input, the kept round, what was removed and what it cost."""
+def prune_metrics(rows: list[dict[str, float]], keep: int, cfg: PruneConfig,
+                  input_epochs: int | None = None) -> dict[str, dict[str, float]]:
+    """metrics/prune.json's numbers: the input, the kept round, what was removed and what it cost.
+
+    `pruned.finetune_epochs` is the extra training the kept model got (an epoch-matched control would train the
+    input that long); `input.train_epochs` the epochs of the input's own training run, where its checkpoint says."""
     first, kept = rows[0], rows[keep]
     return {
-        "input": {"params_m": first["params_m"], "gflops": first["gflops"], "map50_95": first["map50_95_after"]},
+        "input": {"params_m": first["params_m"], "gflops": first["gflops"], "map50_95": first["map50_95_after"],
+                  **({"train_epochs": input_epochs} if input_epochs is not None else {})},
         "pruned": {"params_m": kept["params_m"], "gflops": kept["gflops"], "map50_95": kept["map50_95_after"],
                    "rounds_done": len(rows) - 1, "best_round": keep, "stopped_early": int(len(rows) - 1 < cfg.rounds),
                    "drop": kept["drop"], "drop_ci95_low": kept["drop_ci95_low"],
                    "drop_ci95_high": kept["drop_ci95_high"], "over_bound": int(over_bound(kept, cfg.max_map_drop)),
-                   "point_over_bound": int(kept["drop"] > cfg.max_map_drop)},
+                   "point_over_bound": int(kept["drop"] > cfg.max_map_drop),
+                   "finetune_epochs": cfg.epochs_through(keep)},
         "ratio": {"gflops_removed": 1 - kept["gflops"] / first["gflops"],
                   "params_removed": 1 - kept["params_m"] / first["params_m"]},
         "change": {"map50_95": kept["map50_95_after"] - first["map50_95_after"]},

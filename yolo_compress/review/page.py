@@ -36,7 +36,8 @@ HEADLINE = (
     ("metrics/evaluate/*.json", "test.map50_95", "test mAP50-95"),
     ("metrics/evaluate/*.json", "test.map50_95_lost", "test mAP50-95 lost by export"),
     ("metrics/benchmark/*.json", "model.gflops", "GFLOPs"),
-    ("metrics/benchmark/*.json", "onnx.latency_ms_p50", "ONNX latency p50 (ms)"),
+    ("metrics/benchmark/*.json", "onnx.latency_ms_p50", "ONNX Runtime latency p50 (ms)"),
+    ("metrics/benchmark/*.json", "openvino.latency_ms_p50", "OpenVINO latency p50 (ms)"),
     ("metrics/distill.json", "vs_student.map50_95_gain", "distillation gain (mAP50-95)"),
 )
 # Latency noise: identical yolo11n checkpoints ranged 11.8-14.4 ms ONNX p50 in one quiet benchmark run, about ±30%

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import platform
 import re
+import shutil
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
@@ -31,6 +32,7 @@ from yolo_compress import files
 from yolo_compress.config import EXPORT_FORMATS, ExportConfig
 from yolo_compress.errors import ModelError
 from yolo_compress.measure.benchmark import OnnxExportError, export_onnx
+from yolo_compress.ship.openvino_export import OPENVINO_FORMATS, check_runs, ir_folder, openvino_versions, to_openvino
 
 __all__ = ["ExportError", "Exported", "file_md5", "calibration_images", "letterboxed", "LetterboxReader",
            "head_decode_nodes", "quantize_int8", "convert_fp16", "check_loads", "export_model", "exported_files",
@@ -225,43 +227,69 @@ def export_model(name: str, model_pt: str | Path, cfg: ExportConfig, out_dir: st
         fp32_seconds = time.perf_counter() - t0
         for fmt in cfg.formats:
             assert fmt in EXPORT_FORMATS  # validated by ExportConfig
-            dst = out_dir / f"{name}_{fmt}.onnx"
+            key = f"{name}_{fmt}"
+            dst = ir_folder(out_dir, key) if fmt in OPENVINO_FORMATS else out_dir / f"{key}.onnx"
             t0 = time.perf_counter()
             extra: dict[str, Any] = {}
             try:
-                if fmt == "fp32":
-                    files.copy_file(fp32, dst)
-                elif fmt == "int8":
+                if fmt in ("int8", "openvino_int8"):
                     if isinstance(calib, ExportError):
                         raise calib
                     if not calib:
                         raise ExportError("no calibration images given; set export.calib_images >= 1")
+                    extra = {"calib_images": len(calib), "calib_first": calib[0].name}
+                if fmt == "fp32":
+                    files.copy_file(fp32, dst)
+                elif fmt == "int8":
                     quantize_int8(fp32, dst, calib, cfg.imgsz, reduce_range=cfg.int8_reduce_range)
-                    extra = {"calib_images": len(calib), "calib_first": calib[0].name, "calib_method": "minmax",
-                             "quant_format": "QDQ", "per_channel": True, "reduce_range": cfg.int8_reduce_range}
-                else:
+                    extra.update(calib_method="minmax", quant_format="QDQ", per_channel=True,
+                                 reduce_range=cfg.int8_reduce_range)
+                elif fmt == "fp16":
                     convert_fp16(fp32, dst)
-                check_loads(dst)
-            except Exception as err:  # noqa: BLE001 - onnx, ORT's quantizer and converters raise many types
-                dst.unlink(missing_ok=True)
+                elif fmt == "openvino_fp32":
+                    to_openvino(fp32, dst)
+                else:
+                    import onnx
+
+                    to_openvino(fp32, dst, [letterboxed(p, cfg.imgsz) for p in calib],
+                                keep_float=head_decode_nodes(onnx.load(str(fp32))))
+                    extra.update(calib_method="nncf MIXED preset", keep_float="head box decoding")
+                if fmt in OPENVINO_FORMATS:
+                    check_runs(dst)
+                    extra["versions"] = {**common["versions"], **openvino_versions()}
+                else:
+                    check_loads(dst)
+            except Exception as err:  # noqa: BLE001 - onnx, ORT's quantizer, OpenVINO and NNCF raise many types
+                _remove(dst)
                 reason = " ".join(str(err).split())[:300] or type(err).__name__
                 res.problems.append(f"{fmt}: {reason}")
                 continue
             seconds = fp32_seconds + time.perf_counter() - t0  # each file's cost includes the FP32 export
-            files.write_json(dst.with_suffix(".json"), {**common, **extra, "format": fmt, "file": dst.name})
+            runtime = "openvino" if fmt in OPENVINO_FORMATS else "onnx"
+            files.write_json(out_dir / f"{key}.json",
+                             {**common, **extra, "format": fmt, "file": dst.name, "runtime": runtime})
             res.files[fmt] = dst
-            res.metrics[f"{name}_{fmt}"] = {"size_mb": dst.stat().st_size / 1e6, "seconds": seconds}
+            res.metrics[key] = {"size_mb": files.size_bytes(dst) / 1e6, "seconds": seconds}
     return res
 
 
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
 def exported_files(export_dir: str | Path) -> dict[str, tuple[Path, dict[str, Any]]]:
-    """`<model>_<fmt>` -> (onnx path, sidecar) for every exported file that has its sidecar, in name order."""
+    """`<model>_<fmt>` -> (its file or IR folder, sidecar) for every exported file that has its sidecar, by name.
+
+    The sidecar's `runtime` says which runtime runs it: `onnx` (ONNX Runtime) or `openvino`."""
     out: dict[str, tuple[Path, dict[str, Any]]] = {}
     for side in sorted(Path(export_dir).glob("*.json")):
-        onnx_path = side.with_suffix(".onnx")
-        if not onnx_path.is_file():
-            continue
         meta = files.read_json(side)
-        if isinstance(meta, dict) and {"model", "format"} <= set(meta):
-            out[onnx_path.stem] = (onnx_path, meta)
+        if not (isinstance(meta, dict) and {"model", "format", "file"} <= set(meta)):
+            continue
+        path = side.parent / str(meta["file"])
+        if path.exists():
+            out[side.stem] = (path, {"runtime": "onnx", **meta})
     return out

@@ -15,12 +15,15 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from yolo_compress.config import MODEL_NAMES
+from yolo_compress.config import FILE_RUNTIMES, MODEL_NAMES
 from yolo_compress.ship.report_inputs import (
     Inputs,
     bench_value,
     eval_interval,
     eval_value,
+    file_runtime,
+    file_speedup,
+    file_value,
     is_flagged,
     model_order,
     scored_splits,
@@ -74,6 +77,8 @@ def _columns(inp: Inputs) -> list[_Column]:
         cols.append(_Column(f"{split} mAP50", lambda n, s=split: eval_value(inp, n, s, "map50"), 3, "high"))
         cols.append(_Column(f"{split} mAP50-95", lambda n, s=split: eval_value(inp, n, s, "map50_95"), 3, "high",
                             spread=lambda n, s=split: eval_interval(inp, n, s, "map50_95")))
+    if inp.train_epochs:
+        cols.append(_Column("train epochs", lambda n: inp.train_epochs.get(n), 0))
     if any(eval_value(inp, n, "test", "map50_95_lost") is not None for n in inp.evaluate):
         cols.append(_Column("test mAP50-95 lost vs .pt", lambda n: eval_value(inp, n, "test", "map50_95_lost"), 3))
     if inp.benchmark:
@@ -82,7 +87,7 @@ def _columns(inp: Inputs) -> list[_Column]:
             _Column("params (M)", lambda n: bench_value(inp, n, "model", "params_m"), 2, "low"),
             _Column("size MB", lambda n: bench_value(inp, n, "model", "size_mb"), 2, "low"),
             _Column("torch p50 ms", lambda n: bench_value(inp, n, "torch", "latency_ms_p50"), 1, "low", timing=True),
-            _Column("ONNX p50 ms", lambda n: bench_value(inp, n, "onnx", "latency_ms_p50"), 1, "low", timing=True),
+            _Column("file p50 ms", lambda n: file_value(inp, n, "latency_ms_p50"), 1, "low", timing=True),
         ]
         if any("gpu" in g for g in inp.benchmark.values()):
             cols.append(_Column("GPU p50 ms", lambda n: bench_value(inp, n, "gpu", "latency_ms_p50"), 2, "low",
@@ -92,10 +97,9 @@ def _columns(inp: Inputs) -> list[_Column]:
             key = f"speedup_vs_{base}"
             cols.append(_Column(f"torch speedup vs {base}", lambda n: bench_value(inp, n, "torch", key), 2, "high", "×",
                                 timing=True))
-            onnx_key = f"{key}_fp32" if any(bench_value(inp, n, "onnx", f"{key}_fp32") for n in inp.benchmark) else key
-            cols.append(_Column(f"ONNX speedup vs {onnx_key[len('speedup_vs_'):]}",
-                                lambda n: bench_value(inp, n, "onnx", onnx_key), 2, "high", "×", timing=True))
-            cols.append(_Column("ONNX speedup spread", lambda n: bench_value(inp, n, "onnx", "speedup_spread"), 2,
+            cols.append(_Column(f"file speedup vs {base} FP32, same runtime",
+                                lambda n: (file_speedup(inp, n) or (None, None))[1], 2, "high", "×", timing=True))
+            cols.append(_Column("file speedup spread", lambda n: file_value(inp, n, "speedup_spread"), 2,
                                 timing=True))
     ratio = prune_ratio(inp.prune)
     cols.append(_Column("prune ratio", lambda n: ratio * 100 if n == "pruned" and ratio is not None else None, 1,
@@ -211,9 +215,12 @@ def _distill_lines(inp: Inputs) -> list[str]:
     lines += _prune_stage_line(inp)
     cost = _paired(inp, "pruned", "distilled", "map50_95")
     if cost:
-        unchecked = (" The pruned model trained more epochs than the distilled one (every round's fine-tune) and no "
-                     "epoch-matched control trained the distilled model for as long without pruning, so a gain here "
-                     "may be that extra training, not pruning." if any(g > 0 for _, g, _ in cost) else "")
+        extra = (inp.prune or {}).get("pruned", {}).get("finetune_epochs")
+        more = f"{extra:.0f} more epochs" if isinstance(extra, (int, float)) else "more epochs"
+        unchecked = (f" **Unchecked**: the pruned model trained {more} than the distilled one (its rounds' "
+                     "fine-tunes, `train epochs` column) and no epoch-matched control trained the distilled model "
+                     "that long without pruning, so this gain may be that extra training, not pruning."
+                     if any(g > 0 for _, g, _ in cost) else "")
         lines.append(f"**Pruning** (pruned − distilled, mAP50-95{_INTERVAL if '[' in cost[0][2] else ''}): "
                      + _join(t for _, _, t in cost) + "." + unchecked)
     gap = (inp.student or {}).get("teacher_gap")
@@ -244,37 +251,41 @@ def _machine_line(inp: Inputs) -> str | None:
         parts.append(f"{int(inp.machine['threads'])} threads")
     if "matmul_peak_gflops" in inp.machine:
         parts.append(f"fp32 matmul peak {inp.machine['matmul_peak_gflops']:.1f} GFLOP/s")
-    parts += [f"{k} {info[k]}" for k in ("torch", "onnxruntime") if k in info]
+    parts += [f"{k} {info[k]}" for k in ("torch", "onnxruntime", "openvino") if k in info]
     parts = [p for p in parts if p]
     return ("Timings on " + ", ".join(parts) + ". Latencies compare only within one benchmark run.") if parts else None
 
 
 def _int8_lines(inp: Inputs) -> list[str]:
-    """Per model with both files: INT8 against its own FP32 (p50 ratio, test accuracy); whether the CPU has VNNI."""
+    """Per model and runtime with both files: INT8 against its own FP32 (p50 ratio, test accuracy); whether the CPU
+    has VNNI."""
     lines = []
     for model in MODEL_NAMES:
-        fp32, int8 = f"{model}_fp32", f"{model}_int8"
-        p32, p8 = bench_value(inp, fp32, "onnx", "latency_ms_p50"), bench_value(inp, int8, "onnx", "latency_ms_p50")
-        if p32 is None or p8 is None:
-            continue
-        split = "test" if "test" in scored_splits(inp) else "val"
-        a32, a8 = eval_value(inp, fp32, split, "map50_95"), eval_value(inp, int8, split, "map50_95")
-        acc = f", {split} mAP50-95 {a8 - a32:+.3f} ({a32:.3f} → {a8:.3f})" if a32 is not None and a8 is not None else ""
-        lines.append(f"INT8 vs FP32 of {model}: {p32 / p8:.2f}× faster (ONNX Runtime p50 {p32:.1f} → {p8:.1f} ms)"
-                     f"{acc}.")
+        for rt, prefix in (("onnx", ""), ("openvino", "openvino_")):
+            fp32, int8 = f"{model}_{prefix}fp32", f"{model}_{prefix}int8"
+            p32, p8 = bench_value(inp, fp32, rt, "latency_ms_p50"), bench_value(inp, int8, rt, "latency_ms_p50")
+            if p32 is None or p8 is None:
+                continue
+            split = "test" if "test" in scored_splits(inp) else "val"
+            a32, a8 = eval_value(inp, fp32, split, "map50_95"), eval_value(inp, int8, split, "map50_95")
+            acc = (f", {split} mAP50-95 {a8 - a32:+.3f} ({a32:.3f} → {a8:.3f})" if a32 is not None and a8 is not None
+                   else "")
+            lines.append(f"INT8 vs FP32 of {model} in {FILE_RUNTIMES[rt]}: {p32 / p8:.2f}× faster (p50 {p32:.1f} → "
+                         f"{p8:.1f} ms){acc}.")
     vnni = inp.machine.get("int8_vnni")
     if lines and vnni is not None:
-        lines.append("This CPU has VNNI (int8 dot products), which ONNX Runtime's INT8 kernels use." if vnni else
-                     "This CPU lacks VNNI (AVX512-VNNI / AVX-VNNI): ONNX Runtime's INT8 kernels fall back to slower "
-                     "int8 arithmetic, so INT8 may not beat FP32 here.")
+        lines.append("This CPU has VNNI (int8 dot products), which the INT8 kernels use." if vnni else
+                     "This CPU lacks VNNI (AVX512-VNNI / AVX-VNNI): INT8 kernels fall back to slower int8 "
+                     "arithmetic, so INT8 may not beat FP32 here.")
     return lines
 
 
 def recommend(inp: Inputs, max_map_drop: float) -> tuple[str | None, str]:
     """(the recommended shipped file's row name or None, one markdown line saying which and why).
 
-    The fastest shipped file (ONNX p50) whose test mAP50-95 (val when the data has no test split) is at most
-    `max_map_drop` below the distilled PyTorch model's; rows with flagged timings are not candidates.
+    The fastest shipped file (p50 in its runtime, all timed in one interleaved run) whose test mAP50-95 (val when the
+    data has no test split) is at most `max_map_drop` below the distilled PyTorch model's; rows with flagged timings
+    are not candidates.
     """
     split = "test" if "test" in scored_splits(inp) else "val"
     ref = eval_value(inp, "distilled", split, "map50_95")
@@ -282,7 +293,7 @@ def recommend(inp: Inputs, max_map_drop: float) -> tuple[str | None, str]:
         return None, f"**Recommended file**: none; needs the distilled model's {split} mAP50-95 (evaluate metrics)."
     shipped = [n for n in shipped_rows(inp) if eval_value(inp, n, split, "map50_95") is not None]
     if not shipped:
-        return None, f"**Recommended file**: none; no shipped file has both an ONNX latency and a {split} score."
+        return None, f"**Recommended file**: none; no shipped file has both a latency and a {split} score."
     noisy = [n for n in shipped if is_flagged(inp, n)]
     low = [n for n in shipped if n not in noisy and eval_value(inp, n, split, "map50_95") < ref - max_map_drop - 1e-12]
     ok = [n for n in shipped if n not in noisy and n not in low]
@@ -295,13 +306,13 @@ def recommend(inp: Inputs, max_map_drop: float) -> tuple[str | None, str]:
     bound = f"within `report.max_map_drop` = {max_map_drop} of the distilled PyTorch model ({split} {ref:.3f})"
     if not ok:
         return None, f"**Recommended file**: none; no shipped file is {bound}.{excluded}"
-    best = min(ok, key=lambda n: (bench_value(inp, n, "onnx", "latency_ms_p50"), n))
-    lat, acc = bench_value(inp, best, "onnx", "latency_ms_p50"), eval_value(inp, best, split, "map50_95")
-    ups = [f"{v:.2f}× vs {k[len('speedup_vs_'):]}" for k, v in sorted(inp.benchmark[best].get("onnx", {}).items())
-           if k.startswith("speedup_vs_")]
-    return best, (f"**Recommended file**: `{best}.onnx`, the fastest shipped file (ONNX Runtime p50 {lat:.1f} ms"
-                  f"{', ' + ups[0] if ups else ''}) whose {split} mAP50-95 ({acc:.3f}, {acc - ref:+.3f}) is {bound}."
-                  f"{excluded}")
+    best = min(ok, key=lambda n: (file_value(inp, n, "latency_ms_p50"), n))
+    lat, acc = file_value(inp, best, "latency_ms_p50"), eval_value(inp, best, split, "map50_95")
+    up = file_speedup(inp, best)
+    runtime = FILE_RUNTIMES[file_runtime(inp, best) or "onnx"]
+    speed = f", {up[1]:.2f}× vs {up[0]} in the same runtime" if up else ""
+    return best, (f"**Recommended file**: `{best}` ({runtime}), the fastest shipped file (p50 {lat:.1f} ms{speed}) "
+                  f"whose {split} mAP50-95 ({acc:.3f}, {acc - ref:+.3f}) is {bound}.{excluded}")
 
 
 def build_summary(inp: Inputs, max_map_drop: float = 0.015) -> str:
@@ -312,7 +323,8 @@ def build_summary(inp: Inputs, max_map_drop: float = 0.015) -> str:
            + ", ".join(f"`{s}`" for s in inp.sources) + "; do not edit by hand.", ""]
     out += _model_table(inp)
     out += ["", "Bold: best value in its column (higher mAP and speedup, lower size, FLOPs and latency). Rows "
-            "`<model>_<format>` are the shipped ONNX files; italics: timing flagged as too noisy. ± is half the 95% "
+            "`<model>_<format>` are the shipped files (ONNX Runtime, or OpenVINO for `openvino_*`), timed in their "
+            "runtime; italics: timing flagged as too noisy. ± is half the 95% "
             "bootstrap interval over the split's images: a difference between rows smaller than that may be noise, "
             "and the paired intervals below say which are not."]
     if shipped_rows(inp):

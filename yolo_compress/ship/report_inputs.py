@@ -26,11 +26,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from yolo_compress.config import EVAL_SPLITS, EXPORT_FORMATS, MODEL_NAMES
+from yolo_compress.config import EVAL_SPLITS, EXPORT_FORMATS, FILE_RUNTIMES, MODEL_NAMES
 from yolo_compress.errors import UserError
 from yolo_compress.files import read_json
 
 __all__ = ["MACHINE_FILE", "Inputs", "load_inputs", "model_order", "bench_value", "is_flagged", "shipped_rows",
+           "file_runtime", "file_value", "file_speedup",
            "eval_value", "eval_interval", "scored_splits", "seed_grid_std", "missing_report_keys"]
 
 MACHINE_FILE = "machine.json"
@@ -48,6 +49,7 @@ class Inputs:
     prune: dict[str, Any] | None = None
     prune_rounds: list[dict[str, Any]] | None = None
     student: dict[str, Any] | None = None
+    train_epochs: dict[str, float] = field(default_factory=dict)  # model -> epochs it trained in all (train stages)
     seed_std: tuple[float, int] | None = None  # the plain student's val mAP50-95 std over seeds, and how many seeds
     sources: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
@@ -96,6 +98,7 @@ def load_inputs(metrics_dir: str | Path, prune_plots: str | Path | None = None,
     rounds = optional(Path(prune_plots) if prune_plots else None, "prune rounds")
     inp.prune_rounds = rounds if isinstance(rounds, list) else None
     inp.student = optional(metrics_dir / "student.json", "teacher check")
+    inp.train_epochs = _train_epochs(metrics_dir, inp.prune, inp.sources)
     if seed_grid is not None:
         inp.seed_std = seed_grid_std(seed_grid)
         if inp.seed_std is None:
@@ -103,6 +106,25 @@ def load_inputs(metrics_dir: str | Path, prune_plots: str | Path | None = None,
         else:
             inp.sources.append(str(seed_grid))
     return inp
+
+
+def _train_epochs(metrics_dir: Path, prune: Any, sources: list[str]) -> dict[str, float]:
+    """Epochs each model trained in all: the train stages' `train.epochs`; the pruned model its input's training
+    epochs plus its rounds' fine-tunes (metrics/prune.json)."""
+    out: dict[str, float] = {}
+    for name, file in (("teacher", "teacher.json"), ("student", "student.json"), ("distilled", "distill.json")):
+        doc = read_json(metrics_dir / file) if (metrics_dir / file).is_file() else {}
+        epochs = (doc.get("train") or {}).get("epochs") if isinstance(doc, Mapping) else None
+        if isinstance(epochs, (int, float)):
+            out[name] = float(epochs)
+            if str(metrics_dir / file) not in sources:
+                sources.append(str(metrics_dir / file))
+    if isinstance(prune, Mapping):
+        extra = (prune.get("pruned") or {}).get("finetune_epochs")
+        start = (prune.get("input") or {}).get("train_epochs")
+        if isinstance(extra, (int, float)) and isinstance(start, (int, float)):
+            out["pruned"] = float(start + extra)
+    return out
 
 
 # The line `python -m yolo_compress.experiments.compare_distill` writes atop its table (reports/distill_comparison.md).
@@ -135,13 +157,33 @@ def bench_value(inp: Inputs, name: str, group: str, key: str) -> float | None:
 
 def is_flagged(inp: Inputs, name: str) -> bool:
     """The benchmark flagged this row's timing as too noisy to trust (spread over benchmark.max_spread)."""
-    return any(bench_value(inp, name, rt, "flagged") for rt in ("torch", "onnx"))
+    return any(bench_value(inp, name, rt, "flagged") for rt in ("torch", *FILE_RUNTIMES))
+
+
+def file_runtime(inp: Inputs, name: str) -> str | None:
+    """The runtime group (`onnx`, `openvino`) a shipped file's row was timed in; None for a PyTorch row."""
+    if "torch" in inp.benchmark.get(name, {}):
+        return None
+    return next((rt for rt in FILE_RUNTIMES if bench_value(inp, name, rt, "latency_ms_p50") is not None), None)
+
+
+def file_value(inp: Inputs, name: str, key: str) -> float | None:
+    """A shipped file's timing `key` in its own runtime group; None for a PyTorch row."""
+    rt = file_runtime(inp, name)
+    return bench_value(inp, name, rt, key) if rt else None
+
+
+def file_speedup(inp: Inputs, name: str) -> tuple[str, float] | None:
+    """(baseline row, speedup) of a shipped file against the baseline's FP32 file in the same runtime, or None."""
+    rt = file_runtime(inp, name)
+    group = inp.benchmark.get(name, {}).get(rt or "", {})
+    return next(((k[len("speedup_vs_"):], float(v)) for k, v in sorted(group.items()) if k.startswith("speedup_vs_")
+                 and isinstance(v, (int, float))), None)
 
 
 def shipped_rows(inp: Inputs) -> list[str]:
-    """Rows of shipped files (the export stage's `<model>_<fmt>`): timed on ONNX Runtime only, in model order."""
-    return [n for n in model_order(inp.benchmark)
-            if bench_value(inp, n, "onnx", "latency_ms_p50") is not None and "torch" not in inp.benchmark[n]]
+    """Rows of shipped files (the export stage's `<model>_<fmt>`), timed in their runtime, in model order."""
+    return [n for n in model_order(inp.benchmark) if file_runtime(inp, n)]
 
 
 def eval_value(inp: Inputs, name: str, split: str, key: str) -> float | None:
@@ -191,8 +233,9 @@ def missing_report_keys(metrics_dir: str | Path) -> list[str]:
         return [(s, k) for s in splits for k in EVAL_KEYS] if splits else [("<split>", EVAL_KEYS[1])]
 
     def bench_keys(data: Any) -> tuple[tuple[str, ...], ...]:
-        # a PyTorch row has a torch group, a shipped file an onnx group (with its flag); one of them at least
-        groups = [rt for rt in ("torch", "onnx") if isinstance(data, Mapping) and isinstance(data.get(rt), Mapping)]
+        # a PyTorch row has a torch group, a shipped file its runtime's group (with its flag); one at least
+        groups = [rt for rt in ("torch", *FILE_RUNTIMES)
+                  if isinstance(data, Mapping) and isinstance(data.get(rt), Mapping)]
         timing = tuple((rt, k) for rt in groups or ["torch"] for k in ("latency_ms_p50", "flagged"))
         return REQUIRED_KEYS["benchmark"] + timing
 

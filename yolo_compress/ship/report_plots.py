@@ -11,6 +11,7 @@ from yolo_compress.ship.report_inputs import (
     Inputs,
     bench_value,
     eval_value,
+    file_value,
     is_flagged,
     model_order,
     scored_splits,
@@ -33,14 +34,15 @@ def pareto_front(points: Mapping[str, tuple[float, float]]) -> list[str]:
 
 
 def _pareto_points(inp: Inputs) -> tuple[dict[str, tuple[float, float]], str, str]:
-    """The shipped files (one point per model x format, ONNX latency) when there are any, else the PyTorch rows."""
+    """The shipped files (one point per model x format, latency in its runtime) when there are any, else the PyTorch
+    rows."""
     splits = scored_splits(inp)
     split = "test" if "test" in splits else (splits[0] if splits else "val")
     shipped = [m for m in shipped_rows(inp) if eval_value(inp, m, split, "map50_95") is not None]
     models = shipped or [m for m in model_order(inp.benchmark) if eval_value(inp, m, split, "map50_95") is not None]
-    runtime = "onnx" if shipped or (models and all(bench_value(inp, m, "onnx", "latency_ms_p50") for m in models)) \
-        else "torch"
-    pts = {m: (bench_value(inp, m, runtime, "latency_ms_p50"), eval_value(inp, m, split, "map50_95")) for m in models}
+    runtime = "file" if shipped else "torch"
+    pts = {m: (file_value(inp, m, "latency_ms_p50") if shipped else bench_value(inp, m, "torch", "latency_ms_p50"),
+               eval_value(inp, m, split, "map50_95")) for m in models}
     return {m: p for m, p in pts.items() if p[0] is not None}, runtime, split  # type: ignore[misc]
 
 
@@ -72,7 +74,7 @@ def _placeholder(ax: Any, text: str) -> None:
 
 
 def plot_pareto(inp: Inputs, path: str | Path) -> None:
-    """Test mAP50-95 vs batch-1 latency p50 of the shipped files (ONNX Runtime; PyTorch rows when nothing was
+    """Test mAP50-95 vs batch-1 latency p50 of the shipped files (each in its runtime; PyTorch rows when nothing was
     exported), labelled, with the Pareto front of the rows whose timing is trusted (flagged rows are grey)."""
     pts, runtime, split = _pareto_points(inp)
     fig, ax = _figure()
@@ -87,7 +89,7 @@ def plot_pareto(inp: Inputs, path: str | Path) -> None:
         front = pareto_front({n: p for n, p in pts.items() if not is_flagged(inp, n)} or pts)
         ax.step([pts[n][0] for n in front], [pts[n][1] for n in front], where="post", color="grey", ls="--",
                 label="Pareto front")
-        ax.set_xlabel(f"{'ONNX Runtime' if runtime == 'onnx' else 'PyTorch'} latency p50, batch 1 (ms)")
+        ax.set_xlabel(f"{'ONNX Runtime / OpenVINO' if runtime == 'file' else 'PyTorch'} latency p50, batch 1 (ms)")
         ax.set_ylabel(f"{split} mAP50-95")
         ax.set_title("Accuracy vs latency")
         ax.margins(0.15)  # room for the labels of the corner points

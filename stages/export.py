@@ -4,10 +4,12 @@
         --metrics metrics/export.json
 
 Writes `<out-dir>/<model>_<format>.onnx` (fp32: Ultralytics' exporter; int8: ONNX Runtime static quantization, QDQ,
-per-channel, calibrated on `export.calib_images` training images; fp16), each with `<model>_<format>.json` saying how
-it was made, `<out-dir>/notes.json` with one line per file that could not be made, and `<metrics>` =
-{<model>_<format>: {size_mb, seconds}, mlflow_run_id}. A missing checkpoint, a failed export or quantization, or a
-file ONNX Runtime cannot load costs only that model's (or that format's) row: one warning line, the others are kept.
+per-channel, calibrated on `export.calib_images` training images; fp16) and
+`<out-dir>/<model>_openvino_<fp32|int8>_openvino_model/` (OpenVINO IR of the same graph; int8 by NNCF on the same
+images), each with `<model>_<format>.json` saying how it was made, `<out-dir>/notes.json` with one line per file that
+could not be made, and `<metrics>` = {<model>_<format>: {size_mb, seconds}, mlflow_run_id}. A missing checkpoint, a
+failed export or quantization, OpenVINO or NNCF not installed, or a file its runtime cannot load costs only that
+model's (or that format's) row: one warning line, the others are kept.
 The stage fails (one line) only when no file at all could be made.
 """
 
@@ -35,7 +37,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--data", type=Path, required=True, help="prepared dataset folder (train images calibrate int8)")
     ap.add_argument("--models-dir", type=Path, required=True, help="folder of <name>.pt")
-    ap.add_argument("--out-dir", type=Path, required=True, help="exported <model>_<format>.onnx and .json")
+    ap.add_argument("--out-dir", type=Path, required=True, help="exported files (.onnx, OpenVINO folders) and .json")
     ap.add_argument("--metrics", type=Path, required=True, help="metrics file: size and seconds per file")
     return ap.parse_args()
 
@@ -58,7 +60,7 @@ def main() -> None:
             problems[name] = [f"export.models lists '{name}' but {pt} does not exist; make it with `dvc repro "
                               f"{MADE_BY.get(name, name)}` or remove '{name}' from export.models"]
     calib: list[Path] | ExportError = []
-    if "int8" in cfg.formats:
+    if {"int8", "openvino_int8"} & set(cfg.formats):
         try:
             calib = calibration_images(args.data / "images" / "train", cfg.calib_images)
         except ExportError as err:  # costs the int8 files only

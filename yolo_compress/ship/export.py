@@ -1,8 +1,10 @@
-"""The files a user ships: ONNX FP32 (Ultralytics' exporter), ONNX INT8 (ONNX Runtime static quantization) and FP16.
+"""The files a user ships: ONNX FP32 (Ultralytics' exporter), ONNX INT8 (ONNX Runtime static quantization) and FP16,
+and OpenVINO FP32 / INT8 folders made from the same FP32 graph (`openvino_export`).
 
-Each file `<model>_<format>.onnx` gets a sidecar `<model>_<format>.json` saying how it was made (source checkpoint
-and its md5, format, opset, input size, calibration images, library versions), so `evaluate` and `benchmark` can
-find and describe the exported files without reading params.
+Each file `<model>_<format>.onnx` (or folder `<model>_<format>_openvino_model/`) gets a sidecar
+`<model>_<format>.json` saying how it was made (source checkpoint and its md5, format, the file's name, the runtime
+that runs it, opset, input size, calibration images, library versions), so `evaluate` and `benchmark` can find,
+run and describe the exported files without reading params.
 
 INT8: QDQ format, per-channel weights (int8) and per-tensor activations (uint8: ONNX Runtime's fast U8S8 path on
 x86), ranges calibrated (MinMax) on training images letterboxed exactly as Ultralytics' predictor feeds a
@@ -40,8 +42,8 @@ __all__ = ["ExportError", "Exported", "file_md5", "calibration_images", "letterb
 
 _HEAD_BRANCH = re.compile(r"(one2one_)?cv\d+\.\d+")  # /model.23/cv3.1/...: a conv branch of the head
 
-SIDECAR_KEYS = ("model", "format", "source", "source_md5", "imgsz", "opset", "simplify", "calib_images",
-                "versions")
+SIDECAR_KEYS = ("model", "format", "file", "runtime", "source", "source_md5", "imgsz", "opset", "simplify",
+                "calib_images", "versions")
 
 
 class ExportError(ModelError):

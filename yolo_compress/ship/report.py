@@ -252,6 +252,8 @@ def _machine_line(inp: Inputs) -> str | None:
     if "matmul_peak_gflops" in inp.machine:
         parts.append(f"fp32 matmul peak {inp.machine['matmul_peak_gflops']:.1f} GFLOP/s")
     parts += [f"{k} {info[k]}" for k in ("torch", "onnxruntime", "openvino") if k in info]
+    if info.get("openvino_precision", "f32") != "f32":  # the CPU's default: OpenVINO files are not computed in FP32
+        parts.append(f"OpenVINO computing in {info['openvino_precision']} (its default on this CPU, FP32 IRs too)")
     parts = [p for p in parts if p]
     return ("Timings on " + ", ".join(parts) + ". Latencies compare only within one benchmark run.") if parts else None
 

@@ -13,7 +13,8 @@ behind each score as `<predictions-dir>/<model>_<split>.json`. Both folders are 
 Every mAP50-95 carries its uncertainty (yolo_compress.measure.bootstrap): `map50_95_std`, `map50_95_ci95_low` and
 `map50_95_ci95_high` from 1,000 resamples of the split's images. Models scored on one split share its resamples,
 so differences are paired: `distilled.json` has `map50_95_minus_student` with its interval, `pruned.json`
-`map50_95_minus_distilled`, and every shipped file `map50_95_lost` with its interval.
+`map50_95_minus_distilled`, every shipped file `map50_95_lost` (against its checkpoint) with its interval, and each
+INT8 or FP16 file `map50_95_minus_fp32` against the FP32 file of its runtime.
 
 Every file the export stage made (`<export-dir>/<model>_<format>.onnx` through ONNX Runtime, and
 `<model>_openvino_<precision>_openvino_model/` folders through OpenVINO, both run by Ultralytics' AutoBackend) is
@@ -45,6 +46,7 @@ from yolo_compress.tracking.runs import log_artifact, log_metrics, stage_run
 log = logging.getLogger("yolo_compress.evaluate")
 # model -> the model it is compared with, image by image: the distillation gain, and pruning's cost
 PAIRED = {"distilled": "student", "pruned": "distilled"}
+FP32_OF = {"int8": "fp32", "fp16": "fp32", "openvino_int8": "openvino_fp32"}  # a shipped format -> its FP32 partner
 MIN_IMAGES_FOR_INTERVALS = 30
 
 def parse_args() -> argparse.Namespace:
@@ -124,6 +126,7 @@ def main() -> None:
                                                            samples[base, split]))
             for name in models:
                 files.write_json(out_tmp / f"{name}.json", {**scored[name], "mlflow_run_id": run.info.run_id})
+            scored_files: dict[str, dict[str, dict[str, float]]] = {}
             for key, (path, meta) in shipped.items():
                 try:
                     metrics = score(key, path, int(meta["imgsz"]))  # the graph's fixed input size
@@ -138,6 +141,14 @@ def main() -> None:
                     if (meta["model"], split) in samples:
                         metrics[split].update(interval_keys("map50_95_lost", samples[meta["model"], split] -
                                                             samples[key, split]))
+                scored_files[key] = metrics
+            for key, metrics in scored_files.items():  # INT8 / FP16 against the FP32 file of their runtime
+                meta = shipped[key][1]
+                fp32 = f"{meta['model']}_{FP32_OF[meta['format']]}" if meta["format"] in FP32_OF else None
+                for split in splits if fp32 in scored_files else []:
+                    point = metrics[split]["map50_95"] - scored_files[fp32][split]["map50_95"]
+                    metrics[split].update(paired_keys("map50_95_minus_fp32", point, samples[key, split],
+                                                      samples[fp32, split]))
                 files.write_json(out_tmp / f"{key}.json", {**metrics, "mlflow_run_id": run.info.run_id})
         for path in sorted(args.out_dir.glob("*.json")):
             log_artifact(str(path), artifact_path="metrics")

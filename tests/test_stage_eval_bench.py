@@ -112,6 +112,10 @@ def test_evaluate_writes_one_metrics_file_per_model_and_shipped_file_and_the_pre
             if name.endswith("fp32"):
                 assert val["map50_95"] == pytest.approx(onnx_val["map50_95"], abs=0.02)
         assert val["map50_95_lost"] == pytest.approx(pt_val["map50_95"] - val["map50_95"])
+        if name.endswith("int8"):  # paired against the FP32 file of its runtime, on the same resamples
+            fp32_val = read(work, f"metrics/evaluate/{name.removesuffix('int8')}fp32.json")["val"]
+            assert val["map50_95_minus_fp32"] == pytest.approx(val["map50_95"] - fp32_val["map50_95"])
+            assert val["map50_95_minus_fp32_ci95_low"] <= val["map50_95_minus_fp32_ci95_high"]
         assert val["map50_lost"] == pytest.approx(pt_val["map50"] - val["map50"])
 
 

@@ -270,8 +270,11 @@ def _int8_lines(inp: Inputs) -> list[str]:
                 continue
             split = "test" if "test" in scored_splits(inp) else "val"
             a32, a8 = eval_value(inp, fp32, split, "map50_95"), eval_value(inp, int8, split, "map50_95")
-            acc = (f", {split} mAP50-95 {a8 - a32:+.3f} ({a32:.3f} → {a8:.3f})" if a32 is not None and a8 is not None
-                   else "")
+            ci = eval_interval(inp, int8, split, "map50_95_minus_fp32")
+            noise = "" if ci is None else (f" [{ci[0]:+.3f}, {ci[1]:+.3f}], " + (
+                "outside the noise" if ci[0] > 0 or ci[1] < 0 else "within the noise"))
+            acc = (f", {split} mAP50-95 {a8 - a32:+.3f}{noise} ({a32:.3f} → {a8:.3f})"
+                   if a32 is not None and a8 is not None else "")
             lines.append(f"INT8 vs FP32 of {model} in {FILE_RUNTIMES[rt]}: {p32 / p8:.2f}× faster (p50 {p32:.1f} → "
                          f"{p8:.1f} ms){acc}.")
     vnni = inp.machine.get("int8_vnni")

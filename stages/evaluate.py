@@ -117,13 +117,15 @@ def main() -> None:
 
             for name, pt in models.items():
                 scored[name] = score(name, pt, cfg.imgsz)
-            for name, base in PAIRED.items():  # paired: both models scored on the same resamples of each split
-                if name not in scored or base not in scored:
-                    continue
+            def add_paired(table: dict[str, dict[str, dict[str, float]]], name: str, base: str, key: str) -> None:
+                """`key`: `name`'s mAP50-95 minus `base`'s per split, with the interval over the same resamples."""
                 for split in splits:
-                    point = scored[name][split]["map50_95"] - scored[base][split]["map50_95"]
-                    scored[name][split].update(paired_keys(f"map50_95_minus_{base}", point, samples[name, split],
-                                                           samples[base, split]))
+                    point = table[name][split]["map50_95"] - table[base][split]["map50_95"]
+                    table[name][split].update(paired_keys(key, point, samples[name, split], samples[base, split]))
+
+            for name, base in PAIRED.items():
+                if name in scored and base in scored:
+                    add_paired(scored, name, base, f"map50_95_minus_{base}")
             for name in models:
                 files.write_json(out_tmp / f"{name}.json", {**scored[name], "mlflow_run_id": run.info.run_id})
             scored_files: dict[str, dict[str, dict[str, float]]] = {}
@@ -145,10 +147,8 @@ def main() -> None:
             for key, metrics in scored_files.items():  # INT8 / FP16 against the FP32 file of their runtime
                 meta = shipped[key][1]
                 fp32 = f"{meta['model']}_{FP32_OF[meta['format']]}" if meta["format"] in FP32_OF else None
-                for split in splits if fp32 in scored_files else []:
-                    point = metrics[split]["map50_95"] - scored_files[fp32][split]["map50_95"]
-                    metrics[split].update(paired_keys("map50_95_minus_fp32", point, samples[key, split],
-                                                      samples[fp32, split]))
+                if fp32 in scored_files:
+                    add_paired(scored_files, key, fp32, "map50_95_minus_fp32")
                 files.write_json(out_tmp / f"{key}.json", {**metrics, "mlflow_run_id": run.info.run_id})
         for path in sorted(args.out_dir.glob("*.json")):
             log_artifact(str(path), artifact_path="metrics")

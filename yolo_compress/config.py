@@ -42,8 +42,8 @@ class DataConfig(Section):
     max_objects: int = 8  # (int) most labelled objects per built-in image
     train_images: int = 400  # (int) built-in images in train
     val_images: int = 100  # (int) built-in images in val
-    test_images: int = 100  # (int) built-in images in test
-    test_shift_images: int = 100  # (int) built-in images in test_shift (other backgrounds, scales, contrast)
+    test_images: int = 500  # (int) built-in images in test (500: a paired difference known to about ±1 point)
+    test_shift_images: int = 500  # (int) built-in images in test_shift (other backgrounds, scales, contrast)
     max_unlabeled_share: float = 0.5  # (float) your dataset: refuse a split with more images lacking a label file
 
     def __post_init__(self) -> None:

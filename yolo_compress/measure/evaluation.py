@@ -52,6 +52,10 @@ BOX_KEYS = ("map50_95", "map50", "map75", "map_small", "map_medium", "map_large"
 # OKS 0.5/0.75).
 KPT_KEYS = ("map50_95", "map50", "map75", "map_medium", "map_large", "ar20", "ar50", "ar75", "ar_medium", "ar_large")
 
+# Detections kept per image, over all classes: COCO's rule for its benchmark (and the maxDets=100 its AP counts).
+# Ultralytics keeps 300; on the default test split 100 moved mAP50-95 by under 0.001 and cut scoring time by ~30%.
+MAX_DETECTIONS = 100
+
 # Ultralytics' pose validator scales OKS by 0.53 × the box area (COCO person area over box area, after xtcocotools);
 # our ground truth stores the box area, so keypoint scoring applies the same factor to be comparable.
 ULTRALYTICS_OKS_AREA_SCALE = 0.53
@@ -133,7 +137,7 @@ def val_predictions(
     with tempfile.TemporaryDirectory(prefix="yc-val-") as tmp:  # val always writes a run folder; keep it out of cwd
         metrics = model.val(
             validator=validator, data=str(split_yaml), split=split, imgsz=imgsz, conf=conf, iou=iou, batch=batch,
-            save_json=True, plots=False, verbose=False, project=tmp, name="val", exist_ok=True,
+            max_det=MAX_DETECTIONS, save_json=True, plots=False, verbose=False, project=tmp, name="val", exist_ok=True,
             **({"device": device} if device is not None else {}),
         )
     scores = {"map50_95": float(metrics.box.map), "map50": float(metrics.box.map50)}
@@ -153,8 +157,8 @@ def _image_id(path: str | Path) -> int:
 def _predict_images(model: YOLO, images: Sequence[Path], imgsz: int, conf: float, iou: float,
                     device: str | None) -> Detections:
     dets: Detections = []
-    for r in model.predict([str(p) for p in images], imgsz=imgsz, conf=conf, iou=iou, max_det=300, stream=True,
-                           verbose=False, **({"device": device} if device is not None else {})):
+    for r in model.predict([str(p) for p in images], imgsz=imgsz, conf=conf, iou=iou, max_det=MAX_DETECTIONS,
+                           stream=True, verbose=False, **({"device": device} if device is not None else {})):
         image_id = _image_id(r.path)
         xyxy = r.boxes.xyxy.cpu().numpy()
         kpts = r.keypoints.data.cpu().numpy() if r.keypoints is not None else None

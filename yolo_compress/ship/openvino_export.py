@@ -29,7 +29,7 @@ import yaml
 from yolo_compress.errors import ModelError
 
 __all__ = ["OPENVINO_FORMATS", "OpenVinoError", "ir_folder", "ir_xml", "openvino_versions", "require_openvino",
-           "to_openvino", "check_runs"]
+           "to_openvino"]
 
 OPENVINO_FORMATS = ("openvino_fp32", "openvino_int8")
 INSTALL = "pip install openvino nncf (the README's install command does)"
@@ -123,17 +123,3 @@ def to_openvino(fp32_onnx: str | Path, folder: str | Path, calib: Sequence[np.nd
             shutil.rmtree(folder)
         os.replace(made, folder)
     return folder
-
-
-def check_runs(folder: str | Path) -> None:
-    """OpenVinoError (one line) unless OpenVINO compiles the IR for the CPU and runs it once on its input shape."""
-    ov = require_openvino()
-    try:
-        compiled = ov.Core().compile_model(str(ir_xml(folder)), "CPU")
-        shape = [d.get_length() if d.is_static else 1 for d in compiled.input(0).get_partial_shape()]
-        compiled(np.zeros(shape, np.float32))
-    except OpenVinoError:
-        raise
-    except Exception as err:  # noqa: BLE001 - OpenVINO raises RuntimeError and its own types for a bad IR
-        reason = " ".join(str(err).split())[:200] or type(err).__name__
-        raise OpenVinoError(f"OpenVINO cannot run {folder}: {reason}; rerun `dvc repro export`") from None

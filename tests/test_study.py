@@ -1,10 +1,12 @@
-"""The study: its config, grid and math on hand-made numbers, the refusal of uncommitted code, and one tiny real run
-over DVC's queue (train, distill, prune, time side by side, score with pycocotools, report; then resume)."""
+"""The study: its config, grid and math on hand-made numbers, its records, the refusal of uncommitted code, and one
+tiny real run of DVC experiments (train, distill, prune, time side by side, score with pycocotools, record and commit,
+report; then a new machine's view: records only, resumed, code changed)."""
 
 from __future__ import annotations
 
 import json
 import math
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -13,7 +15,7 @@ import yaml
 
 from tests.tiny_pipeline import GIT, REPO, copy_repo, run
 from yolo_compress.errors import ParamsError, UserError
-from yolo_compress.experiments.study import check_committed, check_params, keys_that_differ, overhead_path
+from yolo_compress.experiments.study import check_committed, check_params, overhead_path
 from yolo_compress.experiments.study_plan import (
     PLAIN,
     Scored,
@@ -29,6 +31,13 @@ from yolo_compress.experiments.study_plan import (
     plateaued,
     set_arguments,
     verdict,
+)
+from yolo_compress.experiments.study_records import (
+    estimate_seconds,
+    keys_that_differ,
+    load_records,
+    planned_epochs,
+    why_stale,
 )
 from yolo_compress.experiments.study_report import format_study
 
@@ -258,6 +267,18 @@ def test_a_bad_prune_recipe_is_refused_before_anything_is_queued(tmp_path: Path,
     check_params(StudyConfig(parts={"d": StudyPart(schedules={"short": 1}, prune={"ok": {}})}), ["d"])
 
 
+def test_a_start_that_is_not_there_is_refused_before_anything_runs(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    monkeypatch.chdir(tmp_path)
+    part = StudyPart(schedules={"short": 1}, params={"student.model": "models/start/synthetic_yolo11n.pt"})
+    with pytest.raises(ParamsError, match=r"^study\.yaml: parts\.d\.params: student\.model: "
+                                          r"models/start/synthetic_yolo11n\.pt not found; make the project's "
+                                          r"pretrained starts with `python -m yolo_compress\.experiments\."
+                                          r"pretrain_starts`"):
+        check_params(StudyConfig(parts={"d": part}), ["d"])
+
+
 def test_uncommitted_code_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "stages").mkdir()
     (tmp_path / "stages" / "a.py").write_text("x = 1\n")
@@ -273,8 +294,50 @@ def test_uncommitted_code_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyP
         check_committed()
 
 
+def test_a_record_is_reused_only_with_the_same_params_and_stage_code() -> None:
+    p = plan_part("d", StudyPart(schedules={"short": 3}, losses=["logit"], seeds=[0], params={"teacher.epochs": 5}))[0]
+    code = {"stages/distill.py": "a1", "distill (command)": "c1"}
+    record = {"name": p.name, "params": {"teacher": {"epochs": 5}, "student": {"epochs": 3, "seed": 0},
+                                         "distill": {"loss": "logit"}}, "code": dict(code)}
+    assert why_stale(record, p, code) is None
+    assert why_stale(record, p, {**code, "stages/distill.py": "a2"}) == (
+        "its stage code or start files changed (stages/distill.py)")
+    assert why_stale(record, p, {**code, "yolo_compress/train/distill.py": "b1"}) == (
+        "its stage code or start files changed (yolo_compress/train/distill.py)")  # a new dependency counts too
+    record["params"]["teacher"]["epochs"] = 4
+    assert why_stale(record, p, code) == "its params differ (teacher.epochs 4 -> 5)"
+
+
+def test_unreadable_records_are_skipped_so_their_experiments_run_again(tmp_path: Path) -> None:
+    (tmp_path / "a.json").write_text(json.dumps({"name": "study-a", "seconds": 3}))
+    (tmp_path / "b.json").write_text("{half written")
+    (tmp_path / "c.json").write_text(json.dumps({"no": "name"}))
+    assert list(load_records(tmp_path)) == ["study-a"]
+
+
+def test_an_experiment_is_estimated_from_its_part_records_or_else_its_epochs() -> None:
+    part = StudyPart(schedules={"short": 10, "long": 40}, losses=["logit"], seeds=[0],
+                     params={"data.train_images": 200, "student.imgsz": 128},
+                     prune={"r": {"prune.rounds": 3, "prune.finetune_epochs": 2, "prune.last_round_epochs": 10}})
+    short, long = plan_part("d", part)
+    params = {"teacher": {"epochs": 20}, "student": {"imgsz": 256}, "data": {"train_images": 400},
+              "prune": {"rounds": 4, "finetune_epochs": 3, "last_round_epochs": None}}
+    assert planned_epochs(short.overrides, params, "distill") == 20 + 2 * 10
+    prune = plan_prune("d", part, long)[0]
+    assert planned_epochs(prune.overrides, params, "prune") == 20 + 2 * 40 + 2 * 2 + 10
+    assert planned_epochs({}, params, "prune") == 20 + 0 + 3 * 3 + 3  # last_round_epochs null: finetune_epochs
+    # no record: 40 epochs of 200 images at a quarter of 256 px's area
+    assert estimate_seconds(short, [], params) == pytest.approx(40 * 200 * 0.045 / 4)
+    records = [{"part": "d", "target": "distill", "schedule": "short", "seconds": 600.0},
+               {"part": "d", "target": "distill", "schedule": "short", "seconds": 90.0},
+               {"part": "d", "target": "distill", "schedule": "long", "seconds": 5000.0},
+               {"part": "other", "target": "distill", "schedule": "short", "seconds": 9000.0}]
+    assert estimate_seconds(short, records, params) == 600.0  # the slowest like it (it trained the teacher too)
+
+
 @pytest.mark.e2e
-def test_study_runs_over_the_real_queue_and_resumes(tiny_repo: tuple[Path, dict[str, str]], tmp_path: Path) -> None:
+def test_study_records_each_experiment_and_resumes_from_records(tiny_repo: tuple[Path, dict[str, str]],
+                                                                tmp_path: Path) -> None:
     repo = copy_repo(tiny_repo[0], tmp_path / "repo")
     env = tiny_repo[1]
     (repo / "study.yaml").write_text(yaml.safe_dump({"parts": {"tiny": {
@@ -282,34 +345,51 @@ def test_study_runs_over_the_real_queue_and_resumes(tiny_repo: tuple[Path, dict[
         "prune": {"default": {}}}}}))
     run([*GIT, "add", "study.yaml"], repo, env)
     run([*GIT, "commit", "-qm", "tiny study"], repo, env)
-    run(["python", "-m", "yolo_compress.experiments.study", "--poll", "1"], repo, env)
+    head = run([*GIT, "rev-parse", "--short", "HEAD"], repo, env).stdout.strip()
+    run(["python", "-m", "yolo_compress.experiments.study"], repo, env)
     text = (repo / "reports" / "study.md").read_text()
     assert "### Schedule `short`: 1 student epochs" in text
     assert "| plain | 1 |" in text and "| logit | 1 |" in text
     assert "### Pruning `study-tiny-short-logit-s1`" in text and "| default | 1 | - | " in text
     assert "### Distillation time, side by side" in text and "Not finished" not in text
-    head = run([*GIT, "rev-parse", "--short", "HEAD"], repo, env).stdout.strip()
-    assert f"Experiments ran the code of commit {head}." in text  # the experiments' baseline, not the ref's sha
+    assert f"Experiments ran the code of commit {head}." in text  # the experiments' baseline, not a record commit
     summary = json.loads((repo / "reports" / "study.json").read_text())
-    rows = summary["parts"]["tiny"]["schedules"]["short"]["rows"]
-    for row in rows:
+    for row in summary["parts"]["tiny"]["schedules"]["short"]["rows"]:
         assert all(0 <= row["scores"][s][0] <= 1 for s in ("val", "test", "test_shift"))
-    exps = run(["dvc", "exp", "list", "--all-commits", "--name-only"], repo, env).stdout.split()
-    assert sorted(exps) == ["study-tiny-short-logit-s1", "study-tiny-short-pruned_default-logit-s1"]
-    scored = json.loads((repo / ".study" / "scores.json").read_text())
-    assert len(scored) == 4  # teacher, plain, distilled, pruned
+    names = ["study-tiny-short-logit-s1", "study-tiny-short-pruned_default-logit-s1"]
+    # each record (and the timing table) was committed as it was made, and nothing else
+    log = run([*GIT, "log", "--format=%s", f"{head}..HEAD"], repo, env).stdout.splitlines()
+    assert log == ["study: distillation timing of part tiny", *(f"study: record of {n}" for n in reversed(names))]
+    assert run([*GIT, "status", "--porcelain", "--", "reports/study_records"], repo, env).stdout == ""
+    record = json.loads((repo / "reports" / "study_records" / f"{names[0]}.json").read_text())
+    assert record["commit"] == head and record["params"]["student"]["seed"] == 1
+    assert set(record["scores"]) == {"teacher", "student", "distilled"} and len(record["curves"]["teacher"]) == 2
+    assert "stages/distill.py" in record["code"] and "stages/evaluate.py" not in record["code"]
 
-    run(["python", "-m", "yolo_compress.experiments.study", "--poll", "1"], repo, env)  # resumed: nothing left to run
-    assert sorted(run(["dvc", "exp", "list", "--all-commits", "--name-only"], repo, env).stdout.split()) == sorted(exps)
+    # a new machine: no experiment refs, no DVC cache, no score cache; the committed records are enough
+    for name in names:
+        run(["dvc", "exp", "remove", name], repo, env)
+    shutil.rmtree(repo / ".dvc" / "cache")
+    shutil.rmtree(repo / ".study")
+    run(["python", "-m", "yolo_compress.experiments.study", "--collect-only"], repo, env)
     assert (repo / "reports" / "study.md").read_text().split("\n", 3)[3] == text.split("\n", 3)[3]
+    proc = run(["python", "-m", "yolo_compress.experiments.study"], repo, env)  # resumed: nothing to run
+    assert "running study-" not in proc.stderr
+    assert run(["dvc", "exp", "list", "--all-commits", "--name-only"], repo, env).stdout.split() == []
 
-    # study.yaml changed under an experiment's name: one line, nothing queued
-    study = yaml.safe_load((repo / "study.yaml").read_text())
-    study["parts"]["tiny"]["params"]["teacher.epochs"] = 3
-    (repo / "study.yaml").write_text(yaml.safe_dump(study))
-    run([*GIT, "commit", "-qam", "more teacher epochs"], repo, env)
-    proc = run(["python", "-m", "yolo_compress.experiments.study", "--poll", "1"], repo, env, check=False)
+    # code that only evaluate uses keeps the records; the distill stage's code makes them stale
+    with (repo / "stages" / "evaluate.py").open("a") as f:
+        f.write("# an edit\n")
+    run([*GIT, "commit", "-qam", "evaluate edit"], repo, env)
+    run(["python", "-m", "yolo_compress.experiments.study", "--collect-only"], repo, env)
+    assert "Not finished" not in (repo / "reports" / "study.md").read_text()
+    with (repo / "stages" / "distill.py").open("a") as f:
+        f.write("# an edit\n")
+    run([*GIT, "commit", "-qam", "distill edit"], repo, env)
+    proc = run(["python", "-m", "yolo_compress.experiments.study", "--budget", "0.001"], repo, env, check=False)
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1] == (
-        "error: experiment study-tiny-short-logit-s1 exists with other params (teacher.epochs 2 -> 3): remove it "
-        "(`dvc exp remove study-tiny-short-logit-s1`) to run it again, or rename the part")
+    lines = proc.stderr.strip().splitlines()
+    assert any(line.endswith(f"{names[0]}: its record is not reused, its stage code or start files changed "
+                             "(stages/distill.py): it runs again") for line in lines)
+    assert lines[-1].startswith(f"error: --budget 0.001 min is too small for one experiment: {names[0]} needs about ")
+    assert run(["dvc", "exp", "list", "--all-commits", "--name-only"], repo, env).stdout.split() == []

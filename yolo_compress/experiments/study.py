@@ -1,31 +1,33 @@
 """The study: distillation and pruning in the users' setting, run as DVC experiments from study.yaml.
 
-    python -m yolo_compress.experiments.study [--parts digits pose] [--jobs 1]  # queue what is missing, wait, report
-    python -m yolo_compress.experiments.study --collect-only  # report what has finished, run nothing
+    python -m yolo_compress.experiments.study [--parts digits pose] [--budget 150]  # run what has no record, report
+    python -m yolo_compress.experiments.study --collect-only  # report from the committed records, run nothing
 
-Each (part, schedule, loss, seed) is one `dvc exp run --queue` of the committed pipeline up to `distill`, with
+Each (part, schedule, loss, seed) is one `dvc exp run --temp` of the committed pipeline up to `distill`, with
 study.yaml's overrides; it trains that seed's plain student too, and DVC's run cache shares the teacher and the
 plain students between experiments. When the distill grid is done, the best distilled model of the longest
 schedule (chosen on val; or each `prune_seeds` model of the best loss) goes through the `prune` stage once per
 recipe of study.yaml, and the distillation time of each loss is measured side by side against plain training
 (yolo_compress.experiments.distill_overhead) on the part's data.
-Every model is then scored with pycocotools on val, test and test_shift, from the experiment's own outputs in the
-DVC cache. Writes reports/study.md and reports/study.json.
 
-Resumable: finished experiments (by name) are kept, queued or running ones are waited for, failed or missing ones
-are queued again; scores are cached in .study/ by model and data hash. It refuses to run from uncommitted code,
-because queued experiments run the last commit.
+The moment an experiment ends, its models are scored with pycocotools on val, test and test_shift, and its record
+(yolo_compress.experiments.study_records) is written under reports/study_records/ and committed: a rerun, in this
+session or a later one on another machine, runs only the experiments with no record of the same params and stage
+code. `--budget` stops between experiments. The report, reports/study.md and reports/study.json, is built from the
+records alone. It refuses to run from uncommitted code, because experiments run the last commit.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import logging
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -37,7 +39,8 @@ from yolo_compress import files
 from yolo_compress.config import load_params
 from yolo_compress.data.prepared import load_summary, training_view
 from yolo_compress.errors import ParamsError, UserError, stage_entrypoint
-from yolo_compress.experiments.compare_distill import PENDING, queue_status, run_dvc, wait_for
+from yolo_compress.experiments.compare_distill import run_dvc
+from yolo_compress.experiments.pretrain_starts import weights_sha256
 from yolo_compress.experiments.study_plan import (
     PLAIN,
     SPLITS,
@@ -51,19 +54,26 @@ from yolo_compress.experiments.study_plan import (
     plan_prune,
     set_arguments,
 )
+from yolo_compress.experiments.study_records import (
+    RECORDS,
+    estimate_seconds,
+    load_records,
+    record_path,
+    why_stale,
+)
 from yolo_compress.experiments.study_report import format_study
 from yolo_compress.measure.evaluation import evaluate_split_with_predictions
 
 log = logging.getLogger("yolo_compress.experiments.study")
-WORK = Path(".study")  # scratch: fetched data and models, score cache, overhead tables (git-ignored)
-# What the pipeline did before params.yaml had the key: experiments made then match a recipe that sets it so.
-PARAMS_BEFORE_THE_KEY = {"prune.activation": "keep", "distill.kpt_weight": 1.0}
+WORK = Path(".study")  # scratch: fetched data and models, score cache (git-ignored)
 CODE = ("stages", "yolo_compress", "dvc.yaml", "params.yaml", "study.yaml")
+CODE_ROOTS = ("stages/", "yolo_compress/")  # a stage's dependencies that are code, not data or models
+TARGETS = ("distill", "prune")  # the stages study experiments run up to
 
 
 def check_committed(paths: Sequence[str] = CODE) -> None:
     """Refuse while code or params differ from the last commit: each experiment's results must be those of a commit
-    (a queued experiment would silently carry the uncommitted edits)."""
+    (an experiment run with --temp would silently carry the uncommitted edits)."""
     out = subprocess.run(["git", "status", "--porcelain", "--", *paths], capture_output=True, text=True)
     if out.returncode != 0:
         raise UserError("the study needs a git repository: run it from the project's clone")
@@ -74,7 +84,7 @@ def check_committed(paths: Sequence[str] = CODE) -> None:
 
 
 def check_params(study: StudyConfig, parts: Sequence[str], config: str = "study.yaml") -> None:
-    """Every experiment's params.yaml must load: a bad override stops here, before anything is queued."""
+    """Every experiment's params.yaml must load: a bad override stops here, before anything runs."""
     base = yaml.safe_load(Path("params.yaml").read_text()) or {}
     for name in parts:
         part = study.parts[name]
@@ -88,17 +98,57 @@ def check_params(study: StudyConfig, parts: Sequence[str], config: str = "study.
                 load_params(path)
             except ParamsError as err:
                 raise ParamsError(f"{config}: {where}: {str(err).split(': ', 1)[1]}") from None
+            for key, value in overrides.items():
+                if isinstance(value, str) and value.startswith("models/start/") and not Path(value).is_file():
+                    raise ParamsError(f"{config}: {where}: {key}: {value} not found; make the project's pretrained "
+                                      "starts with `python -m yolo_compress.experiments.pretrain_starts`, or put "
+                                      "your own file there")
 
 
-def tree_changed_for_queue(paths: Sequence[str]) -> bool:
-    """True (with a warning) when code or params differ from the last commit: a queued experiment would run them.
-    Checked again before the prune, which is queued an hour or more after the grid."""
+def tree_changed(paths: Sequence[str]) -> bool:
+    """True (with a warning) when code or params differ from the last commit: an experiment would run them.
+    Checked again before the prune, which starts an hour or more after the grid."""
     try:
         check_committed(paths)
     except UserError as err:
-        log.warning("prune not queued: %s; then rerun the study", err)
+        log.warning("prune not run: %s; then rerun the study", err)
         return True
     return False
+
+
+def stage_code(target: str) -> dict[str, str]:
+    """md5 (as dvc.lock has it) of every code dependency of `target` and of the stages it needs, and of each of
+    those stages' command as dvc.yaml writes it: what a record's experiment must share with today's code."""
+    from dvc.repo import Repo
+
+    commands = (yaml.safe_load(Path("dvc.yaml").read_text()) or {}).get("stages", {})
+    code = {}
+    with Repo(".") as repo:
+        for stage in repo.stage.collect(target, with_deps=True):
+            code[f"{stage.addressing} (command)"] = hashlib.md5(
+                str(commands.get(stage.addressing, {}).get("cmd", "")).encode()).hexdigest()
+            for dep in stage.deps:
+                if dep.def_path.startswith(CODE_ROOTS) and Path(dep.def_path).is_file():
+                    code[dep.def_path] = hashlib.md5(Path(dep.def_path).read_bytes()).hexdigest()
+    return code
+
+
+def start_files(overrides: dict[str, Any]) -> list[str]:
+    """The local files an experiment's overrides name (a pretrained start under models/start/, say)."""
+    return sorted({v for v in overrides.values() if isinstance(v, str) and v.endswith((".pt", ".yaml", ".yml"))
+                   and Path(v).is_file()})
+
+
+@functools.cache
+def start_hash(path: str) -> str:
+    """A start's identity: its weights' sha256 for a .pt (the file also holds its date), the file's md5 otherwise."""
+    return weights_sha256(path) if path.endswith(".pt") else hashlib.md5(Path(path).read_bytes()).hexdigest()
+
+
+def planned_code(p: Planned, code: dict[str, dict[str, str]]) -> dict[str, str]:
+    """What `p`'s record must share with today: the stage code up to its target, and each start file it names (a
+    start trained again on another CPU type is another start)."""
+    return {**code[p.target], **{f: start_hash(f) for f in start_files(p.overrides)}}
 
 
 def finished_experiments() -> dict[str, str]:
@@ -110,58 +160,12 @@ def finished_experiments() -> dict[str, str]:
             if ref.count("/") == 4}
 
 
-def params_differ(exp: Experiment, overrides: dict[str, Any]) -> list[str]:
-    """The dotted keys whose value in the experiment's params.yaml is not the one planned (study.yaml changed)."""
-    return keys_that_differ(yaml.safe_load(exp.fs.read_text("params.yaml")) or {}, overrides)
-
-
-def keys_that_differ(params: dict[str, Any], overrides: dict[str, Any]) -> list[str]:
-    """`overrides`' dotted keys whose value in `params` differs, as "key old -> new"; a key added to params.yaml
-    after an experiment ran reads as the behaviour it had then (`PARAMS_BEFORE_THE_KEY`)."""
-    differ = []
-    for key, value in overrides.items():
-        node: Any = params
-        for k in key.split("."):
-            node = node.get(k) if isinstance(node, dict) else None
-        if node is None:
-            node = PARAMS_BEFORE_THE_KEY.get(key)
-        if node != value:
-            differ.append(f"{key} {node!r} -> {value!r}")
-    return differ
-
-
-def run_queue(planned: Sequence[Planned], jobs: int, poll_s: float) -> None:
-    """Queue the experiments that have neither finished nor are waiting, start the workers, wait for all."""
-    if not planned:
-        return
-    done, (states, _) = finished_experiments(), queue_status()
-    for p in planned:
-        if p.name in done:
-            differ = params_differ(Experiment(p.name, done[p.name]), p.overrides)
-            if differ:
-                raise UserError(f"experiment {p.name} exists with other params ({'; '.join(differ[:3])}): "
-                                f"remove it (`dvc exp remove {p.name}`) to run it again, or rename the part")
-            continue
-        if states.get(p.name) in PENDING:
-            continue
-        run_dvc("exp", "run", "--queue", "--name", p.name, *set_arguments(p.overrides), p.target)
-        log.info("queued %s", p.name)
-    run_dvc("queue", "start", "-j", str(jobs))
-    wait_for([p.name for p in planned], poll_s, jobs)
-
-
 # ----------------------------------------------------------------------------------------- reading experiments
 class Experiment:
     """A finished experiment's files, read from git and the DVC cache at its commit."""
 
     def __init__(self, name: str, rev: str) -> None:
         self.name, self.rev, self.fs = name, rev, DVCFileSystem(".", rev=rev)
-
-    @property
-    def code_commit(self) -> str:
-        """The commit the experiment ran (its baseline: the experiment commit's parent), short."""
-        return subprocess.run(["git", "rev-parse", "--short", f"{self.rev}^"], capture_output=True, text=True,
-                              check=True).stdout.strip()
 
     def json(self, path: str) -> Any:
         return json.loads(self.fs.read_text(path))
@@ -209,59 +213,159 @@ class Scorer:
         return self.cache[key]
 
 
-def finished(p: Planned, done: dict[str, str], missing: list[str]) -> Experiment | None:
-    """The finished experiment of `p`, or None (noted in `missing`) when it has not run or ran other params."""
-    if p.name not in done:
-        missing.append(p.name)
-        return None
-    exp = Experiment(p.name, done[p.name])
-    if params_differ(exp, p.overrides):
-        missing.append(f"{p.name} (ran with other params than study.yaml's)")
-        return None
-    return exp
+def make_record(p: Planned, exp: Experiment, part: StudyPart, scorer: Scorer, code: dict[str, str],
+                commit: str) -> dict[str, Any]:
+    """Everything the report needs from a finished experiment, read from its outputs while they exist; `commit` is
+    the code's (the study's starting commit: records committed since change no code)."""
+
+    def curve(path: str) -> list[float]:
+        return [row.get(part.metric, 0.0) for row in exp.json(path)]
+
+    record: dict[str, Any] = {
+        "name": p.name, "part": p.part, "schedule": p.schedule, "loss": p.loss, "seed": p.seed, "recipe": p.recipe,
+        "target": p.target, "overrides": p.overrides, "params": yaml.safe_load(exp.fs.read_text("params.yaml")),
+        "code": code, "commit": commit, "metric": part.metric,
+        "data_md5": exp.md5("data/prepared"), "teacher_md5": exp.md5("models/teacher.pt")}
+    if p.target == "prune":
+        record["scores"] = {m: scorer.score(exp, f"models/{m}.pt", part.metric) for m in ("distilled", "pruned")}
+        record["prune"] = {"metrics": exp.json("metrics/prune.json"), "rounds": exp.json("plots/prune.json")}
+        return record
+    student, distilled = exp.json("metrics/student.json"), exp.json("metrics/distill.json")
+    record["scores"] = {m: scorer.score(exp, f"models/{m}.pt", part.metric)
+                        for m in ("teacher", "student", "distilled")}
+    record["curves"] = {"teacher": curve("plots/train_teacher.json"), "student": curve("plots/train_student.json"),
+                        "distilled": curve("plots/distill.json")}
+    record["seconds_per_epoch"] = {"student": student["train"]["seconds_per_epoch"],
+                                   "distilled": distilled["train"]["seconds_per_epoch"]}
+    record["gflops"] = {"teacher": exp.json("metrics/teacher.json")["model"]["gflops"],
+                        "student": student["model"]["gflops"]}
+    return record
 
 
-def collect_part(name: str, part: StudyPart, scorer: Scorer) -> dict[str, Any]:
-    """Everything the report says about one part, from the finished experiments."""
-    done = finished_experiments()
-    result: dict[str, Any] = {"schedules": {}, "missing": [], "teacher": None, "prune": {}, "commits": []}
-    used: list[Experiment] = []
-    for p in plan_part(name, part):
-        exp = finished(p, done, result["missing"])
-        if exp is None:
+def commit_files(paths: Sequence[Path], message: str) -> None:
+    """Commit just these files (the rest of the index is left alone); a failure warns, the files stay written."""
+    names = [str(p) for p in paths]
+    add = subprocess.run(["git", "add", "--", *names], capture_output=True, text=True)
+    done = add.returncode == 0 and subprocess.run(["git", "commit", "-q", "-m", message, "--", *names],
+                                                  capture_output=True, text=True).returncode == 0
+    if not done:
+        log.warning("could not commit %s (git add / commit failed): commit it yourself, or a later session runs "
+                    "the experiment again", ", ".join(names))
+
+
+# -------------------------------------------------------------------------------------------------- running
+class Budget:
+    """--budget: experiments start only while their estimated length fits in what is left."""
+
+    def __init__(self, minutes: float | None) -> None:
+        self.end = None if minutes is None else time.monotonic() + minutes * 60
+        self.minutes, self.started, self.spent = minutes, 0, False
+
+    def allows(self, p: Planned, seconds: float) -> bool:
+        """Whether `p` (about `seconds` long) may start; UserError when not even the first one fits."""
+        if self.end is None:
+            return True
+        left = self.end - time.monotonic()
+        if seconds <= left:
+            return True
+        if self.started == 0 and not self.spent:
+            raise UserError(f"--budget {self.minutes:g} min is too small for one experiment: {p.name} needs about "
+                            f"{seconds / 60:.0f} min (from the records of part {p.part}, or its epochs); raise "
+                            "--budget")
+        log.info("budget: stopping before %s (about %.0f min; %.0f min left); rerun to go on", p.name, seconds / 60,
+                 max(left, 0) / 60)
+        self.spent = True
+        return False
+
+
+def head_commit() -> str:
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+
+
+def run_planned(planned: Sequence[Planned], study: StudyConfig, records: dict[str, dict[str, Any]],
+                code: dict[str, dict[str, str]], budget: Budget, scorer: Scorer, code_commit: str,
+                commit: bool) -> None:
+    """Run, record and commit, one experiment at a time, each planned experiment without a current record."""
+    params = yaml.safe_load(Path("params.yaml").read_text()) or {}
+    todo = []
+    for p in planned:
+        record = records.get(p.name)
+        why = None if record is None else why_stale(record, p, planned_code(p, code))
+        if record is None or why is not None:
+            if why is not None:
+                log.warning("%s: its record is not reused, %s: it runs again", p.name, why)
+            todo.append(p)
+    for p in todo:
+        if budget.spent or not budget.allows(p, estimate_seconds(p, list(records.values()), params)):
+            return
+        if p.name in finished_experiments():  # an older run of the name (other params or code)
+            run_dvc("exp", "remove", p.name)
+        log.info("running %s (%d of %d to run)", p.name, todo.index(p) + 1, len(todo))
+        budget.started += 1
+        t0 = time.monotonic()
+        copied = [arg for f in start_files(p.overrides) for arg in ("-C", f)]  # git-ignored starts too
+        proc = subprocess.run(["dvc", "exp", "run", "--temp", "--name", p.name, *copied, *set_arguments(p.overrides),
+                               p.target])
+        if proc.returncode != 0:
+            log.warning("%s failed (exit %d; its output is above): no record, a rerun tries it again", p.name,
+                        proc.returncode)
             continue
-        used.append(exp)
+        exp = Experiment(p.name, finished_experiments()[p.name])
+        records[p.name] = make_record(p, exp, study.parts[p.part], scorer, planned_code(p, code), code_commit)
+        records[p.name]["seconds"] = round(time.monotonic() - t0, 1)  # scoring included: the budget pays for it
+        path = record_path(p.name)
+        files.write_json(path, records[p.name])
+        if commit:
+            commit_files([path], f"study: record of {p.name}")
+
+
+# ---------------------------------------------------------------------------------------------- collecting
+def current(p: Planned, records: dict[str, dict[str, Any]], code: dict[str, dict[str, str]],
+            missing: list[str]) -> dict[str, Any] | None:
+    """`p`'s record when it matches today's params and stage code; otherwise None, noted in `missing`."""
+    record = records.get(p.name)
+    why = None if record is None else why_stale(record, p, planned_code(p, code))
+    if record is None or why is not None:
+        missing.append(p.name if record is None else f"{p.name} ({why})")
+        return None
+    return record
+
+
+def collect_part(name: str, part: StudyPart, records: dict[str, dict[str, Any]],
+                 code: dict[str, dict[str, str]]) -> dict[str, Any]:
+    """Everything the report says about one part, from its current records."""
+    result: dict[str, Any] = {"schedules": {}, "missing": [], "teacher": None, "prune": {}, "commits": []}
+    used: list[dict[str, Any]] = []
+    for p in plan_part(name, part):
+        record = current(p, records, code, result["missing"])
+        if record is None:
+            continue
+        used.append(record)
         sched = result["schedules"].setdefault(p.schedule, {"epochs": part.schedules[p.schedule], "runs": {}})
         runs = sched["runs"]
-        student, distilled = exp.json("metrics/student.json"), exp.json("metrics/distill.json")
         if p.seed not in runs.get(PLAIN, {}):
-            curve = [row.get(part.metric, 0.0) for row in exp.json("plots/train_student.json")]
             runs.setdefault(PLAIN, {})[p.seed] = {
-                "scores": scorer.score(exp, "models/student.pt", part.metric),
-                "seconds_per_epoch": student["train"]["seconds_per_epoch"], "curve": curve}
+                "scores": record["scores"]["student"], "seconds_per_epoch": record["seconds_per_epoch"]["student"],
+                "curve": record["curves"]["student"]}
         runs.setdefault(p.loss, {})[p.seed] = {
-            "scores": scorer.score(exp, "models/distilled.pt", part.metric),
-            "seconds_per_epoch": distilled["train"]["seconds_per_epoch"], "experiment": p.name}
+            "scores": record["scores"]["distilled"], "seconds_per_epoch": record["seconds_per_epoch"]["distilled"],
+            "experiment": p.name}
         if result["teacher"] is None:
-            result["teacher"] = {"scores": scorer.score(exp, "models/teacher.pt", part.metric),
-                                 "curve": [row.get(part.metric, 0.0) for row in exp.json("plots/train_teacher.json")],
-                                 "gflops": exp.json("metrics/teacher.json")["model"]["gflops"],
-                                 "student_gflops": student["model"]["gflops"]}
+            result["teacher"] = {"scores": record["scores"]["teacher"], "curve": record["curves"]["teacher"],
+                                 "gflops": record["gflops"]["teacher"], "student_gflops": record["gflops"]["student"]}
     pruned = to_prune(name, part, result)
     result["best"] = [best.name for best in pruned]
     for p in (p for best in pruned for p in plan_prune(name, part, best)):
-        exp = finished(p, done, result["missing"])
-        if exp is not None:
-            used.append(exp)
+        record = current(p, records, code, result["missing"])
+        if record is not None:
+            used.append(record)
             result["prune"].setdefault(p.recipe, {})[p.seed] = {
-                "experiment": exp.name, "overrides": part.prune[p.recipe],
-                "metrics": exp.json("metrics/prune.json"), "rounds": exp.json("plots/prune.json"),
-                "scores": scorer.score(exp, "models/pruned.pt", part.metric),
-                "distilled": scorer.score(exp, "models/distilled.pt", part.metric)}
-    # experiments are found by name, whatever commit ran them: the report names those commits
-    result["commits"] = sorted({exp.code_commit for exp in used})
-    source = overhead_source(name, part)
-    overhead = overhead_table(part, source) if source is not None else None
+                "experiment": p.name, "overrides": part.prune[p.recipe], "metrics": record["prune"]["metrics"],
+                "rounds": record["prune"]["rounds"], "scores": record["scores"]["pruned"],
+                "distilled": record["scores"]["distilled"]}
+    # records are matched by name, params and stage code, whatever commit ran them: the report names those commits
+    result["commits"] = sorted({str(r["commit"]) for r in used})
+    overhead = overhead_table(part, used[0]) if used else None
     result["overhead"] = overhead.read_text() if overhead is not None and overhead.is_file() else None
     return result
 
@@ -273,37 +377,34 @@ def to_prune(name: str, part: StudyPart, result: dict[str, Any]) -> list[Planned
                                         if loss != PLAIN for seed, r in by_seed.items()})
 
 
-def overhead_source(name: str, part: StudyPart) -> Experiment | None:
-    """The part's first finished experiment: its data, teacher and params are what the timing runs on."""
-    done = finished_experiments()
-    first = next((p for p in plan_part(name, part) if p.name in done), None)
-    return None if first is None else Experiment(first.name, done[first.name])
-
-
+# ------------------------------------------------------------------------------------------- timing tables
 def overhead_path(data_md5: str, teacher_md5: str, params_text: str, losses: Sequence[str]) -> Path:
-    """Where the timing table of these data, teacher, params and losses lives, whatever part timed them: a resized
-    part or a new loss is timed again, a renamed part is not."""
+    """Where the timing table of these data, teacher, params and losses lives (committed beside the records),
+    whatever part timed them: a resized part or a new loss is timed again, a renamed part is not."""
     key = hashlib.md5(f"{data_md5} {teacher_md5} {params_text} {' '.join(losses)}".encode()).hexdigest()[:12]
-    return WORK / "overhead" / f"{key}.md"
+    return RECORDS / "overhead" / f"{key}.md"
 
 
-def overhead_table(part: StudyPart, exp: Experiment) -> Path:
-    """The timing table's path for the data, teacher and params of `exp` and the part's losses."""
-    return overhead_path(exp.md5("data/prepared"), exp.md5("models/teacher.pt"), exp.fs.read_text("params.yaml"),
+def overhead_table(part: StudyPart, record: dict[str, Any]) -> Path:
+    """The timing table's path for the data, teacher and params of a record's experiment and the part's losses."""
+    return overhead_path(record["data_md5"], record["teacher_md5"], yaml.safe_dump(record["params"], sort_keys=True),
                          part.losses)
 
 
-def measure_overhead(name: str, part: StudyPart) -> None:
+def measure_overhead(name: str, part: StudyPart, records: dict[str, dict[str, Any]],
+                     code: dict[str, dict[str, str]], commit: bool) -> None:
     """Distillation time per epoch against plain training, side by side in one process, on the part's data and
-    teacher (from its first finished experiment); skipped when measured before on the same ones."""
-    exp = overhead_source(name, part)
-    if exp is None:
+    teacher (from its first current record whose experiment is still here); skipped when measured before."""
+    firsts = [r for p in plan_part(name, part) if (r := current(p, records, code, [])) is not None]
+    if not firsts or overhead_table(part, firsts[0]).is_file():
         return
-    out = overhead_table(part, exp)
-    if out.is_file():
+    out, here = overhead_table(part, firsts[0]), finished_experiments()
+    if firsts[0]["name"] not in here:
+        log.info("%s: the side-by-side timing waits for a session that has run one of the part's experiments", name)
         return
+    exp = Experiment(firsts[0]["name"], here[firsts[0]["name"]])
     params = WORK / name / "overhead_params.yaml"
-    files.write_text(params, exp.fs.read_text("params.yaml"))
+    files.write_text(params, yaml.safe_dump(firsts[0]["params"], sort_keys=False))
     data = exp.fetch("data/prepared", WORK / "data" / exp.md5("data/prepared"))
     teacher = exp.fetch("models/teacher.pt", WORK / "models" / f"{exp.md5('models/teacher.pt')}.pt")
     log.info("%s: timing %s against plain training, side by side", name, " ".join(part.losses))
@@ -311,15 +412,18 @@ def measure_overhead(name: str, part: StudyPart) -> None:
                            "--data", str(data), "--teacher", str(teacher), "--losses", *part.losses, "--out", str(out)])
     if proc.returncode != 0:  # the report is still written, without this table; a rerun tries again
         log.warning("%s: the side-by-side timing failed (exit %d); see the output above", name, proc.returncode)
+    elif commit:
+        commit_files([out], f"study: distillation timing of part {name}")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", type=Path, default=Path("study.yaml"))
     ap.add_argument("--parts", nargs="+", help="parts of study.yaml to run (default: all)")
-    ap.add_argument("--jobs", type=int, default=1, help="queue workers; more than 1 only for correctness checks")
-    ap.add_argument("--collect-only", action="store_true", help="report the finished experiments, run nothing")
-    ap.add_argument("--poll", type=float, default=60.0, help="seconds between queue status checks")
+    ap.add_argument("--budget", type=float, help="minutes: start no experiment that would end after this")
+    ap.add_argument("--collect-only", action="store_true", help="report from the records, run nothing")
+    ap.add_argument("--no-commit", dest="commit", action="store_false",
+                    help="write records without committing them (a later session may then run them again)")
     ap.add_argument("--out", type=Path, default=Path("reports/study.md"))
     return ap.parse_args(argv)
 
@@ -332,33 +436,33 @@ def main(argv: Sequence[str] | None = None) -> None:
     unknown = [p for p in parts if p not in study.parts]
     if unknown:
         raise UserError(f"--parts: {unknown[0]!r} is not in {args.config} (it has {', '.join(study.parts)})")
-    code = (*CODE, str(args.config))  # a follow-up study's own config, too
+    if args.budget is not None and not args.budget > 0:
+        raise UserError(f"--budget: expected minutes > 0, got {args.budget:g}")
+    code_paths = (*CODE, str(args.config))  # a follow-up study's own config, too
+    code = {target: stage_code(target) for target in TARGETS}
+    records = load_records()
     if not args.collect_only:
-        check_committed(code)
+        check_committed(code_paths)
         check_params(study, parts, str(args.config))
-        run_queue([p for name in parts for p in plan_part(name, study.parts[name])], args.jobs, args.poll)
-    scorer = Scorer()
-    if not args.collect_only:
-        prunes = []
-        for name in parts:
-            part = study.parts[name]
-            prunes += [p for best in to_prune(name, part, collect_part(name, part, scorer))
-                       for p in plan_prune(name, part, best)]
-        if prunes and tree_changed_for_queue(code):
-            prunes = []
-        run_queue(prunes, args.jobs, args.poll)
-        for name in parts:
-            measure_overhead(name, study.parts[name])
+        budget, scorer, code_commit = Budget(args.budget), Scorer(), head_commit()
+        run_planned([p for name in parts for p in plan_part(name, study.parts[name])], study, records, code, budget,
+                    scorer, code_commit, args.commit)
+        prunes = [p for name in parts for best in to_prune(name, study.parts[name],
+                                                           collect_part(name, study.parts[name], records, code))
+                  for p in plan_prune(name, study.parts[name], best)]
+        if prunes and not budget.spent and not tree_changed(code_paths):
+            run_planned(prunes, study, records, code, budget, scorer, code_commit, args.commit)
+        for name in parts if not budget.spent else []:
+            measure_overhead(name, study.parts[name], records, code, args.commit)
     # the report covers every part, so running one part does not drop the others' results
     collected = {}
     for name, part in study.parts.items():
         try:
-            collected[name] = collect_part(name, part, scorer)
-        except Exception as err:  # noqa: BLE001 - one part's broken file must not cost the other parts' report
+            collected[name] = collect_part(name, part, records, code)
+        except Exception as err:  # noqa: BLE001 - one part's broken record must not cost the other parts' report
             log.warning("%s: not collected (%s: %s); the other parts are reported", name, type(err).__name__, err)
             collected[name] = {"error": f"{type(err).__name__}: {err}"}
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    text, summary = format_study(study, collected, commit, args.config.as_posix())
+    text, summary = format_study(study, collected, head_commit(), args.config.as_posix())
     files.write_text(args.out, text)
     files.write_json(args.out.with_suffix(".json"), summary)
     print(text)

@@ -1,0 +1,107 @@
+"""The study's records: one JSON per finished experiment under reports/study_records/, committed the moment it ends.
+
+Git refs of DVC experiments and the DVC cache do not outlive a session's machine; commits do. A record holds what the
+report needs (params, the code it ran, per-epoch val curves, pycocotools scores per split), so a grid of any size
+completes over as many sessions as it takes: a rerun skips each experiment whose record has the same params and the
+same stage code (the md5 of every code dependency of the stages it ran, as dvc.lock hashes them, and their commands).
+Pure: reading, comparing and estimating; running and committing live in yolo_compress.experiments.study.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from yolo_compress.experiments.study_plan import Planned
+
+log = logging.getLogger("yolo_compress.experiments.study")
+RECORDS = Path("reports/study_records")
+# What the pipeline did before params.yaml had the key: experiments made then match a recipe that sets it so.
+PARAMS_BEFORE_THE_KEY = {"prune.activation": "keep", "distill.kpt_weight": 1.0}
+# A first guess of an experiment's length before the part has a record: seconds per training image and epoch of a
+# yolo11n at 256 px on 2 CPU cores (measured: 17 s per epoch of 400 images; 8 s of 300 at 192 px), scaled by area.
+SECONDS_PER_IMAGE_EPOCH = 0.045
+
+
+def record_path(name: str, root: Path = RECORDS) -> Path:
+    return root / f"{name}.json"
+
+
+def load_records(root: Path = RECORDS) -> dict[str, dict[str, Any]]:
+    """Experiment name -> record; an unreadable file is skipped with a warning (its experiment runs again)."""
+    records = {}
+    for path in sorted(root.glob("*.json")):
+        try:
+            record = json.loads(path.read_text())
+            records[str(record["name"])] = record
+        except (ValueError, KeyError, TypeError) as err:
+            log.warning("%s: not a study record (%s); its experiment runs again", path, err)
+    return records
+
+
+def keys_that_differ(params: Mapping[str, Any], overrides: Mapping[str, Any]) -> list[str]:
+    """`overrides`' dotted keys whose value in `params` differs, as "key old -> new"; a key added to params.yaml
+    after an experiment ran reads as the behaviour it had then (`PARAMS_BEFORE_THE_KEY`)."""
+    differ = []
+    for key, value in overrides.items():
+        node: Any = params
+        for k in key.split("."):
+            node = node.get(k) if isinstance(node, dict) else None
+        if node is None:
+            node = PARAMS_BEFORE_THE_KEY.get(key)
+        if node != value:
+            differ.append(f"{key} {node!r} -> {value!r}")
+    return differ
+
+
+def code_that_differs(recorded: Mapping[str, str], current: Mapping[str, str]) -> list[str]:
+    """The code dependencies, stage commands and start files whose hash changed, appeared or went since the
+    record."""
+    return sorted(k for k in set(recorded) | set(current) if recorded.get(k) != current.get(k))
+
+
+def why_stale(record: Mapping[str, Any], p: Planned, code: Mapping[str, str]) -> str | None:
+    """None when `record` is `p`'s result under today's params and stage code; otherwise one line saying why not."""
+    params = keys_that_differ(record.get("params") or {}, p.overrides)
+    if params:
+        return f"its params differ ({'; '.join(params[:3])})"
+    changed = code_that_differs(record.get("code") or {}, code)
+    if changed:
+        more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
+        return f"its stage code or start files changed ({', '.join(changed[:3])}{more})"
+    return None
+
+
+def planned_epochs(overrides: Mapping[str, Any], params: Mapping[str, Any], target: str) -> int:
+    """Training epochs an experiment runs from scratch: teacher, plain student, distilled student (and the prune
+    rounds' fine-tunes when `target` is prune)."""
+
+    def get(key: str) -> Any:
+        if key in overrides:
+            return overrides[key]
+        section, name = key.split(".")
+        return (params.get(section) or {}).get(name)
+
+    epochs = int(get("teacher.epochs") or 0) + 2 * int(get("student.epochs") or 0)
+    if target == "prune":
+        rounds, each = int(get("prune.rounds") or 0), int(get("prune.finetune_epochs") or 0)
+        last = get("prune.last_round_epochs")
+        epochs += max(rounds - 1, 0) * each + int(each if last is None else last) if rounds else 0
+    return epochs
+
+
+def estimate_seconds(p: Planned, records: Sequence[Mapping[str, Any]], params: Mapping[str, Any]) -> float:
+    """How long `p` may take: the slowest finished experiment of the same part, kind and schedule (the first of a
+    part also trained the shared teacher, so this errs long), else `planned_epochs` at SECONDS_PER_IMAGE_EPOCH."""
+    like = [float(r["seconds"]) for r in records if r.get("part") == p.part and r.get("target") == p.target
+            and r.get("schedule") == p.schedule and "seconds" in r]
+    if like:
+        return max(like)
+    data = {**(params.get("data") or {}), **{k.split(".", 1)[1]: v for k, v in p.overrides.items()
+                                            if k.startswith("data.")}}
+    imgsz = int(p.overrides.get("student.imgsz", (params.get("student") or {}).get("imgsz", 256)))
+    images = int(data.get("train_images", 400))
+    return planned_epochs(p.overrides, params, p.target) * images * SECONDS_PER_IMAGE_EPOCH * (imgsz / 256) ** 2

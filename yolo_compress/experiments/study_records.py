@@ -4,17 +4,20 @@ Git refs of DVC experiments and the DVC cache do not outlive a session's machine
 report needs (params, the code it ran, per-epoch val curves, pycocotools scores per split), so a grid of any size
 completes over as many sessions as it takes: a rerun skips each experiment whose record has the same params and the
 same stage code (the md5 of every code dependency of the stages it ran, as dvc.lock hashes them, and their commands).
-Pure: reading, comparing and estimating; running and committing live in yolo_compress.experiments.study.
+Reading, comparing, estimating and the budget live here; writing a record from an experiment's outputs in
+yolo_compress.experiments.study_experiment; running and committing in yolo_compress.experiments.study.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from yolo_compress.errors import UserError
 from yolo_compress.experiments.study_plan import Planned
 
 log = logging.getLogger("yolo_compress.experiments.study")
@@ -105,3 +108,27 @@ def estimate_seconds(p: Planned, records: Sequence[Mapping[str, Any]], params: M
     imgsz = int(p.overrides.get("student.imgsz", (params.get("student") or {}).get("imgsz", 256)))
     images = int(data.get("train_images", 400))
     return planned_epochs(p.overrides, params, p.target) * images * SECONDS_PER_IMAGE_EPOCH * (imgsz / 256) ** 2
+
+
+class Budget:
+    """--budget: experiments start only while their estimated length fits in what is left."""
+
+    def __init__(self, minutes: float | None) -> None:
+        self.end = None if minutes is None else time.monotonic() + minutes * 60
+        self.minutes, self.started, self.spent = minutes, 0, False
+
+    def allows(self, p: Planned, seconds: float) -> bool:
+        """Whether `p` (about `seconds` long) may start; UserError when not even the first one fits."""
+        if self.end is None:
+            return True
+        left = self.end - time.monotonic()
+        if seconds <= left:
+            return True
+        if self.started == 0 and not self.spent:
+            raise UserError(f"--budget {self.minutes:g} min is too small for one experiment: {p.name} needs about "
+                            f"{seconds / 60:.0f} min (from the records of part {p.part}, or its epochs); raise "
+                            "--budget")
+        log.info("budget: stopping before %s (about %.0f min; %.0f min left); rerun to go on", p.name, seconds / 60,
+                 max(left, 0) / 60)
+        self.spent = True
+        return False

@@ -33,11 +33,13 @@ def test_starts_are_recorded_by_weights_and_reproduced_from_the_seed(tmp_path: P
 
     # a study experiment that starts from it: the start's weights are part of what its record must match
     part = StudyPart(schedules={"short": 1}, losses=["logit"], seeds=[0],
-                     params={"student.model": "a/synthetic_yolo11n.pt", "teacher.model": "yolo11s.yaml"})
+                     params={"student.model": "a/synthetic_yolo11n.pt", "teacher.model": "yolo11s.yaml",
+                             "distill.teacher": "gone/teacher.pt"})
     p = plan_part("d", part)[0]
-    assert start_files(p.overrides) == ["a/synthetic_yolo11n.pt"]  # yolo11s.yaml is Ultralytics', not a file here
+    # yolo11s.yaml is Ultralytics' own; a start not on this machine cannot be hashed here (None: not compared)
+    assert start_files(p.overrides) == ["a/synthetic_yolo11n.pt", "gone/teacher.pt"]
     assert planned_code(p, {"distill": {"stages/distill.py": "x"}}) == {
-        "stages/distill.py": "x", "a/synthetic_yolo11n.pt": start["weights_sha256"]}
+        "stages/distill.py": "x", "a/synthetic_yolo11n.pt": start["weights_sha256"], "gone/teacher.pt": None}
 
 
 @pytest.mark.parametrize(("args", "message"), [

@@ -304,6 +304,11 @@ def test_a_record_is_reused_only_with_the_same_params_and_stage_code() -> None:
         "its stage code or start files changed (stages/distill.py)")
     assert why_stale(record, p, {**code, "yolo_compress/train/distill.py": "b1"}) == (
         "its stage code or start files changed (yolo_compress/train/distill.py)")  # a new dependency counts too
+    # a start file named by the params but not on this machine (None) cannot be checked: the record stands
+    record["code"]["models/start/s.pt"] = "h1"
+    assert why_stale(record, p, {**code, "models/start/s.pt": None}) is None
+    assert why_stale(record, p, {**code, "models/start/s.pt": "h2"}) == (
+        "its stage code or start files changed (models/start/s.pt)")
     record["params"]["teacher"]["epochs"] = 4
     assert why_stale(record, p, code) == "its params differ (teacher.epochs 4 -> 5)"
 

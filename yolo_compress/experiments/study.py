@@ -129,21 +129,33 @@ def stage_code(target: str) -> dict[str, str]:
 
 
 def start_files(overrides: dict[str, Any]) -> list[str]:
-    """The local files an experiment's overrides name (a pretrained start under models/start/, say)."""
-    return sorted({v for v in overrides.values() if isinstance(v, str) and v.endswith((".pt", ".yaml", ".yml"))
-                   and Path(v).is_file()})
+    """The local files an experiment's overrides name by path (a pretrained start under models/start/, say); a bare
+    name like yolo11s.yaml is Ultralytics' own."""
+    return sorted({v for v in overrides.values() if isinstance(v, str) and "/" in v
+                   and v.endswith((".pt", ".yaml", ".yml"))})
 
 
 @functools.cache
-def start_hash(path: str) -> str:
-    """A start's identity: its weights' sha256 for a .pt (the file also holds its date), the file's md5 otherwise."""
+def start_hash(path: str) -> str | None:
+    """A start's identity: its weights' sha256 for a .pt (the file also holds its date), the file's md5 otherwise;
+    None when the file is not on this machine (it cannot be checked here)."""
+    if not Path(path).is_file():
+        return None
     return weights_sha256(path) if path.endswith(".pt") else hashlib.md5(Path(path).read_bytes()).hexdigest()
 
 
-def planned_code(p: Planned, code: dict[str, dict[str, str]]) -> dict[str, str]:
+def planned_code(p: Planned, code: dict[str, dict[str, str]]) -> dict[str, str | None]:
     """What `p`'s record must share with today: the stage code up to its target, and each start file it names (a
     start trained again on another CPU type is another start)."""
     return {**code[p.target], **{f: start_hash(f) for f in start_files(p.overrides)}}
+
+
+def reusable(p: Planned, records: dict[str, dict[str, Any]],
+             code: dict[str, dict[str, str]]) -> tuple[dict[str, Any] | None, str | None]:
+    """(`p`'s record if it matches today's params and code, else None; why an existing record does not match)."""
+    record = records.get(p.name)
+    why = None if record is None else why_stale(record, p, planned_code(p, code))
+    return (record if why is None else None), why
 
 
 def commit_files(paths: Sequence[Path], message: str) -> None:
@@ -169,11 +181,10 @@ def run_planned(planned: Sequence[Planned], study: StudyConfig, records: dict[st
     params = yaml.safe_load(Path("params.yaml").read_text()) or {}
     todo = []
     for p in planned:
-        record = records.get(p.name)
-        why = None if record is None else why_stale(record, p, planned_code(p, code))
-        if record is None or why is not None:
-            if why is not None:
-                log.warning("%s: its record is not reused, %s: it runs again", p.name, why)
+        record, why = reusable(p, records, code)
+        if why is not None:
+            log.warning("%s: its record is not reused, %s: it runs again", p.name, why)
+        if record is None:
             todo.append(p)
     for p in todo:
         if budget.spent or not budget.allows(p, estimate_seconds(p, list(records.values()), params)):
@@ -183,7 +194,7 @@ def run_planned(planned: Sequence[Planned], study: StudyConfig, records: dict[st
         log.info("running %s (%d of %d to run)", p.name, todo.index(p) + 1, len(todo))
         budget.started += 1
         t0 = time.monotonic()
-        copied = [arg for f in start_files(p.overrides) for arg in ("-C", f)]  # git-ignored starts too
+        copied = [arg for f in start_files(p.overrides) if Path(f).is_file() for arg in ("-C", f)]  # ignored ones too
         proc = subprocess.run(["dvc", "exp", "run", "--temp", "--name", p.name, *copied, *set_arguments(p.overrides),
                                p.target])
         if proc.returncode != 0:
@@ -203,11 +214,9 @@ def run_planned(planned: Sequence[Planned], study: StudyConfig, records: dict[st
 def current(p: Planned, records: dict[str, dict[str, Any]], code: dict[str, dict[str, str]],
             missing: list[str]) -> dict[str, Any] | None:
     """`p`'s record when it matches today's params and stage code; otherwise None, noted in `missing`."""
-    record = records.get(p.name)
-    why = None if record is None else why_stale(record, p, planned_code(p, code))
-    if record is None or why is not None:
-        missing.append(p.name if record is None else f"{p.name} ({why})")
-        return None
+    record, why = reusable(p, records, code)
+    if record is None:
+        missing.append(p.name if why is None else f"{p.name} ({why})")
     return record
 
 

@@ -60,13 +60,14 @@ def keys_that_differ(params: Mapping[str, Any], overrides: Mapping[str, Any]) ->
     return differ
 
 
-def code_that_differs(recorded: Mapping[str, str], current: Mapping[str, str]) -> list[str]:
+def code_that_differs(recorded: Mapping[str, str], current: Mapping[str, str | None]) -> list[str]:
     """The code dependencies, stage commands and start files whose hash changed, appeared or went since the
-    record."""
-    return sorted(k for k in set(recorded) | set(current) if recorded.get(k) != current.get(k))
+    record; a start file missing here (hash None) cannot be checked and is taken as recorded."""
+    unknown = {k for k, v in current.items() if v is None}
+    return sorted(k for k in (set(recorded) | set(current)) - unknown if recorded.get(k) != current.get(k))
 
 
-def why_stale(record: Mapping[str, Any], p: Planned, code: Mapping[str, str]) -> str | None:
+def why_stale(record: Mapping[str, Any], p: Planned, code: Mapping[str, str | None]) -> str | None:
     """None when `record` is `p`'s result under today's params and stage code; otherwise one line saying why not."""
     params = keys_that_differ(record.get("params") or {}, p.overrides)
     if params:

@@ -226,7 +226,9 @@ def test_report_states_targets_plateaus_and_what_is_missing() -> None:
     assert "| default | 1 | - | 2 | 2 | 65.0% | +0.50 | +0.50 | +2.00 | **missed** |" in text  # test_shift lost 2
     assert "- `default`, seed 1: r1 0.100 -> 0.350 (40%), r2 0.200 -> 0.355 (65%)" in text
     assert "` over seeds" not in text  # one pruned seed: no std
-    assert "| plain | 1 |" in text and "study-d-long-x-s9" in text
+    assert "| plain | 1 |" in text
+    assert ("Not finished yet (rerun `python -m yolo_compress.experiments.study` to continue): "
+            "study-d-long-x-s9.") in text
     assert summary["parts"]["d"]["prune"]["default"][1]["target_met"] is False
     assert summary["parts"]["d"]["teacher"]["plateaued"] is True
     assert summary["parts"]["d"]["schedules"]["long"]["plain_plateau"][0]["plateaued"] is True
@@ -237,7 +239,9 @@ def test_report_states_targets_plateaus_and_what_is_missing() -> None:
     text, summary = format_study(study, {"d": got}, "abc123")
     assert "| default | 0 | - | 2 | 2 | 65.0% | +0.50 | +0.50 | +0.50 | **met** |" in text
     assert "from study.yaml at commit abc123" in text
-    assert "from follow_up.yaml at commit" in format_study(study, {"d": got}, "abc123", "follow_up.yaml")[0]
+    follow_up = format_study(study, {"d": got}, "abc123", "follow_up.yaml")[0]
+    assert "from follow_up.yaml at commit" in follow_up
+    assert "(rerun `python -m yolo_compress.experiments.study --config follow_up.yaml` to continue)" in follow_up
     assert ("- `default` over seeds 0 1: lost +0.50 ± 0.00 on val, +0.50 ± 0.00 on test, +1.25 ± 1.06 on "
             "test_shift; target met on 1 of 2 seeds.") in text
     got["teacher"]["curve"] = [0.0] * 8  # flat at zero is not a plateau, in the text and in the JSON

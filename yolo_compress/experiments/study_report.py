@@ -120,7 +120,8 @@ def prune_section(best: list[str], schedule: str, recipes: dict[str, dict[int, A
     return lines, summary
 
 
-def part_section(name: str, part: StudyPart, got: dict[str, Any], bound: float) -> tuple[list[str], dict[str, Any]]:
+def part_section(name: str, part: StudyPart, got: dict[str, Any], bound: float,
+                 rerun: str = "python -m yolo_compress.experiments.study") -> tuple[list[str], dict[str, Any]]:
     p = part.params
     lines = [f"## {name}: {p.get('teacher.model', '?')} -> {p.get('student.model', 'yolo11n.yaml')}, "
              f"data {p.get('data.source', 'synthetic')} ({p.get('data.task', 'detect')}), "
@@ -163,7 +164,7 @@ def part_section(name: str, part: StudyPart, got: dict[str, Any], bound: float) 
         body = got["overhead"].split("\n", 2)[2] if got["overhead"].startswith("#") else got["overhead"]
         lines += ["", "### Distillation time, side by side in one process", "", body.strip()]
     if got["missing"]:
-        lines += ["", f"Not finished yet (rerun `python -m yolo_compress.experiments.study` to continue): "
+        lines += ["", f"Not finished yet (rerun `{rerun}` to continue): "
                   f"{', '.join(got['missing'])}."]
     summary["missing"] = got["missing"]
     return lines, summary
@@ -181,6 +182,7 @@ def format_study(study: StudyConfig, collected: dict[str, dict[str, Any]], commi
              "one to quote.", ""]
     summary: dict[str, Any] = {"commit": commit, "parts": {}}
     for name, got in collected.items():
-        part_lines, summary["parts"][name] = part_section(name, study.parts[name], got, study.plateau_gain)
+        rerun = "python -m yolo_compress.experiments.study" + ("" if config == "study.yaml" else f" --config {config}")
+        part_lines, summary["parts"][name] = part_section(name, study.parts[name], got, study.plateau_gain, rerun)
         lines += [*part_lines, ""]
     return "\n".join(lines), summary

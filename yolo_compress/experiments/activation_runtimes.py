@@ -26,11 +26,11 @@ from yolo_compress.config import load_params
 from yolo_compress.data.prepared import eval_splits, load_summary, training_view
 from yolo_compress.devices import all_cores, use_all_cores
 from yolo_compress.errors import stage_entrypoint
+from yolo_compress.experiments.prune_again import prune_again
 from yolo_compress.measure.benchmark import model_metrics
 from yolo_compress.measure.evaluation import evaluate_split_with_predictions
 from yolo_compress.measure.timing import cpu_has_vnni, shipped_timer, timed_side_by_side
 from yolo_compress.models import load_model, set_checkpoint_trust
-from yolo_compress.prune.run import kept_round, prune_rounds, rounds_setup
 from yolo_compress.ship.export import calibration_images, export_model
 
 log = logging.getLogger("yolo_compress.experiments.activation_runtimes")
@@ -79,10 +79,9 @@ def main(argv: list[str] | None = None) -> None:
                 models["pruned_relu"] = args.relu
                 continue
             run_params = dataclasses.replace(params, prune=dataclasses.replace(params.prune, activation=act))
-            setup = rounds_setup(run_params, args.data, Path("runs") / "activation_runtimes" / act, task, None)
             (work / act).mkdir()
-            rows = [row for row, _ in prune_rounds(input_pt, work / act, setup)]
-            keep, _ = kept_round(rows, run_params.prune)
+            rows, keep, _ = prune_again(run_params, args.data, input_pt, task, work / act,
+                                        Path("runs") / "activation_runtimes" / act)
             models[f"pruned_{'relu' if act == 'relu' else 'silu'}"] = work / act / f"round_{keep}.pt"
             log.info("activation %s: kept round %d of %d, %.1f%% of GFLOPs removed", act, keep, len(rows) - 1,
                      100 * (1 - rows[keep]["gflops"] / rows[0]["gflops"]))

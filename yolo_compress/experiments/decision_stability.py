@@ -28,8 +28,8 @@ from yolo_compress import files
 from yolo_compress.config import load_params
 from yolo_compress.devices import use_all_cores
 from yolo_compress.errors import stage_entrypoint
+from yolo_compress.experiments.prune_again import prune_again
 from yolo_compress.models import load_model, set_checkpoint_trust
-from yolo_compress.prune.run import kept_round, prune_rounds, rounds_setup
 
 log = logging.getLogger("yolo_compress.experiments.decision_stability")
 VARIANTS = ("as_is", "one_thread", "other_seed")
@@ -87,9 +87,8 @@ def main(argv: list[str] | None = None) -> None:
             student = dataclasses.replace(student, seed=params.student_seed + 1)
         run_params = dataclasses.replace(params, student=student)
         with pinned_to_one_core(name == "one_thread"), tempfile.TemporaryDirectory(prefix="rounds-") as rounds_dir:
-            setup = rounds_setup(run_params, args.data, Path("runs") / "decision_stability" / name, task, distill)
-            rows = [row for row, _ in prune_rounds(input_pt, Path(rounds_dir), setup)]
-        keep, warnings = kept_round(rows, params.prune)
+            rows, keep, warnings = prune_again(run_params, args.data, input_pt, task, Path(rounds_dir),
+                                               Path("runs") / "decision_stability" / name, distill)
         for warning in warnings:
             log.info("%s: %s", name, warning)
         kept = rows[keep]

@@ -159,6 +159,13 @@ def _model_table(inp: Inputs) -> list[str]:
     return _table(["model", *(c.title for c in cols), "notes"], rows)
 
 
+def _noise(ci: tuple[float, float] | None) -> str:
+    """" [low, high], outside the noise" (the interval excludes 0) or "..., within the noise"; "" without one."""
+    if ci is None:
+        return ""
+    return f" [{ci[0]:+.3f}, {ci[1]:+.3f}], " + ("outside" if ci[0] > 0 or ci[1] < 0 else "within") + " the noise"
+
+
 def _paired(inp: Inputs, name: str, base: str, key: str) -> list[tuple[str, float, str]]:
     """Per split: (split, name's score minus base's, the text of that difference with its paired interval)."""
     out = []
@@ -166,10 +173,7 @@ def _paired(inp: Inputs, name: str, base: str, key: str) -> list[tuple[str, floa
         a, b = eval_value(inp, name, s, key), eval_value(inp, base, s, key)
         if a is None or b is None:
             continue
-        ci = eval_interval(inp, name, s, f"{key}_minus_{base}")
-        noise = "" if ci is None else (f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" + (", outside the noise" if ci[0] > 0 or
-                                                                           ci[1] < 0 else ", within the noise"))
-        out.append((s, a - b, f"{s} {a - b:+.3f}{noise}"))
+        out.append((s, a - b, f"{s} {a - b:+.3f}{_noise(eval_interval(inp, name, s, f'{key}_minus_{base}'))}"))
     return out
 
 
@@ -270,9 +274,7 @@ def _int8_lines(inp: Inputs) -> list[str]:
                 continue
             split = "test" if "test" in scored_splits(inp) else "val"
             a32, a8 = eval_value(inp, fp32, split, "map50_95"), eval_value(inp, int8, split, "map50_95")
-            ci = eval_interval(inp, int8, split, "map50_95_minus_fp32")
-            noise = "" if ci is None else (f" [{ci[0]:+.3f}, {ci[1]:+.3f}], " + (
-                "outside the noise" if ci[0] > 0 or ci[1] < 0 else "within the noise"))
+            noise = _noise(eval_interval(inp, int8, split, "map50_95_minus_fp32"))
             acc = (f", {split} mAP50-95 {a8 - a32:+.3f}{noise} ({a32:.3f} → {a8:.3f})"
                    if a32 is not None and a8 is not None else "")
             lines.append(f"INT8 vs FP32 of {model} in {FILE_RUNTIMES[rt]}: {p32 / p8:.2f}× faster (p50 {p32:.1f} → "

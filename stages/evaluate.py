@@ -13,8 +13,9 @@ behind each score as `<predictions-dir>/<model>_<split>.json`. Both folders are 
 Every mAP50-95 carries its uncertainty (yolo_compress.measure.bootstrap): `map50_95_std`, `map50_95_ci95_low` and
 `map50_95_ci95_high` from 1,000 resamples of the split's images. Models scored on one split share its resamples,
 so differences are paired: `distilled.json` has `map50_95_minus_student` with its interval, `pruned.json`
-`map50_95_minus_distilled`, every shipped file `map50_95_lost` (against its checkpoint) with its interval, and each
-INT8 or FP16 file `map50_95_minus_fp32` against the FP32 file of its runtime.
+`map50_95_minus_distilled` and `map50_95_minus_prune_control` (against its epoch-matched control), every shipped
+file `map50_95_lost` (against its checkpoint) with its interval, and each INT8 or FP16 file `map50_95_minus_fp32`
+against the FP32 file of its runtime.
 
 Every file the export stage made (`<export-dir>/<model>_<format>.onnx` through ONNX Runtime, and
 `<model>_openvino_<precision>_openvino_model/` folders through OpenVINO, both run by Ultralytics' AutoBackend) is
@@ -44,8 +45,9 @@ from yolo_compress.ship.export import exported_files
 from yolo_compress.tracking.runs import log_artifact, log_metrics, stage_run
 
 log = logging.getLogger("yolo_compress.evaluate")
-# model -> the model it is compared with, image by image: the distillation gain, and pruning's cost
-PAIRED = {"distilled": "student", "pruned": "distilled"}
+# (model, the model it is compared with, image by image): the distillation gain, pruning against its input, and
+# against its epoch-matched control (what pruning cost once the extra training is equal)
+PAIRED = (("distilled", "student"), ("pruned", "distilled"), ("pruned", "prune_control"))
 FP32_OF = {"int8": "fp32", "fp16": "fp32", "openvino_int8": "openvino_fp32"}  # a shipped format -> its FP32 partner
 MIN_IMAGES_FOR_INTERVALS = 30
 
@@ -123,7 +125,7 @@ def main() -> None:
                     point = table[name][split]["map50_95"] - table[base][split]["map50_95"]
                     table[name][split].update(paired_keys(key, point, samples[name, split], samples[base, split]))
 
-            for name, base in PAIRED.items():
+            for name, base in PAIRED:
                 if name in scored and base in scored:
                     add_paired(scored, name, base, f"map50_95_minus_{base}")
             for name in models:

@@ -1,7 +1,9 @@
-"""Stage prune: iterative structured pruning + fine-tuning rounds of the distilled student, in one stage.
+"""Stage prune: iterative structured pruning + fine-tuning rounds of the distilled student, in one stage, then the
+kept round's epoch-matched control (the input fine-tuned as long, unpruned: what the extra epochs alone give).
 
     python stages/prune.py --data data/prepared --model models/distilled.pt --teacher models/teacher.pt \
-        --out models/pruned.pt --rounds-dir models/prune_rounds --metrics metrics/prune.json --plots plots/prune.json
+        --out models/pruned.pt --rounds-dir models/prune_rounds --control models/prune_control.pt \
+        --metrics metrics/prune.json --plots plots/prune.json
 """
 
 from __future__ import annotations
@@ -26,7 +28,14 @@ from yolo_compress.models import (
     set_checkpoint_trust,
     trained_epochs,
 )
-from yolo_compress.prune.run import kept_round, prune_metrics, prune_rounds, rounds_setup
+from yolo_compress.prune.run import (
+    control_finetune,
+    control_metrics,
+    kept_round,
+    prune_metrics,
+    prune_rounds,
+    rounds_setup,
+)
 from yolo_compress.splitfree import check_prunable, make_split_free
 from yolo_compress.tracking.runs import child_run, log_artifact, log_metrics, log_params, set_tag, stage_run
 from yolo_compress.train.training import checkpoint_room
@@ -42,6 +51,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--teacher", type=Path, required=True, help="prune.distill: the teacher (distill.teacher)")
     ap.add_argument("--out", type=Path, required=True, help="where the kept round's .pt goes")
     ap.add_argument("--rounds-dir", type=Path, required=True, help="one round_<k>.pt per round")
+    ap.add_argument("--control", type=Path, required=True, help="the epoch-matched control's .pt")
     ap.add_argument("--metrics", type=Path, required=True)
     ap.add_argument("--plots", type=Path, required=True, help="per-round records (JSON list)")
     return ap.parse_args()
@@ -74,9 +84,9 @@ def main() -> None:
     input_model, distill = checked_inputs(args, params)
     input_pt = args.model
     work = Path("runs") / "prune"
-    # every round keeps its fine-tune's checkpoints under runs/prune
-    room = checkpoint_room(input_model) * (cfg.rounds + 1)
-    files.check_outputs([args.out, args.rounds_dir, args.metrics, args.plots, work], room)
+    # every round's fine-tune, and the control's, keeps its checkpoints under runs/prune
+    room = checkpoint_room(input_model) * (2 * cfg.rounds + 2)
+    files.check_outputs([args.out, args.rounds_dir, args.control, args.metrics, args.plots, work], room)
 
     setup = rounds_setup(params, args.data, work, input_model.task, distill)
     logged = {"prune": section_dict(cfg), "seed": params.student_seed,
@@ -100,7 +110,12 @@ def main() -> None:
         files.copy_file(tmp_rounds / f"round_{keep}.pt", args.out)
         if count_params(YOLO(str(args.out))) != count_params(YOLO(str(tmp_rounds / f"round_{keep}.pt"))):
             raise ModelError(f"{args.out}: reloads with another parameter count than round {keep}'s checkpoint")
-        metrics = {**prune_metrics(rows, keep, cfg, trained_epochs(input_model)), "mlflow_run_id": run.info.run_id}
+        metrics = prune_metrics(rows, keep, cfg, trained_epochs(input_model))
+        epochs = metrics["pruned"]["finetune_epochs"]
+        log.info("prune: the control: the input fine-tuned %d epochs like rounds 1-%d, unpruned", epochs, keep)
+        files.copy_file(control_finetune(input_pt, keep, setup), args.control)
+        metrics["control"] = control_metrics(args.control, args.out, epochs, setup)
+        metrics["mlflow_run_id"] = run.info.run_id
         log_metrics({f"{g}.{k}": v for g, d in metrics.items() if isinstance(d, dict) for k, v in d.items()})
         files.write_json(args.plots, rows)
         files.write_json(args.metrics, metrics)
@@ -108,6 +123,9 @@ def main() -> None:
         log_artifact(str(args.plots))
     log.info("prune: %.4f -> %.4f GFLOPs, val mAP50-95 %.4f -> %.4f (round %d) -> %s", rows[0]["gflops"],
              rows[keep]["gflops"], rows[0]["map50_95_after"], rows[keep]["map50_95_after"], keep, args.out)
+    c = metrics["control"]
+    log.info("prune: against the control (%s, val %.4f): pruned %+.4f [%+.4f, %+.4f]", args.control, c["map50_95"],
+             c["pruned_minus_control"], c["pruned_minus_control_ci95_low"], c["pruned_minus_control_ci95_high"])
 
 
 if __name__ == "__main__":

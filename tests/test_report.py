@@ -398,3 +398,29 @@ def test_each_model_shows_its_training_epochs_and_an_unmatched_pruning_gain_is_c
     assert [row(md, n)[col] for n in ("teacher", "student", "distilled", "pruned")] == ["20", "10", "10", "31"]
     assert "**Unchecked**: the pruned model trained 21 more epochs than the distilled one" in md
     assert "Unchecked" not in build_summary(load_inputs(write_metrics(tmp_path / "loss"), None, None))
+
+
+def test_with_a_control_pruning_is_judged_against_it_and_so_is_the_recommended_file(tmp_path: Path) -> None:
+    """The epoch-matched control (prune_control) replaces the distilled model as the reference: the pruning line
+    says what pruning lost against it, and the recommended file must be within the bound of its score."""
+    m = write_metrics(tmp_path, evaluate={**EVAL, "prune_control": {"val": (0.47, 0.68), "test": (0.46, 0.67)}})
+    write_shipped(tmp_path)
+    pruned = json.loads((m / "evaluate" / "pruned.json").read_text())
+    pruned["test"].update(map50_95_minus_prune_control=-0.05, map50_95_minus_prune_control_ci95_low=-0.07,
+                          map50_95_minus_prune_control_ci95_high=-0.03)
+    (m / "evaluate" / "pruned.json").write_text(json.dumps(pruned))
+    (m / "prune.json").write_text(json.dumps({"input": {"train_epochs": 10}, "ratio": {"gflops_removed": 0.5},
+                                              "pruned": {"finetune_epochs": 21}, "control": {"finetune_epochs": 21}}))
+    inp = load_inputs(m, tmp_path / "prune_plots.json", tmp_path / "notes.json")
+    md = build_summary(inp, 0.03)
+    assert "**Pruning against its epoch-matched control** (pruned − prune_control" in md
+    assert "test -0.050 [-0.070, -0.030], outside the noise" in md
+    assert "Pruning **lost accuracy against the control** on test, outside the noise." in md
+    assert "Unchecked" not in md
+    col = header(md).index("train epochs")
+    assert row(md, "prune_control")[col] == row(md, "pruned")[col] == "31"
+    assert "epoch-matched control: the pruned model's input fine-tuned as long" in row(md, "prune_control")[-1]
+    # every shipped file is over 0.03 below the control's test 0.46 (the distilled model's 0.43 would pass two)
+    name, line = recommend(inp, 0.03)
+    assert name is None and "of the epoch-matched control (`prune_control`" in line and "(test 0.460)" in line
+    assert recommend(inp, 0.055)[0] == "pruned_fp32"

@@ -58,7 +58,8 @@ def stage_args(root: Path, prune: dict | None = None, **paths: str) -> list[str]
     """Write params.yaml with `prune` into `root`; the stage's arguments as in dvc.yaml (overridable)."""
     (root / "params.yaml").write_text(yaml.safe_dump({"student": STUDENT, "prune": prune or PRUNE}))
     args = {"data": "data/prepared", "model": "models/distilled.pt", "teacher": "models/teacher.pt",
-            "out": "models/pruned.pt", "rounds-dir": "models/prune_rounds", "metrics": "metrics/prune.json",
+            "out": "models/pruned.pt", "rounds-dir": "models/prune_rounds", "control": "models/prune_control.pt",
+            "metrics": "metrics/prune.json",
             "plots": "plots/prune.json", **paths}
     return [str(REPO / "stages" / "prune.py"), *(x for k, v in args.items() for x in (f"--{k}", v))]
 
@@ -158,7 +159,7 @@ def test_two_rounds_shrink_the_model_and_write_every_output(workspace: Path,
     assert all(r["seconds"] > 0 for r in rows)
 
     metrics = json.loads((workspace / "metrics" / "prune.json").read_text())
-    assert set(metrics) == {"input", "pruned", "ratio", "change", "time", "mlflow_run_id"}
+    assert set(metrics) == {"input", "pruned", "control", "ratio", "change", "time", "mlflow_run_id"}
     assert metrics["input"] == {"params_m": rows[0]["params_m"], "gflops": gflops[0],
                                 "map50_95": rows[0]["map50_95_after"]}
     assert metrics["pruned"]["rounds_done"] == 2 and metrics["pruned"]["best_round"] == 2  # max_map_drop 1: no stop
@@ -174,11 +175,18 @@ def test_two_rounds_shrink_the_model_and_write_every_output(workspace: Path,
     assert not list((workspace / "models").glob(".*"))  # the temp folder was renamed into place, none left over
     code = ("import sys; from ultralytics import YOLO; "
             "print(*(sum(p.numel() for p in YOLO(f).model.parameters()) for f in sys.argv[1:]))")
-    files = ["models/pruned.pt", "models/prune_rounds/round_2.pt", "models/distilled.pt"]
+    files = ["models/pruned.pt", "models/prune_rounds/round_2.pt", "models/distilled.pt", "models/prune_control.pt"]
     counts = subprocess.run([sys.executable, "-c", code, *files], cwd=workspace, env=env(workspace),
-                            capture_output=True, text=True, check=True).stdout.split()[-3:]
-    pruned, round2, full = (int(c) for c in counts)
+                            capture_output=True, text=True, check=True).stdout.split()[-4:]
+    pruned, round2, full, control = (int(c) for c in counts)
     assert pruned == round2 == round(rows[2]["params_m"] * 1e6) and pruned < 0.8 * full
+    # the control: the input trained the same epochs as the kept round (1 + 1), never pruned
+    assert control == full
+    assert metrics["control"]["finetune_epochs"] == metrics["pruned"]["finetune_epochs"] == 2
+    c = metrics["control"]
+    assert c["pruned_minus_control"] == pytest.approx(metrics["pruned"]["map50_95"] - c["map50_95"])
+    assert c["pruned_minus_control_ci95_low"] <= c["pruned_minus_control"] <= c["pruned_minus_control_ci95_high"]
+    assert "against the control" in tiny_run.stderr + tiny_run.stdout
 
     from mlflow.tracking import MlflowClient
 

@@ -126,7 +126,9 @@ PRUNE_SCHEDULES = ("geometric", "linear")
 PRUNE_MEASURES = ("flops", "params")
 PRUNE_HEAD_MODES = ("none", "inputs", "hidden")
 PRUNE_ACTIVATIONS = ("keep", "relu")
-MODEL_NAMES = ("teacher", "student", "distilled", "pruned")
+# the prune stage's epoch-matched control: its input fine-tuned as long as the kept round, unpruned
+PRUNE_CONTROL = "prune_control"
+MODEL_NAMES = ("teacher", "student", "distilled", PRUNE_CONTROL, "pruned")
 EVAL_SPLITS = ("val", "test", "test_shift")
 EXPORT_FORMATS = ("fp32", "int8", "fp16", "openvino_fp32", "openvino_int8")
 # runtime of an exported file (its sidecar's `runtime`, its benchmark group) -> the name users know
@@ -282,7 +284,8 @@ class ExportConfig(Section):
 class BenchmarkConfig(Section):
     """`benchmark:` section: size, FLOPs and latency of every model, measured side by side in one run."""
 
-    models: list[str] = field(default_factory=lambda: list(MODEL_NAMES))  # (list) models/<name>.pt to measure
+    # (list) models/<name>.pt to measure; not prune_control by default: it has its input's architecture and speed
+    models: list[str] = field(default_factory=lambda: [m for m in MODEL_NAMES if m != PRUNE_CONTROL])
     baseline: str = "student"  # (str) speedups are relative to this model
     imgsz: int = 256  # (int) input size, a multiple of 32
     batch: int = 8  # (int) batch for the throughput measurement (latency is always batch 1)

@@ -28,14 +28,14 @@ from yolo_compress.config import DistillConfig, Params, PruneConfig
 from yolo_compress.data.prepared import training_view
 from yolo_compress.errors import ModelError
 from yolo_compress.measure.benchmark import gflops_ultralytics
-from yolo_compress.measure.bootstrap import interval_keys, map_samples
+from yolo_compress.measure.bootstrap import interval_keys, map_samples, paired_keys
 from yolo_compress.measure.evaluation import evaluate_split_with_predictions, gt_json_for
 from yolo_compress.models import YOLO, count_params
 from yolo_compress.prune import rounds
 from yolo_compress.train.training import use_all_cores_on_cpu
 
-__all__ = ["CALIB_BATCHES", "RoundsSetup", "kept_round", "over_bound", "prune_metrics", "prune_rounds", "rounds_setup",
-           "val_score"]
+__all__ = ["CALIB_BATCHES", "RoundsSetup", "control_finetune", "control_metrics", "kept_round", "over_bound",
+           "prune_metrics", "prune_rounds", "rounds_setup", "val_score"]
 
 LOG = logging.getLogger(__name__)
 # Unaugmented train batches for BatchNorm recalibration after each pruning step (and taylor importance's gradients):
@@ -69,9 +69,11 @@ def rounds_setup(params: Params, data: Path, work: Path, task: str, distill: Dis
         cfg=cfg, work=work, data_yaml=training_view(data, work / "data"), task=task,
         score=functools.partial(val_score, split_yaml=val_yaml, imgsz=st.imgsz, device=st.device, batch=st.batch),
         # Warm-up off: it starts the bias lr at 0.1, which wrecks trained weights in a short fine-tune.
+        # val off: each fine-tune keeps its last epoch (the rounds' scores are the stage's own, after it), the same
+        # rule for the rounds and the control; Ultralytics' val after each epoch cost ~6 s of a ~19 s epoch.
         finetune_args=dict(imgsz=st.imgsz, batch=st.batch, nbs=st.nominal_batch, lr0=cfg.lr0,
                            seed=params.student_seed, optimizer=st.optimizer, workers=st.workers, device=st.device,
-                           warmup_epochs=0.0, plots=False, distill=distill,
+                           warmup_epochs=0.0, plots=False, val=False, distill=distill,
                            callbacks={"on_pretrain_routine_start": use_all_cores_on_cpu}))
 
 
@@ -121,6 +123,29 @@ def prune_rounds(input_pt: Path, rounds_dir: Path, setup: RoundsSetup) -> Iterat
         current = dst
         if over_bound(row, cfg.max_map_drop):
             break
+
+
+def control_finetune(input_pt: Path, keep: int, setup: RoundsSetup) -> Path:
+    """The kept round's epoch-matched control: the input fine-tuned with the rounds' own fine-tunes (sparsity epochs
+    as plain epochs, then rounds 1..keep's epochs; same lr, data, seed and distill: loss), never pruned and with its
+    own activation. Returns its checkpoint; what it scores beside the pruned model is what pruning cost."""
+    cfg = setup.cfg
+    epochs = [cfg.sparsity_epochs] if cfg.sparsity_training else []
+    epochs = [e for e in epochs + [cfg.round_epochs(k) for k in range(1, keep + 1)] if e]
+    current = input_pt
+    for i, n in enumerate(epochs):
+        LOG.info("prune control: fine-tune %d of %d, %d epoch(s), unpruned", i + 1, len(epochs), n)
+        current = rounds.finetune(current, setup.data_yaml, n, work_dir=setup.work / f"control_{i + 1}",
+                                  **setup.finetune_args)
+    return current
+
+
+def control_metrics(control_pt: Path, pruned_pt: Path, epochs: int, setup: RoundsSetup) -> dict[str, float]:
+    """metrics/prune.json's `control`: its val mAP50-95, its extra epochs, and the pruned model's score minus the
+    control's (`pruned_minus_control`) with its paired interval: what pruning cost once the extra training is equal."""
+    (control, c_samples), (pruned, p_samples) = setup.score(control_pt), setup.score(pruned_pt)
+    return {"map50_95": control, "finetune_epochs": epochs,
+            **paired_keys("pruned_minus_control", pruned - control, p_samples, c_samples)}
 
 
 def kept_round(rows: list[dict[str, float]], cfg: PruneConfig) -> tuple[int, list[str]]:

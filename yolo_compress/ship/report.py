@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from yolo_compress.config import FILE_RUNTIMES, MODEL_NAMES
+from yolo_compress.config import PRUNE_CONTROL as CONTROL
 from yolo_compress.ship.report_inputs import (
     Inputs,
     bench_value,
@@ -112,7 +113,10 @@ def _notes(inp: Inputs, name: str) -> list[str]:
     notes += [f"export: {p}" for p in inp.export_notes.get("problems", {}).get(name, [])]
     if is_flagged(inp, name):
         notes.append("timing too noisy (spread over benchmark.max_spread after a retry): greyed out")
-    if inp.benchmark and name not in inp.benchmark:
+    if name == CONTROL:
+        notes.append("epoch-matched control: the pruned model's input fine-tuned as long, unpruned (its architecture "
+                     "and speed are the input's)")
+    elif inp.benchmark and name not in inp.benchmark:
         notes.append("not benchmarked")
     if name not in inp.evaluate:
         notes.append("not evaluated")
@@ -200,6 +204,35 @@ def _prune_stage_line(inp: Inputs) -> list[str]:
     return [line]
 
 
+def _pruning_lines(inp: Inputs) -> list[str]:
+    """Pruned against its epoch-matched control (what pruning cost), else against its input, flagged unchecked."""
+    extra = (inp.prune or {}).get("pruned", {}).get("finetune_epochs")
+    more = f"{extra:.0f} more epochs" if isinstance(extra, (int, float)) else "more epochs"
+    control = _paired(inp, "pruned", CONTROL, "map50_95")
+    if control:
+        lost = [s for s, _, t in control if "outside" in t and eval_value(inp, "pruned", s, "map50_95") <
+                eval_value(inp, CONTROL, s, "map50_95")]
+        verdict = (f" Pruning **lost accuracy against the control** on {', '.join(lost)}, outside the noise."
+                   if lost else " No loss against the control outside the noise.")
+        line = (f"**Pruning against its epoch-matched control** (pruned − prune_control, mAP50-95; the control is the "
+                f"pruned model's input fine-tuned the same {more} with the same learning rate, data and seed, "
+                f"unpruned{_INTERVAL if '[' in control[0][2] else ''}): " + _join(t for _, _, t in control) + "."
+                + verdict)
+        vs_input = _paired(inp, "pruned", "distilled", "map50_95")
+        return [line] + ([f"Pruned − distilled (its input, {more} of training behind it): "
+                          + _join(t for _, _, t in vs_input)
+                          + "; the control above says how much of that the extra epochs explain."] if vs_input else [])
+    cost = _paired(inp, "pruned", "distilled", "map50_95")
+    if not cost:
+        return []
+    unchecked = (f" **Unchecked**: the pruned model trained {more} than the distilled one (its rounds' "
+                 "fine-tunes, `train epochs` column) and no epoch-matched control trained the distilled model "
+                 "that long without pruning, so this gain may be that extra training, not pruning."
+                 if any(g > 0 for _, g, _ in cost) else "")
+    return [f"**Pruning** (pruned − distilled, mAP50-95{_INTERVAL if '[' in cost[0][2] else ''}): "
+            + _join(t for _, _, t in cost) + "." + unchecked]
+
+
 def _distill_lines(inp: Inputs) -> list[str]:
     lines = []
     pose = any(eval_value(inp, "distilled", s, "pose_map50_95") is not None for s in scored_splits(inp))
@@ -217,16 +250,7 @@ def _distill_lines(inp: Inputs) -> list[str]:
     else:
         lines.append("**Distillation**: needs both the student and the distilled model in the evaluate metrics.")
     lines += _prune_stage_line(inp)
-    cost = _paired(inp, "pruned", "distilled", "map50_95")
-    if cost:
-        extra = (inp.prune or {}).get("pruned", {}).get("finetune_epochs")
-        more = f"{extra:.0f} more epochs" if isinstance(extra, (int, float)) else "more epochs"
-        unchecked = (f" **Unchecked**: the pruned model trained {more} than the distilled one (its rounds' "
-                     "fine-tunes, `train epochs` column) and no epoch-matched control trained the distilled model "
-                     "that long without pruning, so this gain may be that extra training, not pruning."
-                     if any(g > 0 for _, g, _ in cost) else "")
-        lines.append(f"**Pruning** (pruned − distilled, mAP50-95{_INTERVAL if '[' in cost[0][2] else ''}): "
-                     + _join(t for _, _, t in cost) + "." + unchecked)
+    lines += _pruning_lines(inp)
     gap = (inp.student or {}).get("teacher_gap")
     if isinstance(gap, Mapping) and "map50_95" in gap:
         verdict = "clearly better" if gap.get("teacher_clearly_better", 1) else "NOT clearly better"
@@ -291,11 +315,12 @@ def recommend(inp: Inputs, max_map_drop: float) -> tuple[str | None, str]:
     """(the recommended shipped file's row name or None, one markdown line saying which and why).
 
     The fastest shipped file (p50 in its runtime, all timed in one interleaved run) whose test mAP50-95 (val when the
-    data has no test split) is at most `max_map_drop` below the distilled PyTorch model's; rows with flagged timings
-    are not candidates.
+    data has no test split) is at most `max_map_drop` below the epoch-matched control's (prune_control), or the
+    distilled PyTorch model's where no control was scored; rows with flagged timings are not candidates.
     """
     split = "test" if "test" in scored_splits(inp) else "val"
-    ref = eval_value(inp, "distilled", split, "map50_95")
+    ref_name = CONTROL if eval_value(inp, CONTROL, split, "map50_95") is not None else "distilled"
+    ref = eval_value(inp, ref_name, split, "map50_95")
     if ref is None:
         return None, f"**Recommended file**: none; needs the distilled model's {split} mAP50-95 (evaluate metrics)."
     shipped = [n for n in shipped_rows(inp) if eval_value(inp, n, split, "map50_95") is not None]
@@ -310,7 +335,9 @@ def recommend(inp: Inputs, max_map_drop: float) -> tuple[str | None, str]:
     if noisy:
         why.append("timing flagged: " + ", ".join(noisy))
     excluded = f" Excluded: {'; '.join(why)}." if why else ""
-    bound = f"within `report.max_map_drop` = {max_map_drop} of the distilled PyTorch model ({split} {ref:.3f})"
+    what = ("the epoch-matched control (`prune_control`, the pruned model's input trained as long)"
+            if ref_name == CONTROL else "the distilled PyTorch model")
+    bound = f"within `report.max_map_drop` = {max_map_drop} of {what} ({split} {ref:.3f})"
     if not ok:
         return None, f"**Recommended file**: none; no shipped file is {bound}.{excluded}"
     best = min(ok, key=lambda n: (file_value(inp, n, "latency_ms_p50"), n))

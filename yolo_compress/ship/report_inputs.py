@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from yolo_compress.config import EVAL_SPLITS, EXPORT_FORMATS, FILE_RUNTIMES, MODEL_NAMES
+from yolo_compress.config import EVAL_SPLITS, EXPORT_FORMATS, FILE_RUNTIMES, MODEL_NAMES, PRUNE_CONTROL
 from yolo_compress.errors import UserError
 from yolo_compress.files import read_json
 
@@ -109,8 +109,8 @@ def load_inputs(metrics_dir: str | Path, prune_plots: str | Path | None = None,
 
 
 def _train_epochs(metrics_dir: Path, prune: Any, sources: list[str]) -> dict[str, float]:
-    """Epochs each model trained in all: the train stages' `train.epochs`; the pruned model its input's training
-    epochs plus its rounds' fine-tunes (metrics/prune.json)."""
+    """Epochs each model trained in all: the train stages' `train.epochs`; the pruned model (and its control) its
+    input's training epochs plus its rounds' fine-tunes (metrics/prune.json)."""
     out: dict[str, float] = {}
     for name, file in (("teacher", "teacher.json"), ("student", "student.json"), ("distilled", "distill.json")):
         doc = read_json(metrics_dir / file) if (metrics_dir / file).is_file() else {}
@@ -120,10 +120,11 @@ def _train_epochs(metrics_dir: Path, prune: Any, sources: list[str]) -> dict[str
             if str(metrics_dir / file) not in sources:
                 sources.append(str(metrics_dir / file))
     if isinstance(prune, Mapping):
-        extra = (prune.get("pruned") or {}).get("finetune_epochs")
         start = (prune.get("input") or {}).get("train_epochs")
-        if isinstance(extra, (int, float)) and isinstance(start, (int, float)):
-            out["pruned"] = float(start + extra)
+        for name, group in (("pruned", "pruned"), (PRUNE_CONTROL, "control")):
+            extra = (prune.get(group) or {}).get("finetune_epochs")
+            if isinstance(extra, (int, float)) and isinstance(start, (int, float)):
+                out[name] = float(start + extra)
     return out
 
 

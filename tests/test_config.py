@@ -80,8 +80,9 @@ def test_evaluate_splits_default_to_the_prepared_data(tmp_path: Path) -> None:
 
 
 def test_the_last_prune_round_can_fine_tune_longer() -> None:
-    assert [PruneConfig(rounds=3, last_round_epochs=None).round_epochs(k) for k in (1, 2, 3)] == [3, 3, 3]
-    assert [PruneConfig(rounds=3, last_round_epochs=6).round_epochs(k) for k in (1, 2, 3)] == [3, 3, 6]
+    same, longer = (PruneConfig(rounds=3, finetune_epochs=3, last_round_epochs=n) for n in (None, 6))
+    assert [same.round_epochs(k) for k in (1, 2, 3)] == [3, 3, 3]
+    assert [longer.round_epochs(k) for k in (1, 2, 3)] == [3, 3, 6]
 
 
 def test_epochs_through_a_round_count_the_sparsity_epochs_and_each_round_fine_tune() -> None:

@@ -223,7 +223,8 @@ def test_report_states_targets_plateaus_and_what_is_missing() -> None:
     assert "seed 0: plateaued (last quarter gained +0.10 points)" in text
     assert "| logit | 0 1 | 0.3550 ± 0.0071 | 0.3350 ± 0.0212 |" in text
     assert "- **logit**, on test: gain +4.50 points (met the +1.5 target)" in text
-    assert "| default | 1 | - | 2 | 2 | 65.0% | +0.50 | +0.50 | +2.00 | **missed** |" in text  # test_shift lost 2
+    # a record from before the control: lost against the distilled model it pruned (test_shift lost 2)
+    assert "| default | 1 | - | 2 | 2 | 65.0% | +0.50 | +0.50 | +2.00 | distilled | **missed** |" in text
     assert "- `default`, seed 1: r1 0.100 -> 0.350 (40%), r2 0.200 -> 0.355 (65%)" in text
     assert "` over seeds" not in text  # one pruned seed: no std
     assert "| plain | 1 |" in text
@@ -237,7 +238,11 @@ def test_report_states_targets_plateaus_and_what_is_missing() -> None:
     second["scores"] = {"val": 0.355, "test": 0.345, "test_shift": 0.245}
     got["prune"]["default"][0] = second
     text, summary = format_study(study, {"d": got}, "abc123")
-    assert "| default | 0 | - | 2 | 2 | 65.0% | +0.50 | +0.50 | +0.50 | **met** |" in text
+    assert "| default | 0 | - | 2 | 2 | 65.0% | +0.50 | +0.50 | +0.50 | distilled | **met** |" in text
+    with_control = json.loads(json.dumps(second))  # its control trained as long gained 1.5 points on test: missed
+    with_control["control"] = {"val": 0.36, "test": 0.36, "test_shift": 0.25}
+    control_text = format_study(study, {"d": {**got, "prune": {"default": {0: with_control}}}}, "abc123")[0]
+    assert "| default | 0 | - | 2 | 2 | 65.0% | +0.50 | +1.50 | +0.50 | control | **missed** |" in control_text
     assert "from study.yaml at commit abc123" in text
     follow_up = format_study(study, {"d": got}, "abc123", "follow_up.yaml")[0]
     assert "from follow_up.yaml at commit" in follow_up
@@ -333,8 +338,9 @@ def test_an_experiment_is_estimated_from_its_part_records_or_else_its_epochs() -
               "prune": {"rounds": 4, "finetune_epochs": 3, "last_round_epochs": None}}
     assert planned_epochs(short.overrides, params, "distill") == 20 + 2 * 10
     prune = plan_prune("d", part, long)[0]
-    assert planned_epochs(prune.overrides, params, "prune") == 20 + 2 * 40 + 2 * 2 + 10
-    assert planned_epochs({}, params, "prune") == 20 + 0 + 3 * 3 + 3  # last_round_epochs null: finetune_epochs
+    # the rounds' fine-tunes, then the control's as long
+    assert planned_epochs(prune.overrides, params, "prune") == 20 + 2 * 40 + 2 * (2 * 2 + 10)
+    assert planned_epochs({}, params, "prune") == 20 + 0 + 2 * (3 * 3 + 3)  # last_round_epochs null: finetune_epochs
     # no record: 40 epochs of 200 images at a quarter of 256 px's area
     assert estimate_seconds(short, [], params) == pytest.approx(40 * 200 * 0.045 / 4)
     records = [{"part": "d", "target": "distill", "schedule": "short", "seconds": 600.0},

@@ -40,7 +40,7 @@ class DataConfig(Section):
     classes: int = 6  # (int) synthetic detect classes, at least 6 (pose always has 1; digits always 10)
     keypoints: int = 11  # (int) synthetic pose keypoints per figure
     max_objects: int = 8  # (int) most labelled objects per built-in image
-    train_images: int = 400  # (int) built-in images in train
+    train_images: int = 300  # (int) built-in images in train (300: the default run, control included, in 30 min)
     val_images: int = 100  # (int) built-in images in val
     test_images: int = 500  # (int) built-in images in test (500: a paired difference known to about ±1 point)
     test_shift_images: int = 500  # (int) built-in images in test_shift (other backgrounds, scales, contrast)
@@ -190,7 +190,7 @@ class PruneConfig(Section):
     round_to: int = 8  # (int) keep channel counts multiples of this (fast kernels)
     head: str = "inputs"  # (str) head channels that may shrink: none | inputs (depthwise input convs) | hidden
     activation: str = "relu"  # (str) relu (SiLU -> ReLU from round 1: INT8 ONNX fuses it into the conv) | keep
-    finetune_epochs: int = 3  # (int) fine-tune epochs per round
+    finetune_epochs: int = 2  # (int) fine-tune epochs per round
     last_round_epochs: int | None = 12  # (int) fine-tune epochs of the last round; null = finetune_epochs
     lr0: float = 0.001  # (float) fine-tune learning rate
     distill: bool = False  # (bool) fine-tune with the teacher and the distill: loss

@@ -33,7 +33,7 @@ from typing import Any
 import yaml
 
 from yolo_compress import files
-from yolo_compress.config import load_params
+from yolo_compress.config import PRUNE_CONTROL, load_params
 from yolo_compress.errors import ParamsError, UserError, stage_entrypoint
 from yolo_compress.experiments.compare_distill import run_dvc
 from yolo_compress.experiments.pretrain_starts import weights_sha256
@@ -251,7 +251,7 @@ def collect_part(name: str, part: StudyPart, records: dict[str, dict[str, Any]],
             result["prune"].setdefault(p.recipe, {})[p.seed] = {
                 "experiment": p.name, "overrides": part.prune[p.recipe], "metrics": record["prune"]["metrics"],
                 "rounds": record["prune"]["rounds"], "scores": record["scores"]["pruned"],
-                "distilled": record["scores"]["distilled"]}
+                "distilled": record["scores"]["distilled"], "control": record["scores"].get(PRUNE_CONTROL)}
     # records are matched by name, params and stage code, whatever commit ran them: the report names those commits
     result["commits"] = sorted({str(r["commit"]) for r in used})
     overhead = overhead_table(part, used[0]) if used else None

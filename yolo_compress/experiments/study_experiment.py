@@ -14,7 +14,7 @@ import yaml
 from dvc.api import DVCFileSystem
 
 from yolo_compress import files
-from yolo_compress.config import load_params
+from yolo_compress.config import PRUNE_CONTROL, load_params
 from yolo_compress.data.prepared import load_summary, training_view
 from yolo_compress.experiments.study_plan import SPLITS, Planned, StudyPart
 from yolo_compress.measure.evaluation import evaluate_split_with_predictions
@@ -98,7 +98,8 @@ def make_record(p: Planned, exp: Experiment, part: StudyPart, scorer: Scorer, co
         "code": code, "commit": commit, "metric": part.metric,
         "data_md5": exp.md5("data/prepared"), "teacher_md5": exp.md5("models/teacher.pt")}
     if p.target == "prune":
-        record["scores"] = {m: scorer.score(exp, f"models/{m}.pt", part.metric) for m in ("distilled", "pruned")}
+        record["scores"] = {m: scorer.score(exp, f"models/{m}.pt", part.metric)
+                            for m in ("distilled", PRUNE_CONTROL, "pruned")}
         record["prune"] = {"metrics": exp.json("metrics/prune.json"), "rounds": exp.json("plots/prune.json")}
         return record
     student, distilled = exp.json("metrics/student.json"), exp.json("metrics/distill.json")

@@ -80,8 +80,8 @@ def why_stale(record: Mapping[str, Any], p: Planned, code: Mapping[str, str | No
 
 
 def planned_epochs(overrides: Mapping[str, Any], params: Mapping[str, Any], target: str) -> int:
-    """Training epochs an experiment runs from scratch: teacher, plain student, distilled student (and the prune
-    rounds' fine-tunes when `target` is prune)."""
+    """Training epochs an experiment runs from scratch: teacher, plain student, distilled student (and when `target`
+    is prune, the rounds' fine-tunes twice: the prune stage trains its epoch-matched control as long)."""
 
     def get(key: str) -> Any:
         if key in overrides:
@@ -93,7 +93,7 @@ def planned_epochs(overrides: Mapping[str, Any], params: Mapping[str, Any], targ
     if target == "prune":
         rounds, each = int(get("prune.rounds") or 0), int(get("prune.finetune_epochs") or 0)
         last = get("prune.last_round_epochs")
-        epochs += max(rounds - 1, 0) * each + int(each if last is None else last) if rounds else 0
+        epochs += 2 * (max(rounds - 1, 0) * each + int(each if last is None else last)) if rounds else 0
     return epochs
 
 

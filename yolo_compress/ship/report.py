@@ -339,7 +339,9 @@ def recommend(inp: Inputs, max_map_drop: float) -> tuple[str | None, str]:
             if ref_name == CONTROL else "the distilled PyTorch model")
     bound = f"within `report.max_map_drop` = {max_map_drop} of {what} ({split} {ref:.3f})"
     if not ok:
-        return None, f"**Recommended file**: none; no shipped file is {bound}.{excluded}"
+        hint = (" The control itself is then the model to ship: it is unpruned, so list `prune_control` in "
+                "`export.models` to get its files." if ref_name == CONTROL else "")
+        return None, f"**Recommended file**: none; no shipped file is {bound}.{excluded}{hint}"
     best = min(ok, key=lambda n: (file_value(inp, n, "latency_ms_p50"), n))
     lat, acc = file_value(inp, best, "latency_ms_p50"), eval_value(inp, best, split, "map50_95")
     up = file_speedup(inp, best)

@@ -424,3 +424,8 @@ def test_with_a_control_pruning_is_judged_against_it_and_so_is_the_recommended_f
     name, line = recommend(inp, 0.03)
     assert name is None and "of the epoch-matched control (`prune_control`" in line and "(test 0.460)" in line
     assert recommend(inp, 0.055)[0] == "pruned_fp32"
+    # a control below its input (its fine-tunes hurt): the distilled model stays the reference
+    inp.evaluate["prune_control"]["test"]["map50_95"] = 0.40
+    name, line = recommend(inp, 0.015)
+    assert name is None and "of the distilled PyTorch model, better than its epoch-matched control (test 0.430)" in line
+    assert "The unpruned `distilled` is then the model to ship" in line

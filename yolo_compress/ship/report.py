@@ -15,8 +15,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from yolo_compress.config import FILE_RUNTIMES, MODEL_NAMES
-from yolo_compress.config import PRUNE_CONTROL as CONTROL
+from yolo_compress.config import FILE_RUNTIMES, MODEL_NAMES, PRUNE_CONTROL
 from yolo_compress.ship.report_inputs import (
     Inputs,
     bench_value,
@@ -113,7 +112,7 @@ def _notes(inp: Inputs, name: str) -> list[str]:
     notes += [f"export: {p}" for p in inp.export_notes.get("problems", {}).get(name, [])]
     if is_flagged(inp, name):
         notes.append("timing too noisy (spread over benchmark.max_spread after a retry): greyed out")
-    if name == CONTROL:
+    if name == PRUNE_CONTROL:
         notes.append("epoch-matched control: the pruned model's input fine-tuned as long, unpruned (its architecture "
                      "and speed are the input's)")
     elif inp.benchmark and name not in inp.benchmark:
@@ -208,10 +207,9 @@ def _pruning_lines(inp: Inputs) -> list[str]:
     """Pruned against its epoch-matched control (what pruning cost), else against its input, flagged unchecked."""
     extra = (inp.prune or {}).get("pruned", {}).get("finetune_epochs")
     more = f"{extra:.0f} more epochs" if isinstance(extra, (int, float)) else "more epochs"
-    control = _paired(inp, "pruned", CONTROL, "map50_95")
+    control = _paired(inp, "pruned", PRUNE_CONTROL, "map50_95")
     if control:
-        lost = [s for s, _, t in control if "outside" in t and eval_value(inp, "pruned", s, "map50_95") <
-                eval_value(inp, CONTROL, s, "map50_95")]
+        lost = [s for s, gain, text in control if gain < 0 and "outside" in text]
         verdict = (f" Pruning **lost accuracy against the control** on {', '.join(lost)}, outside the noise."
                    if lost else " No loss against the control outside the noise.")
         line = (f"**Pruning against its epoch-matched control** (pruned − prune_control, mAP50-95; the control is the "
@@ -315,12 +313,14 @@ def recommend(inp: Inputs, max_map_drop: float) -> tuple[str | None, str]:
     """(the recommended shipped file's row name or None, one markdown line saying which and why).
 
     The fastest shipped file (p50 in its runtime, all timed in one interleaved run) whose test mAP50-95 (val when the
-    data has no test split) is at most `max_map_drop` below the epoch-matched control's (prune_control), or the
-    distilled PyTorch model's where no control was scored; rows with flagged timings are not candidates.
+    data has no test split) is at most `max_map_drop` below the better of the distilled PyTorch model and its
+    epoch-matched control (prune_control, where scored): pruning must not lose against the model trained as long,
+    nor against the one it started from. Rows with flagged timings are not candidates.
     """
     split = "test" if "test" in scored_splits(inp) else "val"
-    ref_name = CONTROL if eval_value(inp, CONTROL, split, "map50_95") is not None else "distilled"
-    ref = eval_value(inp, ref_name, split, "map50_95")
+    refs = {n: eval_value(inp, n, split, "map50_95") for n in ("distilled", PRUNE_CONTROL)}
+    ref_name = max((n for n in refs if refs[n] is not None), key=lambda n: refs[n], default="distilled")
+    ref = refs[ref_name]
     if ref is None:
         return None, f"**Recommended file**: none; needs the distilled model's {split} mAP50-95 (evaluate metrics)."
     shipped = [n for n in shipped_rows(inp) if eval_value(inp, n, split, "map50_95") is not None]
@@ -336,11 +336,12 @@ def recommend(inp: Inputs, max_map_drop: float) -> tuple[str | None, str]:
         why.append("timing flagged: " + ", ".join(noisy))
     excluded = f" Excluded: {'; '.join(why)}." if why else ""
     what = ("the epoch-matched control (`prune_control`, the pruned model's input trained as long)"
-            if ref_name == CONTROL else "the distilled PyTorch model")
+            if ref_name == PRUNE_CONTROL else "the distilled PyTorch model" + (
+                ", better than its epoch-matched control" if refs[PRUNE_CONTROL] is not None else ""))
     bound = f"within `report.max_map_drop` = {max_map_drop} of {what} ({split} {ref:.3f})"
     if not ok:
-        hint = (" The control itself is then the model to ship: it is unpruned, so list `prune_control` in "
-                "`export.models` to get its files." if ref_name == CONTROL else "")
+        hint = (f" The unpruned `{ref_name}` is then the model to ship: list it in `export.models` to get its files."
+                if refs[PRUNE_CONTROL] is not None else "")
         return None, f"**Recommended file**: none; no shipped file is {bound}.{excluded}{hint}"
     best = min(ok, key=lambda n: (file_value(inp, n, "latency_ms_p50"), n))
     lat, acc = file_value(inp, best, "latency_ms_p50"), eval_value(inp, best, split, "map50_95")

@@ -208,6 +208,7 @@ def _pruning_lines(inp: Inputs) -> list[str]:
     extra = (inp.prune or {}).get("pruned", {}).get("finetune_epochs")
     more = f"{extra:.0f} more epochs" if isinstance(extra, (int, float)) else "more epochs"
     control = _paired(inp, "pruned", PRUNE_CONTROL, "map50_95")
+    vs_input = _paired(inp, "pruned", "distilled", "map50_95")
     if control:
         lost = [s for s, gain, text in control if gain < 0 and "outside" in text]
         verdict = (f" Pruning **lost accuracy against the control** on {', '.join(lost)}, outside the noise."
@@ -216,19 +217,17 @@ def _pruning_lines(inp: Inputs) -> list[str]:
                 f"pruned model's input fine-tuned the same {more} with the same learning rate, data and seed, "
                 f"unpruned{_INTERVAL if '[' in control[0][2] else ''}): " + _join(t for _, _, t in control) + "."
                 + verdict)
-        vs_input = _paired(inp, "pruned", "distilled", "map50_95")
         return [line] + ([f"Pruned − distilled (its input, {more} of training behind it): "
                           + _join(t for _, _, t in vs_input)
                           + "; the control above says how much of that the extra epochs explain."] if vs_input else [])
-    cost = _paired(inp, "pruned", "distilled", "map50_95")
-    if not cost:
+    if not vs_input:
         return []
     unchecked = (f" **Unchecked**: the pruned model trained {more} than the distilled one (its rounds' "
                  "fine-tunes, `train epochs` column) and no epoch-matched control trained the distilled model "
                  "that long without pruning, so this gain may be that extra training, not pruning."
-                 if any(g > 0 for _, g, _ in cost) else "")
-    return [f"**Pruning** (pruned − distilled, mAP50-95{_INTERVAL if '[' in cost[0][2] else ''}): "
-            + _join(t for _, _, t in cost) + "." + unchecked]
+                 if any(g > 0 for _, g, _ in vs_input) else "")
+    return [f"**Pruning** (pruned − distilled, mAP50-95{_INTERVAL if '[' in vs_input[0][2] else ''}): "
+            + _join(t for _, _, t in vs_input) + "." + unchecked]
 
 
 def _distill_lines(inp: Inputs) -> list[str]:

@@ -48,7 +48,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--data", type=Path, required=True, help="prepared dataset folder")
     ap.add_argument("--model", type=Path, required=True, help="the .pt to prune (dvc.yaml passes prune.model)")
-    ap.add_argument("--teacher", type=Path, required=True, help="prune.distill: the teacher (distill.teacher)")
+    ap.add_argument("--teacher", type=Path, required=True,
+                    help="prune.distill: the teacher (distill.teacher), unless prune.teacher is input")
     ap.add_argument("--out", type=Path, required=True, help="where the kept round's .pt goes")
     ap.add_argument("--rounds-dir", type=Path, required=True, help="one round_<k>.pt per round")
     ap.add_argument("--control", type=Path, required=True, help="the epoch-matched control's .pt")
@@ -68,7 +69,8 @@ def checked_inputs(args: argparse.Namespace, params: Params) -> tuple[YOLO, Dist
     check_prunable(make_split_free(model.model), f"{key}: {path}")
     if not cfg.distill:
         return model, None
-    teacher, tkey = args.teacher, "distill.teacher"
+    # prune.teacher input: the unpruned model teaches its pruned self (same head, so no check beyond the model's)
+    teacher, tkey = (args.model, "prune.model") if cfg.teacher == "input" else (args.teacher, "distill.teacher")
     check_same_head(model_info(load_model(teacher, tkey)), data, f"{tkey} {teacher}", f"dataset {args.data}")
     return model, dataclasses.replace(dcfg, teacher=str(teacher))
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from yolo_compress.config import DataConfig, DistillConfig, PruneConfig
+from yolo_compress.config import DataConfig, DistillConfig, PruneConfig, load_params
 from yolo_compress.data.dataset import prepare_dataset
 from yolo_compress.data.prepared import training_view
 from yolo_compress.models import count_params
@@ -65,12 +65,27 @@ def stage_args(root: Path, prune: dict | None = None, **paths: str) -> list[str]
 
 
 @pytest.fixture(scope="module")
-def stage_main() -> object:
-    """The stage script's main(), imported once: bad-input cases run in-process instead of paying for imports."""
+def stage_module() -> object:
+    """The stage script as a module, imported once: bad-input cases run in-process instead of paying for imports."""
     spec = importlib.util.spec_from_file_location("prune_stage", REPO / "stages" / "prune.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.main
+    return module
+
+
+@pytest.fixture(scope="module")
+def stage_main(stage_module: object) -> object:
+    return stage_module.main
+
+
+def test_teacher_input_distills_from_the_unpruned_model(workspace: Path, stage_module: object,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """prune.teacher input: the model being pruned is the teacher, and distill.teacher (absent here) is not read."""
+    monkeypatch.chdir(workspace)
+    monkeypatch.setattr(sys, "argv", stage_args(workspace, {**PRUNE, "distill": True, "teacher": "input"}))
+    args = stage_module.parse_args()
+    _, distill = stage_module.checked_inputs(args, load_params(args.params))
+    assert not (workspace / args.teacher).exists() and distill.teacher == "models/distilled.pt"
 
 
 @pytest.fixture(scope="module")
@@ -89,9 +104,10 @@ def tiny_run(workspace: Path) -> subprocess.CompletedProcess:
         ({"target": 1.0}, {}, "prune.target: expected a float in (0, 1)"),
         ({"importance": "magic"}, {}, "prune.importance: expected one of l1, l2, bn, taylor, random, got 'magic'"),
         ({"distill": True}, {}, "distill.teacher: model file models/teacher.pt not found"),
+        ({"teacher": "self"}, {}, "prune.teacher: expected one of distill, input, got 'self'"),
     ],
     ids=["missing-model", "not-a-checkpoint", "rounds-0", "target-1", "importance",
-         "missing-teacher"],
+         "missing-teacher", "teacher-kind"],
 )
 def test_bad_input_is_one_error_line_and_exit_2(workspace: Path, stage_main: object, tmp_path: Path, prune: dict,
                                                  paths: dict, needle: str, monkeypatch: pytest.MonkeyPatch,

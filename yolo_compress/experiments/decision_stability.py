@@ -78,8 +78,8 @@ def main(argv: list[str] | None = None) -> None:
     use_all_cores()
     input_pt = Path(params.prune.model)
     task = load_model(input_pt, "prune.model").task
-    distill = dataclasses.replace(params.distill, teacher=str(Path(params.distill.teacher))) if params.prune.distill \
-        else None
+    teacher = params.prune.model if params.prune.teacher == "input" else params.distill.teacher
+    distill = dataclasses.replace(params.distill, teacher=teacher) if params.prune.distill else None
     verdicts: dict[str, dict[str, float]] = {}
     for name in args.variants:
         student = params.student

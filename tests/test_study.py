@@ -39,7 +39,7 @@ from yolo_compress.experiments.study_records import (
     planned_epochs,
     why_stale,
 )
-from yolo_compress.experiments.study_report import format_study
+from yolo_compress.experiments.study_report import format_study, kd_recovery
 
 
 def _study(tmp_path: Path, text: str) -> Path:
@@ -253,6 +253,23 @@ def test_report_states_targets_plateaus_and_what_is_missing() -> None:
     text, summary = format_study(study, {"d": got}, "abc123")
     assert "Teacher: 8 epochs, NOT plateaued: nothing learnt yet (best val 0.0000)" in text
     assert summary["parts"]["d"]["teacher"] == {"scores": scores, "plateau_gain": 0.0, "plateaued": False}
+
+
+def test_kd_recovery_pairs_each_kd_recipe_with_the_same_recipe_without_it() -> None:
+    """prune.distill on against off, per seed: the pruned scores' difference, and whether KD never lost."""
+    def record(distill: bool, test: float, shift: float, **extra: str) -> dict:
+        return {"overrides": {"prune.rounds": 2, "prune.distill": distill, **extra},
+                "scores": {"val": 0.3, "test": test, "test_shift": shift}}
+
+    recipes = {"off": {0: record(False, 0.30, 0.20), 1: record(False, 0.32, 0.22)},
+               "kd": {0: record(True, 0.31, 0.21, **{"prune.teacher": "input"}),
+                      1: record(True, 0.33, 0.215, **{"prune.teacher": "input"})},
+               "other": {0: {"overrides": {"prune.rounds": 3, "prune.distill": True}, "scores": {}}}}
+    lines, summary = kd_recovery(recipes)
+    assert summary["kd"]["against"] == "off" and summary["kd"]["seeds"] == [0, 1]
+    assert summary["kd"]["never_worse"] is False  # seed 1 lost 0.5 point on test_shift
+    assert "other" not in summary  # no recipe without KD shares its other overrides
+    assert "| kd | off | 0 1 | +1.00 ± 0.00 (+1.00, +1.00) | +0.25 ± 1.06 (+1.00, -0.50) | **no** |" in lines
 
 
 def test_the_timing_table_is_keyed_by_what_it_timed_not_by_the_part() -> None:

@@ -124,6 +124,40 @@ def prune_section(best: list[str], schedule: str, recipes: dict[str, dict[int, A
     return lines, summary
 
 
+def kd_recovery(recipes: dict[str, dict[int, Any]]) -> tuple[list[str], dict[str, Any]]:
+    """Each recipe that fine-tunes with distillation against the recipe that is the same without it (prune.distill
+    false, no prune.teacher): its pruned model's score minus that one's, paired by seed, on test and test_shift."""
+    plain = {json.dumps({k: v for k, v in r.items() if k != "prune.distill"}, sort_keys=True): name
+             for name, by_seed in recipes.items() for r in [next(iter(by_seed.values()))["overrides"]]
+             if r.get("prune.distill") is False and "prune.teacher" not in r}
+    lines, summary = [], {}
+    for name, by_seed in recipes.items():
+        overrides = next(iter(by_seed.values()))["overrides"]
+        if not overrides.get("prune.distill"):
+            continue
+        rest = {k: v for k, v in overrides.items() if k not in ("prune.distill", "prune.teacher")}
+        base = plain.get(json.dumps(rest, sort_keys=True))
+        seeds = sorted(set(by_seed) & set(recipes.get(base, {})))
+        if not seeds:
+            continue
+        gain = {s: [by_seed[seed]["scores"][s] - recipes[base][seed]["scores"][s] for seed in seeds]
+                for s in ("test", "test_shift")}
+        never_worse = all(g >= 0 for values in gain.values() for g in values)
+        summary[name] = {"against": base, "seeds": seeds, "gain": gain, "never_worse": never_worse}
+        lines.append(f"| {name} | {base} | {' '.join(map(str, seeds))} | "
+                     + " | ".join(f"{_pm(mean_std(v), True)} ({', '.join(f'{g * 100:+.2f}' for g in v)})"
+                                  for v in gain.values())
+                     + f" | **{'yes' if never_worse else 'no'}** |")
+    if not lines:
+        return [], {}
+    head = ["### Pruning recovery: with distillation against without", "",
+            "The pruned model of each recipe that fine-tunes with a teacher, minus the pruned model of the same "
+            "recipe without one, paired by seed (mean ± std, then each seed, in points). The target: with "
+            "distillation at least as good on test and test_shift on every seed.", "",
+            "| recipe | against | seeds | test | test_shift | never worse |", "|---" * 6 + "|"]
+    return [*head, *lines], summary
+
+
 def part_section(name: str, part: StudyPart, got: dict[str, Any], bound: float,
                  rerun: str = "python -m yolo_compress.experiments.study") -> tuple[list[str], dict[str, Any]]:
     p = part.params
@@ -164,6 +198,8 @@ def part_section(name: str, part: StudyPart, got: dict[str, Any], bound: float,
     if got.get("prune"):
         prune_lines, summary["prune"] = prune_section(got["best"], part.longest, got["prune"])
         lines += ["", *prune_lines]
+        recovery_lines, summary["kd_recovery"] = kd_recovery(got["prune"])
+        lines += ["", *recovery_lines] if recovery_lines else []
     if got.get("overhead"):
         body = got["overhead"].split("\n", 2)[2] if got["overhead"].startswith("#") else got["overhead"]
         lines += ["", "### Distillation time, side by side in one process", "", body.strip()]

@@ -127,12 +127,12 @@ def prune_section(best: list[str], schedule: str, recipes: dict[str, dict[int, A
 def kd_recovery(recipes: dict[str, dict[int, Any]]) -> tuple[list[str], dict[str, Any]]:
     """Each recipe that fine-tunes with distillation against the recipe that is the same without it (prune.distill
     false, no prune.teacher): its pruned model's score minus that one's, paired by seed, on test and test_shift."""
-    plain = {json.dumps({k: v for k, v in r.items() if k != "prune.distill"}, sort_keys=True): name
-             for name, by_seed in recipes.items() for r in [next(iter(by_seed.values()))["overrides"]]
-             if r.get("prune.distill") is False and "prune.teacher" not in r}
+    overrides_of = {name: next(iter(by_seed.values()))["overrides"] for name, by_seed in recipes.items()}
+    plain = {json.dumps({k: v for k, v in o.items() if k != "prune.distill"}, sort_keys=True): name
+             for name, o in overrides_of.items() if o.get("prune.distill") is False and "prune.teacher" not in o}
     lines, summary = [], {}
     for name, by_seed in recipes.items():
-        overrides = next(iter(by_seed.values()))["overrides"]
+        overrides = overrides_of[name]
         if not overrides.get("prune.distill"):
             continue
         rest = {k: v for k, v in overrides.items() if k not in ("prune.distill", "prune.teacher")}

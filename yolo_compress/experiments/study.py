@@ -34,6 +34,7 @@ import yaml
 
 from yolo_compress import files
 from yolo_compress.config import PRUNE_CONTROL, load_params
+from yolo_compress.data.inputs import DATA_SOURCES, MODEL_STARTS
 from yolo_compress.errors import ParamsError, UserError, stage_entrypoint
 from yolo_compress.experiments.compare_distill import run_dvc
 from yolo_compress.experiments.pretrain_starts import weights_sha256
@@ -64,6 +65,7 @@ log = logging.getLogger("yolo_compress.experiments.study")
 CODE = ("stages", "yolo_compress", "dvc.yaml", "params.yaml", "study.yaml")
 CODE_ROOTS = ("stages/", "yolo_compress/")  # a stage's dependencies that are code, not data or models
 TARGETS = ("distill", "prune")  # the stages study experiments run up to
+USER_FOLDERS = (f"{DATA_SOURCES}/", f"{MODEL_STARTS}/")  # where the files params name must live
 
 
 def check_committed(paths: Sequence[str] = CODE) -> None:
@@ -94,10 +96,18 @@ def check_params(study: StudyConfig, parts: Sequence[str], config: str = "study.
             except ParamsError as err:
                 raise ParamsError(f"{config}: {where}: {str(err).split(': ', 1)[1]}") from None
             for key, value in overrides.items():
-                if isinstance(value, str) and value.startswith("models/start/") and not Path(value).is_file():
-                    raise ParamsError(f"{config}: {where}: {key}: {value} not found; make the project's pretrained "
-                                      "starts with `python -m yolo_compress.experiments.pretrain_starts`, or put "
-                                      "your own file there")
+                if isinstance(value, str) and value.startswith(USER_FOLDERS) and not Path(value).exists():
+                    raise ParamsError(f"{config}: {where}: {key}: {value} not found; {how_to_make(key, value)}")
+
+
+def how_to_make(key: str, path: str) -> str:
+    """What to do about an input a study part names and this machine lacks."""
+    if key == "distill.unlabeled":
+        return "make it with `python -m yolo_compress.experiments.unlabeled_digits`, or put your own images there"
+    if path.startswith(f"{MODEL_STARTS}/"):
+        return ("make the project's pretrained starts with `python -m yolo_compress.experiments.pretrain_starts`, "
+                "or put your own file there")
+    return "put your own files there"
 
 
 def tree_changed(paths: Sequence[str]) -> bool:
@@ -129,16 +139,22 @@ def stage_code(target: str) -> dict[str, str]:
 
 
 def start_files(overrides: dict[str, Any]) -> list[str]:
-    """The local files an experiment's overrides name by path (a pretrained start under models/start/, say); a bare
-    name like yolo11s.yaml is Ultralytics' own."""
+    """The local inputs an experiment's overrides name by path: a pretrained start under models/start/, say, or a
+    folder of unlabeled images under data/sources/; a bare name like yolo11s.yaml is Ultralytics' own."""
     return sorted({v for v in overrides.values() if isinstance(v, str) and "/" in v
-                   and v.endswith((".pt", ".yaml", ".yml"))})
+                   and (v.endswith((".pt", ".yaml", ".yml")) or v.startswith(USER_FOLDERS))})
 
 
 @functools.cache
 def start_hash(path: str) -> str | None:
-    """A start's identity: its weights' sha256 for a .pt (the file also holds its date), the file's md5 otherwise;
-    None when the file is not on this machine (it cannot be checked here)."""
+    """An input's identity: its weights' sha256 for a .pt (the file also holds its date), the md5 of a file, or of a
+    folder's file names and bytes; None when it is not on this machine (it cannot be checked here)."""
+    if Path(path).is_dir():
+        digest = hashlib.md5()
+        for f in sorted(f for f in Path(path).rglob("*") if f.is_file()):
+            digest.update(f.relative_to(path).as_posix().encode())
+            digest.update(f.read_bytes())
+        return digest.hexdigest()
     if not Path(path).is_file():
         return None
     return weights_sha256(path) if path.endswith(".pt") else hashlib.md5(Path(path).read_bytes()).hexdigest()
@@ -194,7 +210,7 @@ def run_planned(planned: Sequence[Planned], study: StudyConfig, records: dict[st
         log.info("running %s (%d of %d to run)", p.name, todo.index(p) + 1, len(todo))
         budget.started += 1
         t0 = time.monotonic()
-        copied = [arg for f in start_files(p.overrides) if Path(f).is_file() for arg in ("-C", f)]  # ignored ones too
+        copied = [arg for f in start_files(p.overrides) if Path(f).exists() for arg in ("-C", f)]  # ignored ones too
         proc = subprocess.run(["dvc", "exp", "run", "--temp", "--name", p.name, *copied, *set_arguments(p.overrides),
                                p.target])
         if proc.returncode != 0:

@@ -36,6 +36,8 @@ class StudyPart:
     # distilled model of the longest schedule (chosen on val) as one experiment; {} = no pruning
     prune_seeds: list[int] = field(default_factory=list)  # (list) seeds whose distilled model each recipe prunes,
     # all of the loss best on val (mean over seeds), so a recipe's loss has a std; [] = the one best model on val
+    against: str = ""  # (str) '' or another part with the same teacher, plain students and seeds that differs in one
+    # setting: each loss's students are then paired by seed with that part's (e.g. unlabeled images on against off)
 
     def __post_init__(self) -> None:
         bad = [m for m in self.losses if m not in DISTILL_LOSSES]
@@ -82,6 +84,11 @@ class StudyConfig:
             for what, value in names:
                 if not re.fullmatch(r"[A-Za-z0-9_]+", str(value)):
                     raise ParamsError(f"{what}: expected names of letters, digits and _, got {value!r}")
+        for name, part in self.parts.items():
+            if part.against and (part.against == name or part.against not in self.parts):
+                others = [p for p in self.parts if p != name]
+                raise ParamsError(f"parts.{name}.against: expected '' or another part ({', '.join(others) or 'none'})"
+                                  f", got {part.against!r}")
         if not 0 < self.plateau_gain < 1:
             raise ParamsError(f"plateau_gain: expected a float in (0, 1), got {self.plateau_gain!r}")
 

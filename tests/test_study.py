@@ -94,6 +94,8 @@ def test_follow_up_studies_agree_with_study_yaml_on_the_parts_they_share() -> No
     ("parts: {a: {schedules: {long run: 3}}}", r"parts\.a\.schedules: expected names of letters, digits and _"),
     ("parts: {a: {prune: {x: {finetune_epochs: 3}}}}", r"parts\.a\.prune\.x: expected a mapping of prune\.\* keys"),
     ("parts: {a: {prune: {x y: {}}}}", r"parts\.a\.prune: expected names of letters, digits and _, got 'x y'"),
+    ("parts: {a: {against: b}}", r"parts\.a\.against: expected '' or another part \(none\), got 'b'"),
+    ("parts: {a: {}, b: {against: b}}", r"parts\.b\.against: expected '' or another part \(a\), got 'b'"),
 ])
 def test_bad_study_yaml_is_one_line_naming_the_key(tmp_path: Path, text: str, message: str) -> None:
     with pytest.raises(ParamsError, match=message):
@@ -272,6 +274,32 @@ def test_kd_recovery_pairs_each_kd_recipe_with_the_same_recipe_without_it() -> N
     assert "| kd | off | 0 1 | +1.00 ± 0.00 (+1.00, +1.00) | +0.25 ± 1.06 (+1.00, -0.50) | **no** |" in lines
 
 
+def test_a_part_is_paired_by_seed_with_the_part_it_names_against() -> None:
+    """Part c (unlabeled images) against part a: the same plain students, each loss's students minus the other's."""
+    def got(logit_test: dict[int, float], plain_test: float = 0.30) -> dict:
+        def scored(test: float) -> dict:
+            return {"scores": {"val": 0.3, "test": test, "test_shift": 0.1}, "seconds_per_epoch": 1.0}
+        runs = {PLAIN: {s: {**scored(plain_test), "curve": [0.1] * 4} for s in (0, 1)},
+                "logit": {s: scored(t) for s, t in logit_test.items()}}
+        return {"schedules": {"long": {"epochs": 4, "runs": runs}}, "missing": []}
+
+    a = StudyPart(schedules={"long": 4}, losses=["sl2", "logit"], seeds=[0, 1])
+    c = StudyPart(schedules={"long": 4}, losses=["logit"], seeds=[0, 1], against="a")
+    study = StudyConfig(parts={"a": a, "c": c})
+    text, summary = format_study(study, {"a": got({0: 0.33, 1: 0.34}), "c": got({0: 0.35, 1: 0.33})}, "abc123")
+    assert "### `c` against `a`" in text
+    assert "| logit | logit | 0 1 | +0.00 ± 0.00 (+0.00, +0.00) | +0.50 ± 2.12 (+2.00, -1.00) |" in text
+    assert "score the same on every split" in text and "| plain |" not in text.split("against `a`")[1]
+    assert summary["parts"]["c"]["against"]["plain_students_equal"] is True
+    # plain students trained longer (another schedule): plain against plain, and against the other's students
+    text = format_study(study, {"a": got({0: 0.33}), "c": got({0: 0.35}, plain_test=0.34)}, "abc123")[0]
+    assert "| logit | logit | 0 |" in text and "differ, so each part's students are also set against" in text
+    assert "| plain | plain | 0 1 | +0.00 ± 0.00 (+0.00, +0.00) | +4.00 ± 0.00 (+4.00, +4.00) |" in text
+    assert "| plain | logit | 0 | +0.00 ± 0.00 (+0.00) | +1.00 ± 0.00 (+1.00) |" in text
+    nothing_to_pair = {"a": {"schedules": {}, "missing": []}, "c": got({0: 0.35})}
+    assert "against" not in format_study(study, nothing_to_pair, "abc123")[1]["parts"]["c"]
+
+
 def test_the_timing_table_is_keyed_by_what_it_timed_not_by_the_part() -> None:
     # the first study reused a 192 px timing table for the 160 px part; renaming a part used to lose its table
     same = overhead_path("data1", "teacher1", "student: {imgsz: 160}\n", ["sl2", "logit"])
@@ -302,6 +330,17 @@ def test_a_start_that_is_not_there_is_refused_before_anything_runs(tmp_path: Pat
                                           r"models/start/synthetic_yolo11n\.pt not found; make the project's "
                                           r"pretrained starts with `python -m yolo_compress\.experiments\."
                                           r"pretrain_starts`"):
+        check_params(StudyConfig(parts={"d": part}), ["d"])
+
+
+def test_unlabeled_images_that_are_not_there_are_refused_before_anything_runs(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    monkeypatch.chdir(tmp_path)
+    part = StudyPart(schedules={"short": 1}, params={"distill.unlabeled": "data/sources/digits_unlabeled"})
+    with pytest.raises(ParamsError, match=r"^study\.yaml: parts\.d\.params: distill\.unlabeled: "
+                                          r"data/sources/digits_unlabeled not found; make it with `python -m "
+                                          r"yolo_compress\.experiments\.unlabeled_digits`"):
         check_params(StudyConfig(parts={"d": part}), ["d"])
 
 

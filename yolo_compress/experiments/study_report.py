@@ -158,6 +158,43 @@ def kd_recovery(recipes: dict[str, dict[int, Any]]) -> tuple[list[str], dict[str
     return [*head, *lines], summary
 
 
+def against_section(name: str, part: StudyPart, got: dict[str, Any],
+                    other: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
+    """This part's students minus those of the part it names (`part.against`), paired by seed, on every split: each
+    loss against the same loss; where the two parts' plain students differ (another schedule, say), also plain
+    against plain and this part's plain against each of the other's losses (the other's students checked against
+    a control trained longer)."""
+    mine = got.get("schedules", {}).get(part.longest, {}).get("runs", {})
+    scheds = other.get("schedules", {})
+    theirs = scheds[max(scheds, key=lambda k: scheds[k]["epochs"])]["runs"] if scheds else {}
+    plain_seeds = sorted(set(mine.get(PLAIN, {})) & set(theirs.get(PLAIN, {})))
+    same_plain = bool(plain_seeds) and all(mine[PLAIN][s]["scores"] == theirs[PLAIN][s]["scores"]
+                                           for s in plain_seeds)
+    pairs = [(m, m) for m in part.losses]
+    if not same_plain:
+        pairs = [(PLAIN, PLAIN), *pairs, *((PLAIN, m) for m in theirs if m != PLAIN)]
+    rows, summary = [], {}
+    for m, m2 in pairs:
+        seeds = sorted(set(mine.get(m, {})) & set(theirs.get(m2, {})))
+        if not seeds:
+            continue
+        gain = {s: [mine[m][seed]["scores"][s] - theirs[m2][seed]["scores"][s] for seed in seeds] for s in SPLITS}
+        summary[f"{m} - {m2}"] = {"seeds": seeds, "gain": gain}
+        rows.append(f"| {m} | {m2} | {' '.join(map(str, seeds))} | "
+                    + " | ".join(f"{_pm(mean_std(v), True)} ({', '.join(f'{g * 100:+.2f}' for g in v)})"
+                                 for v in gain.values()) + " |")
+    if not rows:
+        return [], {}
+    summary["plain_students_equal"] = same_plain
+    return [f"### `{name}` against `{part.against}`", "",
+            f"This part's students (schedule `{part.longest}`) minus `{part.against}`'s (its longest schedule), "
+            "paired by seed (mean ± std, then each seed, in points). The plain students of the two parts "
+            + ("score the same on every split (the same models, shared by DVC's run cache)." if same_plain else
+               "differ, so each part's students are also set against the other's plain ones."), "",
+            f"| {name} | {part.against} | seeds | " + " | ".join(SPLITS) + " |", "|---" * (3 + len(SPLITS)) + "|",
+            *rows], summary
+
+
 def part_section(name: str, part: StudyPart, got: dict[str, Any], bound: float,
                  rerun: str = "python -m yolo_compress.experiments.study") -> tuple[list[str], dict[str, Any]]:
     p = part.params
@@ -223,6 +260,12 @@ def format_study(study: StudyConfig, collected: dict[str, dict[str, Any]], commi
     summary: dict[str, Any] = {"commit": commit, "parts": {}}
     for name, got in collected.items():
         rerun = "python -m yolo_compress.experiments.study" + ("" if config == "study.yaml" else f" --config {config}")
-        part_lines, summary["parts"][name] = part_section(name, study.parts[name], got, study.plateau_gain, rerun)
+        part = study.parts[name]
+        part_lines, summary["parts"][name] = part_section(name, part, got, study.plateau_gain, rerun)
+        if part.against and "error" not in got:
+            against_lines, against = against_section(name, part, got, collected.get(part.against, {}))
+            if against_lines:
+                part_lines += ["", *against_lines]
+                summary["parts"][name]["against"] = against
         lines += [*part_lines, ""]
     return "\n".join(lines), summary

@@ -38,6 +38,11 @@ def _pm(ms: tuple[float, float] | None, points: bool = False) -> str:
     return f"{ms[0] * k:+.2f} ± {ms[1] * k:.2f}" if points else f"{ms[0]:.4f} ± {ms[1]:.4f}"
 
 
+def _per_seed(gains: list[float]) -> str:
+    """Paired gains in points: mean ± std, then each seed's."""
+    return f"{_pm(mean_std(gains), True)} ({', '.join(f'{g * 100:+.2f}' for g in gains)})"
+
+
 def _plateau(curve: list[float], bound: float) -> str:
     g = plateau_gain(curve)
     if g is None:
@@ -145,7 +150,7 @@ def kd_recovery(recipes: dict[str, dict[int, Any]]) -> tuple[list[str], dict[str
         never_worse = all(g >= 0 for values in gain.values() for g in values)
         summary[name] = {"against": base, "seeds": seeds, "gain": gain, "never_worse": never_worse}
         lines.append(f"| {name} | {base} | {' '.join(map(str, seeds))} | "
-                     + " | ".join(f"{_pm(mean_std(v), True)} ({', '.join(f'{g * 100:+.2f}' for g in v)})"
+                     + " | ".join(_per_seed(v)
                                   for v in gain.values())
                      + f" | **{'yes' if never_worse else 'no'}** |")
     if not lines:
@@ -181,7 +186,7 @@ def against_section(name: str, part: StudyPart, got: dict[str, Any],
         gain = {s: [mine[m][seed]["scores"][s] - theirs[m2][seed]["scores"][s] for seed in seeds] for s in SPLITS}
         summary[f"{m} - {m2}"] = {"seeds": seeds, "gain": gain}
         rows.append(f"| {m} | {m2} | {' '.join(map(str, seeds))} | "
-                    + " | ".join(f"{_pm(mean_std(v), True)} ({', '.join(f'{g * 100:+.2f}' for g in v)})"
+                    + " | ".join(_per_seed(v)
                                  for v in gain.values()) + " |")
     if not rows:
         return [], {}

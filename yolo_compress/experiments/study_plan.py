@@ -36,8 +36,8 @@ class StudyPart:
     # distilled model of the longest schedule (chosen on val) as one experiment; {} = no pruning
     prune_seeds: list[int] = field(default_factory=list)  # (list) seeds whose distilled model each recipe prunes,
     # all of the loss best on val (mean over seeds), so a recipe's loss has a std; [] = the one best model on val
-    against: str = ""  # (str) '' or another part with the same teacher, plain students and seeds that differs in one
-    # setting: each loss's students are then paired by seed with that part's (e.g. unlabeled images on against off)
+    against: str = ""  # (str) '' or another part on the same data and teacher: its students are then paired by seed
+    # with this part's (e.g. unlabeled images on against off, or 3x the epochs: plain students included then)
 
     def __post_init__(self) -> None:
         bad = [m for m in self.losses if m not in DISTILL_LOSSES]

@@ -150,8 +150,7 @@ def kd_recovery(recipes: dict[str, dict[int, Any]]) -> tuple[list[str], dict[str
         never_worse = all(g >= 0 for values in gain.values() for g in values)
         summary[name] = {"against": base, "seeds": seeds, "gain": gain, "never_worse": never_worse}
         lines.append(f"| {name} | {base} | {' '.join(map(str, seeds))} | "
-                     + " | ".join(_per_seed(v)
-                                  for v in gain.values())
+                     + " | ".join(_per_seed(v) for v in gain.values())
                      + f" | **{'yes' if never_worse else 'no'}** |")
     if not lines:
         return [], {}
@@ -186,8 +185,7 @@ def against_section(name: str, part: StudyPart, got: dict[str, Any],
         gain = {s: [mine[m][seed]["scores"][s] - theirs[m2][seed]["scores"][s] for seed in seeds] for s in SPLITS}
         summary[f"{m} - {m2}"] = {"seeds": seeds, "gain": gain}
         rows.append(f"| {m} | {m2} | {' '.join(map(str, seeds))} | "
-                    + " | ".join(_per_seed(v)
-                                 for v in gain.values()) + " |")
+                    + " | ".join(_per_seed(v) for v in gain.values()) + " |")
     if not rows:
         return [], {}
     summary["plain_students_equal"] = same_plain

@@ -43,6 +43,13 @@ def _per_seed(gains: list[float]) -> str:
     return f"{_pm(mean_std(gains), True)} ({', '.join(f'{g * 100:+.2f}' for g in gains)})"
 
 
+def _seed_differences(a: dict[int, Any], b: dict[int, Any],
+                      splits: tuple[str, ...]) -> tuple[list[int], dict[str, list[float]]]:
+    """The seeds both {seed: {"scores": ...}} have, and per split a's score minus b's on each of them."""
+    seeds = sorted(set(a) & set(b))
+    return seeds, {s: [a[seed]["scores"][s] - b[seed]["scores"][s] for seed in seeds] for s in splits}
+
+
 def _plateau(curve: list[float], bound: float) -> str:
     g = plateau_gain(curve)
     if g is None:
@@ -142,11 +149,9 @@ def kd_recovery(recipes: dict[str, dict[int, Any]]) -> tuple[list[str], dict[str
             continue
         rest = {k: v for k, v in overrides.items() if k not in ("prune.distill", "prune.teacher")}
         base = plain.get(json.dumps(rest, sort_keys=True))
-        seeds = sorted(set(by_seed) & set(recipes.get(base, {})))
+        seeds, gain = _seed_differences(by_seed, recipes.get(base, {}), ("test", "test_shift"))
         if not seeds:
             continue
-        gain = {s: [by_seed[seed]["scores"][s] - recipes[base][seed]["scores"][s] for seed in seeds]
-                for s in ("test", "test_shift")}
         never_worse = all(g >= 0 for values in gain.values() for g in values)
         summary[name] = {"against": base, "seeds": seeds, "gain": gain, "never_worse": never_worse}
         lines.append(f"| {name} | {base} | {' '.join(map(str, seeds))} | "
@@ -162,15 +167,14 @@ def kd_recovery(recipes: dict[str, dict[int, Any]]) -> tuple[list[str], dict[str
     return [*head, *lines], summary
 
 
-def against_section(name: str, part: StudyPart, got: dict[str, Any],
+def against_section(name: str, part: StudyPart, got: dict[str, Any], other_part: StudyPart,
                     other: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
     """This part's students minus those of the part it names (`part.against`), paired by seed, on every split: each
     loss against the same loss; where the two parts' plain students differ (another schedule, say), also plain
     against plain and this part's plain against each of the other's losses (the other's students checked against
     a control trained longer)."""
     mine = got.get("schedules", {}).get(part.longest, {}).get("runs", {})
-    scheds = other.get("schedules", {})
-    theirs = scheds[max(scheds, key=lambda k: scheds[k]["epochs"])]["runs"] if scheds else {}
+    theirs = other.get("schedules", {}).get(other_part.longest, {}).get("runs", {})
     plain_seeds = sorted(set(mine.get(PLAIN, {})) & set(theirs.get(PLAIN, {})))
     same_plain = bool(plain_seeds) and all(mine[PLAIN][s]["scores"] == theirs[PLAIN][s]["scores"]
                                            for s in plain_seeds)
@@ -179,10 +183,9 @@ def against_section(name: str, part: StudyPart, got: dict[str, Any],
         pairs = [(PLAIN, PLAIN), *pairs, *((PLAIN, m) for m in theirs if m != PLAIN)]
     rows, summary = [], {}
     for m, m2 in pairs:
-        seeds = sorted(set(mine.get(m, {})) & set(theirs.get(m2, {})))
+        seeds, gain = _seed_differences(mine.get(m, {}), theirs.get(m2, {}), SPLITS)
         if not seeds:
             continue
-        gain = {s: [mine[m][seed]["scores"][s] - theirs[m2][seed]["scores"][s] for seed in seeds] for s in SPLITS}
         summary[f"{m} - {m2}"] = {"seeds": seeds, "gain": gain}
         rows.append(f"| {m} | {m2} | {' '.join(map(str, seeds))} | "
                     + " | ".join(_per_seed(v) for v in gain.values()) + " |")
@@ -266,7 +269,8 @@ def format_study(study: StudyConfig, collected: dict[str, dict[str, Any]], commi
         part = study.parts[name]
         part_lines, summary["parts"][name] = part_section(name, part, got, study.plateau_gain, rerun)
         if part.against and "error" not in got:
-            against_lines, against = against_section(name, part, got, collected.get(part.against, {}))
+            against_lines, against = against_section(name, part, got, study.parts[part.against],
+                                                     collected.get(part.against, {}))
             if against_lines:
                 part_lines += ["", *against_lines]
                 summary["parts"][name]["against"] = against

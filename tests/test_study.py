@@ -385,7 +385,7 @@ def test_unreadable_records_are_skipped_so_their_experiments_run_again(tmp_path:
     assert list(load_records(tmp_path)) == ["study-a"]
 
 
-def test_an_experiment_is_estimated_from_its_part_records_or_else_its_epochs() -> None:
+def test_an_experiment_is_estimated_from_its_part_records_or_else_its_epochs(tmp_path: Path) -> None:
     part = StudyPart(schedules={"short": 10, "long": 40}, losses=["logit"], seeds=[0],
                      params={"data.train_images": 200, "student.imgsz": 128},
                      prune={"r": {"prune.rounds": 3, "prune.finetune_epochs": 2, "prune.last_round_epochs": 10}})
@@ -403,7 +403,25 @@ def test_an_experiment_is_estimated_from_its_part_records_or_else_its_epochs() -
                {"part": "d", "target": "distill", "schedule": "short", "seconds": 90.0},
                {"part": "d", "target": "distill", "schedule": "long", "seconds": 5000.0},
                {"part": "other", "target": "distill", "schedule": "short", "seconds": 9000.0}]
-    assert estimate_seconds(short, records, params) == 600.0  # the slowest like it (it trained the teacher too)
+    # no teacher of theirs in the DVC cache: the slowest like it (it trained the teacher too)
+    assert estimate_seconds(short, records, params, tmp_path) == 600.0
+
+
+def test_a_distill_experiment_with_its_teacher_cached_is_estimated_from_the_fastest_like_it(tmp_path: Path) -> None:
+    part = StudyPart(schedules={"cap": 300}, losses=["sl2", "logit"], seeds=[0, 1])
+    sl2_s0, logit_s0, sl2_s1, logit_s1 = plan_part("d", part)
+    md5 = "f4cbb389966b384a9ad270384e3abef1"
+    first = {"part": "d", "target": "distill", "schedule": "cap", "seed": 0, "teacher_md5": md5,
+             "seconds": 4260.0, "seconds_per_epoch": {"student": 3.2, "distilled": 4.8}}  # teacher + plain + sl2
+    second = {**first, "seconds": 1440.0}  # logit, seed 0: teacher and plain student from the run cache
+    assert estimate_seconds(logit_s0, [first], {}, tmp_path) == 4260.0  # the teacher is not in this cache
+    (tmp_path / md5[:2]).mkdir()
+    (tmp_path / md5[:2] / md5[2:]).write_bytes(b"teacher")
+    assert estimate_seconds(logit_s0, [first], {}, tmp_path) == 4260.0  # capped by the slowest like it
+    assert estimate_seconds(logit_s1, [first, second], {}, tmp_path) == pytest.approx(1.1 * (1440 + 300 * 3.2))
+    assert estimate_seconds(sl2_s0, [first, second], {}, tmp_path) == pytest.approx(1.1 * 1440)  # seed 0's plain
+    old = {k: v for k, v in second.items() if k != "seconds_per_epoch"}
+    assert estimate_seconds(sl2_s1, [first, old], {}, tmp_path) == 4260.0  # no per-epoch time: the slowest
 
 
 @pytest.mark.e2e

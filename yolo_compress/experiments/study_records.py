@@ -27,6 +27,7 @@ PARAMS_BEFORE_THE_KEY = {"prune.activation": "keep", "distill.kpt_weight": 1.0}
 # A first guess of an experiment's length before the part has a record: seconds per training image and epoch of a
 # yolo11n at 256 px on 2 CPU cores (measured: 17 s per epoch of 400 images; 8 s of 300 at 192 px), scaled by area.
 SECONDS_PER_IMAGE_EPOCH = 0.045
+DVC_CACHE = Path(".dvc/cache/files/md5")  # where DVC 3 keeps a file of md5 m: m[:2]/m[2:]
 
 
 def record_path(name: str, root: Path = RECORDS) -> Path:
@@ -97,13 +98,29 @@ def planned_epochs(overrides: Mapping[str, Any], params: Mapping[str, Any], targ
     return epochs
 
 
-def estimate_seconds(p: Planned, records: Sequence[Mapping[str, Any]], params: Mapping[str, Any]) -> float:
-    """How long `p` may take: the slowest finished experiment of the same part, kind and schedule (the first of a
-    part also trained the shared teacher, so this errs long), else `planned_epochs` at SECONDS_PER_IMAGE_EPOCH."""
-    like = [float(r["seconds"]) for r in records if r.get("part") == p.part and r.get("target") == p.target
+def estimate_seconds(p: Planned, records: Sequence[Mapping[str, Any]], params: Mapping[str, Any],
+                     dvc_cache: Path = DVC_CACHE) -> float:
+    """How long `p` may take, from the finished experiments of the same part, kind and schedule, else
+    `planned_epochs` at SECONDS_PER_IMAGE_EPOCH. The first of a part also trained the shared teacher, and the first of
+    a seed its plain student; later ones take both from DVC's run cache. So while the teachers are still in the DVC
+    cache, a distill experiment is estimated as the fastest like it, plus its plain student's epochs when its seed has
+    no record yet (10% margin); otherwise, and for prune experiments, as the slowest like it."""
+    like = [r for r in records if r.get("part") == p.part and r.get("target") == p.target
             and r.get("schedule") == p.schedule and "seconds" in r]
     if like:
-        return max(like)
+        slowest = max(float(r["seconds"]) for r in like)
+        cached = all((dvc_cache / str(r.get("teacher_md5", ""))[:2] / str(r.get("teacher_md5", ""))[2:]).is_file()
+                     for r in like)
+        if p.target != "distill" or not cached:
+            return slowest
+        fastest = min(like, key=lambda r: float(r["seconds"]))
+        plain = 0.0
+        if not any(r.get("seed") == p.seed for r in like):
+            per_epoch = (fastest.get("seconds_per_epoch") or {}).get("student")
+            if per_epoch is None:  # a record from before seconds_per_epoch
+                return slowest
+            plain = float(p.overrides.get("student.epochs", 0)) * float(per_epoch)
+        return min(slowest, 1.1 * (float(fastest["seconds"]) + plain))
     data = {**(params.get("data") or {}), **{k.split(".", 1)[1]: v for k, v in p.overrides.items()
                                             if k.startswith("data.")}}
     imgsz = int(p.overrides.get("student.imgsz", (params.get("student") or {}).get("imgsz", 256)))

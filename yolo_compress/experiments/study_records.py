@@ -98,6 +98,11 @@ def planned_epochs(overrides: Mapping[str, Any], params: Mapping[str, Any], targ
     return epochs
 
 
+def in_dvc_cache(md5: str, dvc_cache: Path = DVC_CACHE) -> bool:
+    """Whether DVC's cache still holds the file of this md5 (a new machine's does not)."""
+    return len(md5) > 2 and (dvc_cache / md5[:2] / md5[2:]).is_file()
+
+
 def estimate_seconds(p: Planned, records: Sequence[Mapping[str, Any]], params: Mapping[str, Any],
                      dvc_cache: Path = DVC_CACHE) -> float:
     """How long `p` may take, from the finished experiments of the same part, kind and schedule, else
@@ -109,8 +114,7 @@ def estimate_seconds(p: Planned, records: Sequence[Mapping[str, Any]], params: M
             and r.get("schedule") == p.schedule and "seconds" in r]
     if like:
         slowest = max(float(r["seconds"]) for r in like)
-        cached = all((dvc_cache / str(r.get("teacher_md5", ""))[:2] / str(r.get("teacher_md5", ""))[2:]).is_file()
-                     for r in like)
+        cached = all(in_dvc_cache(str(r.get("teacher_md5", "")), dvc_cache) for r in like)
         if p.target != "distill" or not cached:
             return slowest
         fastest = min(like, key=lambda r: float(r["seconds"]))

@@ -97,7 +97,7 @@ class MlflowServer:
             try:
                 if requests.get(f"{self.uri}/health", timeout=2).ok:
                     return
-            except requests.ConnectionError:
+            except (requests.ConnectionError, requests.Timeout):  # not up yet, or accepted but slow to answer
                 pass
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.stop()
